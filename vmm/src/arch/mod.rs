@@ -1,0 +1,3 @@
+//! Architecture-specific boot: memory layout, boot protocol, CPU setup.
+
+pub mod x86_64;

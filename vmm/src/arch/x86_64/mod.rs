@@ -1,0 +1,8 @@
+//! x86-64: the Linux boot protocol, MP table, CPUID and initial registers.
+
+pub mod boot;
+pub mod cpuid;
+pub mod gdt;
+pub mod layout;
+pub mod mptable;
+pub mod regs;

@@ -1,0 +1,268 @@
+//! Wires a VM together from its config: checks host limits, creates memory
+//! and the KVM VM, loads the kernel, builds the boot structures and devices,
+//! and configures each vCPU. `Vmm::run` then starts the threads.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::arch::x86_64::{boot, cpuid, mptable, regs};
+use crate::config::{ConfigError, SerialInput, VmConfig};
+use crate::devices::bus::Bus;
+use crate::devices::legacy::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
+use crate::devices::legacy::serial::{
+    pump_input, ConsoleOut, IrqTrigger, SerialDevice, COM1_GSI, COM1_PORT_BASE, COM1_PORT_LEN,
+};
+use crate::exit::{ExitNotifier, ExitReason};
+use crate::vstate::kvm::{self, Flavour, KvmOpenError};
+use crate::vstate::memory::create_guest_memory;
+use crate::vstate::vcpu::{self, Vcpu};
+use crate::vstate::vm::{Vm, VmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    KvmOpen(#[from] KvmOpenError),
+    #[error("vcpus {requested} exceeds what this host allows ({limit}, {why})")]
+    TooManyVcpus {
+        requested: u32,
+        limit: u32,
+        why: &'static str,
+    },
+    #[error("memory_mib {requested} exceeds this host's memory ({host} MiB)")]
+    MemoryTooLarge { requested: u64, host: u64 },
+    #[error("cannot allocate {mib} MiB of guest memory: {message}")]
+    GuestMemory { mib: u64, message: String },
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    #[error("cannot open console log {path}: {source}")]
+    ConsoleLog {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot set up {what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("KVM could not {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
+    move |source| BuildError::Io { what, source }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
+    move |source| BuildError::Kvm { what, source }
+}
+
+/// Host RAM in MiB, from /proc/meminfo.
+fn host_memory_mib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+/// A VM ready to run: memory loaded, devices wired, vCPUs configured.
+pub struct Vmm {
+    // Owns guest memory and the VM fd; must outlive the vCPU threads.
+    _vm: Vm,
+    vcpus: Vec<Vcpu>,
+    serial: Arc<Mutex<SerialDevice>>,
+    input: SerialInput,
+    exit: ExitNotifier,
+    exit_rx: Receiver<ExitReason>,
+    pub flavour: Flavour,
+}
+
+pub fn build(config: &VmConfig, kvm_device: &Path) -> Result<Vmm, BuildError> {
+    config.validate()?;
+    let kvm_fd = kvm::open(kvm_device)?;
+    let flavour = Flavour::detect();
+
+    let max_vcpus = kvm_fd.get_max_vcpus() as u32;
+    if config.vcpus > max_vcpus {
+        return Err(BuildError::TooManyVcpus {
+            requested: config.vcpus,
+            limit: max_vcpus,
+            why: "KVM_CAP_MAX_VCPUS",
+        });
+    }
+    if config.vcpus > mptable::MAX_CPUS {
+        return Err(BuildError::TooManyVcpus {
+            requested: config.vcpus,
+            limit: mptable::MAX_CPUS,
+            why: "one-byte APIC ids in the MP table",
+        });
+    }
+    if let Some(host) = host_memory_mib() {
+        if config.memory_mib > host {
+            return Err(BuildError::MemoryTooLarge {
+                requested: config.memory_mib,
+                host,
+            });
+        }
+    }
+
+    let mem_size = config.memory_mib << 20;
+    let memory = create_guest_memory(mem_size).map_err(|e| BuildError::GuestMemory {
+        mib: config.memory_mib,
+        message: e.to_string(),
+    })?;
+    let vm = Vm::new(&kvm_fd, memory)?;
+    let mem = vm.memory();
+
+    let kernel = boot::load_kernel(mem, &config.kernel.path)?;
+    let initrd = match &config.kernel.initrd {
+        Some(path) => Some(boot::load_initrd(mem, &kernel, path)?),
+        None => None,
+    };
+    boot::write_cmdline(mem, &kernel, &config.kernel.cmdline)?;
+    boot::write_zero_page(mem, &kernel, config.kernel.cmdline.len(), initrd, mem_size)?;
+    mptable::setup(mem, config.vcpus)?;
+    regs::write_boot_tables(mem)?;
+
+    let (exit, exit_rx) = ExitNotifier::new();
+    let log = match &config.serial.log {
+        Some(path) => Some(open_console_log(path)?),
+        None => None,
+    };
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        IrqTrigger::new().map_err(io_err("the serial interrupt eventfd"))?,
+        ConsoleOut::new(log, config.serial.stdout),
+    )));
+    vm.register_irqfd(crate::devices::bus::lock(&serial).irq_eventfd(), COM1_GSI)?;
+    let mut pio = Bus::default();
+    pio.insert(COM1_PORT_BASE, COM1_PORT_LEN, serial.clone())
+        .and_then(|_| {
+            pio.insert(
+                I8042_PORT_BASE,
+                I8042_PORT_LEN,
+                Arc::new(Mutex::new(I8042::new(exit.clone()))),
+            )
+        })
+        .map_err(|e| io_err("the port I/O bus")(std::io::Error::other(e)))?;
+    let pio = Arc::new(pio);
+    let mmio = Arc::new(Bus::default());
+
+    let supported = kvm_fd
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("report its supported CPUID"))?;
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for index in 0..config.vcpus {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(index))
+            .map_err(kvm_err("create a vCPU"))?;
+        let mut cpuid = supported.clone();
+        cpuid::normalize(&mut cpuid, index, config.vcpus);
+        fd.set_cpuid2(&cpuid)
+            .map_err(kvm_err("set a vCPU's CPUID"))?;
+        regs::setup_common(&fd)?;
+        // APs stay in KVM's wait-for-SIPI state until the guest starts them.
+        if index == 0 {
+            regs::setup_boot_regs(&fd, kernel.entry)?;
+        }
+        vcpus.push(Vcpu::new(
+            index,
+            fd,
+            pio.clone(),
+            mmio.clone(),
+            exit.clone(),
+        ));
+    }
+
+    Ok(Vmm {
+        _vm: vm,
+        vcpus,
+        serial,
+        input: config.serial.input.clone(),
+        exit,
+        exit_rx,
+        flavour,
+    })
+}
+
+fn open_console_log(path: &Path) -> Result<File, BuildError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| BuildError::ConsoleLog {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+impl Vmm {
+    /// Runs the guest until something ends it; returns why.
+    pub fn run(self) -> Result<ExitReason, BuildError> {
+        vcpu::install_kick_handler().map_err(io_err("the vCPU kick signal"))?;
+        let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(io_err("signal handling"))?;
+        let on_signal = self.exit.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    on_signal.notify(ExitReason::Signal(sig));
+                }
+            })
+            .map_err(io_err("the signal thread"))?;
+
+        self.spawn_input()?;
+
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for vcpu in self.vcpus {
+            threads.push(vcpu.spawn().map_err(io_err("a vCPU thread"))?);
+        }
+        let reason = self
+            .exit_rx
+            .recv()
+            .expect("the VMM holds a sender for as long as it waits");
+        vcpu::stop_all(threads, Duration::from_secs(1));
+        Ok(reason)
+    }
+
+    fn spawn_input(&self) -> Result<(), BuildError> {
+        let serial = self.serial.clone();
+        let input = self.input.clone();
+        if input == SerialInput::None {
+            return Ok(());
+        }
+        std::thread::Builder::new()
+            .name("console-in".into())
+            .spawn(move || match input {
+                SerialInput::None => {}
+                SerialInput::Stdin => pump_input(serial, std::io::stdin()),
+                // Opened here: opening a FIFO blocks until a writer appears.
+                SerialInput::Path(path) => match File::open(&path) {
+                    Ok(file) => pump_input(serial, file),
+                    Err(e) => eprintln!(
+                        "berth-vmm: cannot open console input {}: {e}",
+                        path.display()
+                    ),
+                },
+            })
+            .map_err(io_err("the console input thread"))?;
+        Ok(())
+    }
+}

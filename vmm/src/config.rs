@@ -1,0 +1,171 @@
+//! The VM description berth-vmm boots from. The same type is what the agent
+//! sends later, so it is plain serde data with no behaviour beyond checks.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Smallest guest the boot layout fits comfortably (page tables, zero page,
+/// MP table, a kernel at 1 MiB and an initrd).
+pub const MIN_MEMORY_MIB: u64 = 32;
+
+/// One complete VM description.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Number of vCPUs, 1..=the KVM limit.
+    pub vcpus: u32,
+    /// Guest RAM in MiB, MIN_MEMORY_MIB..=host memory.
+    pub memory_mib: u64,
+    pub kernel: KernelConfig,
+    #[serde(default)]
+    pub serial: SerialConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelConfig {
+    /// ELF vmlinux or bzImage; the format is detected from the file.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line as given by the user; the VMM appends nothing it
+    /// does not document.
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    /// Every byte the guest writes to its console is appended here.
+    #[serde(default)]
+    pub log: Option<PathBuf>,
+    /// Also copy console output to the VMM's stdout.
+    #[serde(default)]
+    pub stdout: bool,
+    /// Where console input comes from.
+    #[serde(default)]
+    pub input: SerialInput,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SerialInput {
+    /// The guest gets no input.
+    #[default]
+    None,
+    /// The VMM's stdin (a pipe or a terminal).
+    Stdin,
+    /// A file or FIFO, read until end of file.
+    Path(PathBuf),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read VM config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid VM config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("vcpus must be at least 1, got 0")]
+    NoVcpus,
+    #[error("memory_mib {0} is below the minimum of {MIN_MEMORY_MIB} MiB")]
+    MemoryTooSmall(u64),
+}
+
+impl VmConfig {
+    /// Reads a config file: `.toml` as TOML, anything else as JSON.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let parsed = if path.extension().is_some_and(|e| e == "toml") {
+            toml::from_str(&text).map_err(|e| e.to_string())
+        } else {
+            serde_json::from_str(&text).map_err(|e| e.to_string())
+        };
+        parsed.map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Checks what can be checked without the host; host limits (KVM's vCPU
+    /// maximum, host memory) are checked by the builder.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 {
+            return Err(ConfigError::NoVcpus);
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall(self.memory_mib));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_tmp(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("berth-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn toml_and_json_describe_the_same_vm() {
+        let toml = write_tmp(
+            "vm.toml",
+            "vcpus = 2\nmemory_mib = 64\n[kernel]\npath = \"/k\"\ncmdline = \"a=b\"\n[serial]\nstdout = true\ninput = \"stdin\"\n",
+        );
+        let json = write_tmp(
+            "vm.json",
+            r#"{"vcpus":2,"memory_mib":64,"kernel":{"path":"/k","cmdline":"a=b"},"serial":{"stdout":true,"input":"stdin"}}"#,
+        );
+        let a = VmConfig::from_file(&toml).unwrap();
+        let b = VmConfig::from_file(&json).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.vcpus, 2);
+        assert_eq!(a.serial.input, SerialInput::Stdin);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_with_their_name() {
+        let path = write_tmp(
+            "bad.json",
+            r#"{"vcpus":1,"memory_mib":64,"kernel":{"path":"/k"},"vcpu":3}"#,
+        );
+        let err = VmConfig::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("unknown field `vcpu`"), "{err}");
+    }
+
+    #[test]
+    fn zero_vcpus_and_tiny_memory_are_refused() {
+        let mut cfg = VmConfig {
+            vcpus: 0,
+            memory_mib: 64,
+            kernel: KernelConfig {
+                path: "/k".into(),
+                initrd: None,
+                cmdline: String::new(),
+            },
+            serial: SerialConfig::default(),
+        };
+        assert!(matches!(cfg.validate(), Err(ConfigError::NoVcpus)));
+        cfg.vcpus = 1;
+        cfg.memory_mib = 16;
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::MemoryTooSmall(16))
+        ));
+        cfg.memory_mib = 32;
+        cfg.validate().unwrap();
+    }
+}

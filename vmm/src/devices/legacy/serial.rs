@@ -1,0 +1,186 @@
+//! The 16550 console on COM1, from vm-superio. Output goes to a log file
+//! and/or stdout; input is fed in by a thread through `enqueue_input`.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::bus::{lock, BusDevice};
+
+pub const COM1_PORT_BASE: u64 = 0x3f8;
+pub const COM1_PORT_LEN: u64 = 8;
+pub const COM1_GSI: u32 = 4;
+
+/// Raises the serial interrupt by writing the eventfd KVM watches (irqfd).
+pub struct IrqTrigger(EventFd);
+
+impl IrqTrigger {
+    pub fn new() -> io::Result<Self> {
+        Ok(IrqTrigger(EventFd::new(libc::EFD_NONBLOCK)?))
+    }
+
+    pub fn eventfd(&self) -> &EventFd {
+        &self.0
+    }
+}
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where console output goes: every byte to each sink.
+pub struct ConsoleOut {
+    log: Option<File>,
+    stdout: bool,
+}
+
+impl ConsoleOut {
+    pub fn new(log: Option<File>, stdout: bool) -> Self {
+        ConsoleOut { log, stdout }
+    }
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(log) = &mut self.log {
+            log.write_all(buf)?;
+        }
+        if self.stdout {
+            io::stdout().write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.stdout {
+            io::stdout().flush()?;
+        }
+        Ok(())
+    }
+}
+
+pub struct SerialDevice {
+    serial: Serial<IrqTrigger, NoEvents, ConsoleOut>,
+}
+
+impl SerialDevice {
+    pub fn new(irq: IrqTrigger, out: ConsoleOut) -> Self {
+        SerialDevice {
+            serial: Serial::new(irq, out),
+        }
+    }
+
+    pub fn irq_eventfd(&self) -> &EventFd {
+        self.serial.interrupt_evt().eventfd()
+    }
+
+    /// Queues as much of `input` as the receive FIFO takes; returns how much.
+    fn enqueue_input(&mut self, input: &[u8]) -> usize {
+        let room = self.serial.fifo_capacity().min(input.len());
+        if room == 0 {
+            return 0;
+        }
+        self.serial.enqueue_raw_bytes(&input[..room]).unwrap_or(0)
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let (Some(first), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
+            *first = self.serial.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Some(&value), Ok(off)) = (data.first(), u8::try_from(offset)) {
+            // A full disk or closed stdout must not stop the guest; the
+            // bytes are lost and we say so once per failure.
+            if let Err(e) = self.serial.write(off, value) {
+                eprintln!("berth-vmm: console output failed: {e:?}");
+            }
+        }
+    }
+}
+
+/// Feeds `input` into the guest's receive FIFO until end of file. The FIFO
+/// is 64 bytes: when it is full we wait for the guest to drain it instead of
+/// dropping input.
+pub fn pump_input(device: Arc<Mutex<SerialDevice>>, mut input: impl Read) {
+    let mut buf = [0u8; 256];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                eprintln!("berth-vmm: console input closed: {e}");
+                return;
+            }
+        };
+        let mut pending = &buf[..n];
+        while !pending.is_empty() {
+            let taken = lock(&device).enqueue_input(pending);
+            pending = &pending[taken..];
+            if !pending.is_empty() {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RBR: u64 = 0;
+    const IER: u64 = 1;
+    const LSR: u64 = 5;
+
+    #[test]
+    fn output_reaches_the_log_and_input_reaches_the_guest() {
+        let dir = std::env::temp_dir().join(format!("berth-serial-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log_path = dir.join("console.log");
+        let log = File::create(&log_path).unwrap();
+        let dev = Arc::new(Mutex::new(SerialDevice::new(
+            IrqTrigger::new().unwrap(),
+            ConsoleOut::new(Some(log), false),
+        )));
+        for b in b"hi\n" {
+            dev.lock().unwrap().write(0, &[*b]);
+        }
+        assert_eq!(std::fs::read(&log_path).unwrap(), b"hi\n");
+
+        // Enable the receive interrupt, then feed more than one FIFO's worth.
+        dev.lock().unwrap().write(IER, &[1]);
+        let input: Vec<u8> = (0..200u8).collect();
+        let feeder = {
+            let dev = dev.clone();
+            let input = input.clone();
+            std::thread::spawn(move || pump_input(dev, &input[..]))
+        };
+        let mut got = Vec::new();
+        while got.len() < input.len() {
+            let mut d = dev.lock().unwrap();
+            let mut lsr = [0u8];
+            d.read(LSR, &mut lsr);
+            if lsr[0] & 1 != 0 {
+                let mut b = [0u8];
+                d.read(RBR, &mut b);
+                got.push(b[0]);
+            }
+        }
+        feeder.join().unwrap();
+        assert_eq!(got, input, "no byte lost or reordered past a full FIFO");
+        assert!(dev.lock().unwrap().irq_eventfd().read().unwrap() > 0);
+    }
+}

@@ -1,0 +1,125 @@
+//! `berth-vmm`: boots one guest from a VM config (file and/or flags) and
+//! exits when the guest ends. Exit status: 0 for a guest reset/shutdown or a
+//! stop by SIGTERM/SIGINT, 1 for an error before the guest ran, 2 for a guest
+//! the VMM could not continue (internal error, failed entry, triple fault).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use berth_vmm::builder;
+use berth_vmm::config::{KernelConfig, SerialConfig, SerialInput, VmConfig};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(name = "berth-vmm", version, about = "Boot one guest over /dev/kvm")]
+struct Args {
+    /// VM config file (JSON, or TOML with a .toml extension); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Kernel: ELF vmlinux or bzImage.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    #[arg(long)]
+    cmdline: Option<String>,
+    #[arg(long)]
+    vcpus: Option<u32>,
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// Append console output to this file.
+    #[arg(long)]
+    console_log: Option<PathBuf>,
+    /// Copy console output to stdout.
+    #[arg(long)]
+    console_stdout: bool,
+    /// Console input: "stdin", or a file/FIFO path.
+    #[arg(long)]
+    console_in: Option<String>,
+    /// KVM device to open.
+    #[arg(long, default_value = "/dev/kvm")]
+    kvm_device: PathBuf,
+}
+
+const DEFAULT_VCPUS: u32 = 1;
+const DEFAULT_MEMORY_MIB: u64 = 128;
+
+fn config_from(args: &Args) -> Result<VmConfig, String> {
+    let mut config = match &args.config {
+        Some(path) => VmConfig::from_file(path).map_err(|e| e.to_string())?,
+        None => VmConfig {
+            vcpus: DEFAULT_VCPUS,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            kernel: KernelConfig {
+                path: args
+                    .kernel
+                    .clone()
+                    .ok_or("no kernel given: pass --kernel or --config")?,
+                initrd: None,
+                cmdline: String::new(),
+            },
+            serial: SerialConfig::default(),
+        },
+    };
+    if let Some(kernel) = &args.kernel {
+        config.kernel.path = kernel.clone();
+    }
+    if let Some(initrd) = &args.initrd {
+        config.kernel.initrd = Some(initrd.clone());
+    }
+    if let Some(cmdline) = &args.cmdline {
+        config.kernel.cmdline = cmdline.clone();
+    }
+    if let Some(vcpus) = args.vcpus {
+        config.vcpus = vcpus;
+    }
+    if let Some(mib) = args.memory_mib {
+        config.memory_mib = mib;
+    }
+    if let Some(log) = &args.console_log {
+        config.serial.log = Some(log.clone());
+    }
+    config.serial.stdout |= args.console_stdout;
+    match args.console_in.as_deref() {
+        None => {}
+        Some("stdin" | "-") => config.serial.input = SerialInput::Stdin,
+        Some("none") => config.serial.input = SerialInput::None,
+        Some(path) => config.serial.input = SerialInput::Path(path.into()),
+    }
+    Ok(config)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match config_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("berth-vmm: error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let vmm = match builder::build(&config, &args.kvm_device) {
+        Ok(vmm) => vmm,
+        Err(e) => {
+            eprintln!("berth-vmm: error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    eprintln!(
+        "berth-vmm: KVM {}; {} vCPU(s), {} MiB; kernel {}",
+        vmm.flavour,
+        config.vcpus,
+        config.memory_mib,
+        config.kernel.path.display()
+    );
+    match vmm.run() {
+        Ok(reason) => {
+            eprintln!("berth-vmm: {reason}");
+            ExitCode::from(reason.exit_code() as u8)
+        }
+        Err(e) => {
+            eprintln!("berth-vmm: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! One thread per vCPU: KVM_RUN, dispatch the exit, repeat until the VM
+//! stops. Threads are kicked out of KVM_RUN with a signal (`KICK_SIGNAL`).
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::devices::bus::Bus;
+use crate::exit::{ExitNotifier, ExitReason};
+
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
+
+/// The real-time signal that interrupts a vCPU thread's KVM_RUN (EINTR).
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the kick handler; must run before any vCPU thread starts.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    register_signal_handler(kick_signal(), on_kick)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+pub struct Vcpu {
+    index: u32,
+    fd: VcpuFd,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: ExitNotifier,
+}
+
+impl Vcpu {
+    pub fn new(index: u32, fd: VcpuFd, pio: Arc<Bus>, mmio: Arc<Bus>, exit: ExitNotifier) -> Self {
+        Vcpu {
+            index,
+            fd,
+            pio,
+            mmio,
+            exit,
+        }
+    }
+
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    pub fn spawn(mut self) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(format!("vcpu{}", self.index))
+            .spawn(move || {
+                if let Some(reason) = self.run_until_stopped() {
+                    self.exit.notify(reason);
+                }
+            })
+    }
+
+    fn fault(&mut self, reason: String) -> ExitReason {
+        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+        ExitReason::VcpuFault {
+            vcpu: self.index,
+            reason,
+            rip,
+        }
+    }
+
+    /// The suberror and data words KVM leaves for an internal error.
+    fn internal_error_detail(&mut self) -> String {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: kvm_run is the KVM-shared page of this vCPU; on
+        // KVM_EXIT_INTERNAL_ERROR the kernel fills the `internal` member of
+        // the exit union, so reading it is reading initialised plain data.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        let data: Vec<String> = internal.data[..n]
+            .iter()
+            .map(|d| format!("{d:#x}"))
+            .collect();
+        format!(
+            "KVM_EXIT_INTERNAL_ERROR (suberror {}, data [{}]); this KVM could not emulate the \
+             guest's instruction",
+            internal.suberror,
+            data.join(", ")
+        )
+    }
+
+    /// Runs the vCPU; returns why the VM must end, or None when another
+    /// thread already ended it.
+    fn run_until_stopped(&mut self) -> Option<ExitReason> {
+        loop {
+            if self.exit.stopping() {
+                return None;
+            }
+            // The exit borrows the vCPU: decide what to do, then act on it.
+            let step = match self.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    if !self.pio.read(u64::from(port), data) {
+                        data.fill(0xff);
+                    }
+                    Step::Continue
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    self.pio.write(u64::from(port), data);
+                    Step::Continue
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if !self.mmio.read(addr, data) {
+                        data.fill(0);
+                    }
+                    Step::Continue
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    self.mmio.write(addr, data);
+                    Step::Continue
+                }
+                Ok(VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr) => Step::Continue,
+                Ok(VcpuExit::Shutdown) => Step::Fault(
+                    "triple fault (KVM_EXIT_SHUTDOWN): the guest reset itself through a fault"
+                        .to_string(),
+                ),
+                Ok(VcpuExit::FailEntry(reason, cpu)) => Step::Fault(format!(
+                    "KVM_EXIT_FAIL_ENTRY (hardware entry failure reason {reason:#x} on host CPU {cpu})"
+                )),
+                Ok(VcpuExit::InternalError) => Step::InternalError,
+                Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                    KVM_SYSTEM_EVENT_RESET => Step::End(ExitReason::GuestReset),
+                    KVM_SYSTEM_EVENT_SHUTDOWN => Step::End(ExitReason::GuestShutdown),
+                    KVM_SYSTEM_EVENT_CRASH => Step::Fault("the guest reported a crash".into()),
+                    other => Step::Fault(format!("unknown KVM system event {other}")),
+                },
+                Ok(other) => Step::Fault(format!("unexpected KVM exit {other:?}")),
+                // EINTR: kicked; EAGAIN: an AP left INIT_RECEIVED (PVM).
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
+                Err(e) => Step::Fault(format!("KVM_RUN failed: {e}")),
+            };
+            match step {
+                Step::Continue => {}
+                Step::End(reason) => return Some(reason),
+                Step::Fault(message) => return Some(self.fault(message)),
+                Step::InternalError => {
+                    let detail = self.internal_error_detail();
+                    return Some(self.fault(detail));
+                }
+            }
+        }
+    }
+}
+
+enum Step {
+    Continue,
+    End(ExitReason),
+    Fault(String),
+    InternalError,
+}
+
+/// Kicks every vCPU thread until it has left KVM_RUN and ended, for at most
+/// `timeout`. A kick can land just before a thread enters KVM_RUN, hence the
+/// repeat.
+pub fn stop_all(threads: Vec<JoinHandle<()>>, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    for thread in threads {
+        while !thread.is_finished() && Instant::now() < deadline {
+            let _ = thread.kill(kick_signal());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        }
+    }
+}
