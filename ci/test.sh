@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (.ci/run calls exactly this):
+# dependencies, guest images (cached by recipe hash), format, lints, tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ci/install-deps.sh
+images/build.sh all >/dev/null
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace

@@ -1,0 +1,121 @@
+/* Shared declarations of the probe guest (C and assembly). */
+#ifndef PROBE_H
+#define PROBE_H
+
+#define BOOT_LINUX 1
+#define BOOT_PVH 2
+
+#define MAX_CPUS 64
+#define AP_STACK_SIZE 4096
+#define BSP_STACK_SIZE 16384
+#define TRAMP_ADDR 0x10000 /* SIPI vector 0x10 */
+
+#define SEL_CODE64 0x08
+#define SEL_DATA 0x10
+
+#ifndef __ASSEMBLER__
+#include <stdint.h>
+#include <stddef.h>
+#include <stdarg.h>
+
+#define MAX_E820 128
+#define CMDLINE_MAX 4096
+#define E820_RAM 1
+
+struct e820_entry {
+    uint64_t addr, size;
+    uint32_t type;
+};
+
+struct bootinfo {
+    int kind;
+    char cmdline[CMDLINE_MAX];
+    uint32_t e820_count;
+    struct e820_entry e820[MAX_E820];
+};
+extern struct bootinfo boot;
+
+/* A mode registers itself by defining one of these with PROBE_MODE; the
+ * linker collects them between __start_probe_modes and __stop_probe_modes. */
+struct probe_mode {
+    const char *name;
+    void (*run)(const char *cmdline);
+};
+#define PROBE_MODE(ident, fn)                                              \
+    static const struct probe_mode probe_mode_##ident                      \
+        __attribute__((section(".probe_modes"), used, aligned(8))) = {     \
+            #ident, fn}
+extern const struct probe_mode __start_probe_modes[], __stop_probe_modes[];
+
+struct mp_info {
+    int found;
+    uint32_t ncpus;
+    uint8_t apic_id[MAX_CPUS];
+    int bsp; /* index into apic_id, -1 if no entry has the BP flag */
+};
+
+/* lib.c */
+void *memcpy(void *dst, const void *src, size_t n);
+void *memset(void *dst, int c, size_t n);
+int memcmp(const void *a, const void *b, size_t n);
+size_t strlen(const char *s);
+int strcmp(const char *a, const char *b);
+
+/* serial.c */
+void serial_init(void);
+void serial_putc_raw(char c);
+void serial_putc(char c);
+int serial_getc(void);
+void pr(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* cmdline.c */
+int probe_arg(const char *cmdline, const char *key, char *out, size_t outsz);
+uint64_t probe_arg_u64(const char *cmdline, const char *key, uint64_t dflt);
+
+/* bootinfo.c */
+void bootinfo_read(int kind, uint64_t info);
+int e820_is_ram(uint64_t addr, uint64_t size);
+
+/* idt.c */
+void idt_init(void);
+void idt_load(void);
+
+/* mptable.c */
+void mp_find(struct mp_info *mp);
+
+/* smp.c */
+uint32_t smp_boot(const struct mp_info *mp);
+extern volatile uint32_t ap_apic_id[MAX_CPUS];
+
+/* main.c */
+__attribute__((noreturn)) void probe_end(void);
+
+/* The I/O and MSR instructions all work under the CPL0 emulator. */
+static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" ::"a"(v), "d"(port)); }
+static inline uint8_t inb(uint16_t port) {
+    uint8_t v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "d"(port));
+    return v;
+}
+static inline uint64_t rdmsr(uint32_t msr) {
+    uint32_t lo, hi;
+    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+    return ((uint64_t)hi << 32) | lo;
+}
+static inline void wrmsr(uint32_t msr, uint64_t v) {
+    __asm__ volatile("wrmsr" ::"c"(msr), "a"((uint32_t)v), "d"((uint32_t)(v >> 32)) : "memory");
+}
+static inline uint64_t rdtsc(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
+/* Hides a constant physical address from gcc, which otherwise warns about
+ * (or optimises on) dereferencing small integer addresses. */
+static inline void *phys(uint64_t addr) {
+    __asm__("" : "+r"(addr));
+    return (void *)addr;
+}
+#endif /* __ASSEMBLER__ */
+#endif
