@@ -13,9 +13,9 @@ if [[ "${1:-}" == path ]]; then
 fi
 
 targets=("${@:-all}")
-[[ "${targets[0]}" == all ]] && targets=(probe linux)
+[[ "${targets[0]}" == all ]] && targets=(probe linux amdhost)
 for name in "${targets[@]}"; do
-    [[ -x "$here/$name/build.sh" ]] || { echo "unknown image '$name' (have: probe linux)" >&2; exit 2; }
+    [[ -x "$here/$name/build.sh" ]] || { echo "unknown image '$name' (have: probe linux amdhost)" >&2; exit 2; }
     out="$(image_dir "$name")"
     if [[ -f "$out/.complete" ]]; then
         echo "[images/$name] cached: $out" >&2

@@ -17,7 +17,9 @@ for t in make gcc bc bison flex mke2fs cpio gzip lz4; do
     command -v "$t" >/dev/null || { log "missing tool $t (see ci/install-deps.sh)"; exit 1; }
 done
 
-work="$BERTH_CACHE/build/linux-$(recipe_hash linux)"
+# The kernel tree is keyed by the config fragment alone, so editing /init
+# or the root disk repacks in seconds instead of rebuilding the kernel.
+work="$BERTH_CACHE/build/linux-kernel-$(sha256sum "$recipe/config.fragment" | cut -c1-16)"
 mkdir -p "$work"
 if [[ ! -f "$work/src/Makefile" ]]; then
     log "unpacking $src_tar"
@@ -77,4 +79,8 @@ cp arch/x86/boot/bzImage "$tmp/bzImage"
 cp .config "$tmp/config"
 touch "$tmp/.complete"
 rm -rf "$out" && mkdir -p "$(dirname "$out")" && mv "$tmp" "$out"
+# Kernel trees of older fragments are 1.5 GB each: keep only this one.
+for old in "$BERTH_CACHE"/build/linux-kernel-*; do
+    [[ "$old" == "$work" ]] || rm -rf "$old"
+done
 log "done: $out"

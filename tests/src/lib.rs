@@ -2,6 +2,9 @@
 //! are, which KVM this host has, and running `berth-vmm` with a time limit
 //! while capturing what the guest printed.
 
+pub mod cpio;
+pub mod harness;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -38,6 +41,29 @@ pub fn binary(name: &str) -> PathBuf {
 
 pub fn vmm_binary() -> PathBuf {
     binary("berth-vmm")
+}
+
+/// Where slow artefacts are cached, outside the repo (same rule as
+/// images/lib.sh).
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("BERTH_CACHE") {
+        return dir.into();
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or("/root".into())).join(".cache")
+        });
+    base.join("berth")
+}
+
+/// A program on PATH.
+pub fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(tool))
+            .find(|p| p.exists())
+    })
 }
 
 /// Builds (or finds in the cache) a guest image and returns its directory.

@@ -150,11 +150,3 @@ fn linux_image_boots_under_qemu_tcg() {
         out.describe()
     );
 }
-
-fn which(tool: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(tool))
-            .find(|p| p.exists())
-    })
-}

@@ -1,0 +1,36 @@
+#!/bin/sh
+# /init of the inner host in the emulated-AMD-V harness (tests/src/harness.rs).
+# Loads Debian's kvm_amd, then runs each /scenarios/NN-<name>.sh in order and
+# brackets its output with lines the calling test parses:
+#   HARNESS-BEGIN <name>
+#   HARNESS-END <name> exit=<status> ms=<elapsed>
+# and ends with HARNESS-DONE and a power-off.
+export PATH=/bin:/usr/bin
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+
+uptime_ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }
+
+for m in irqbypass kvm kvm-amd tun; do
+    insmod "/lib/modules/$m.ko" || echo "HARNESS-ERROR insmod $m failed"
+done
+if [ -c /dev/kvm ]; then
+    echo "HARNESS-KVM kvm_amd npt=$(cat /sys/module/kvm_amd/parameters/npt) ready_ms=$(uptime_ms)"
+else
+    echo "HARNESS-ERROR no /dev/kvm after loading kvm-amd (does the CPU model offer svm?)"
+fi
+
+for s in /scenarios/*.sh; do
+    name="$(basename "$s" .sh)"
+    name="${name#*-}"
+    echo "HARNESS-BEGIN $name"
+    t0="$(uptime_ms)"
+    sh "$s" </dev/null
+    rc=$?
+    echo "HARNESS-END $name exit=$rc ms=$(( $(uptime_ms) - t0 ))"
+done
+echo "HARNESS-DONE"
+poweroff -f
