@@ -79,6 +79,8 @@ enum Source {
     File(PathBuf),
     /// A binary whose debug info is stripped on the way in (size).
     Stripped(PathBuf),
+    /// A mostly empty disk image, gzipped on the way in (cpio has no holes).
+    Gzipped(PathBuf),
     Bytes(Vec<u8>),
 }
 
@@ -128,6 +130,11 @@ fn inputs(scenarios: &[Scenario]) -> Vec<Input> {
             0o644,
             linux.join("initramfs.cpio.gz"),
         ),
+        Input {
+            dest: "guest/rootfs.ext4.gz".into(),
+            perm: 0o644,
+            source: Source::Gzipped(linux.join("rootfs.ext4")),
+        },
     ];
     for m in MODULES {
         v.push(file(
@@ -154,6 +161,15 @@ fn read(source: &Source) -> Vec<u8> {
     match source {
         Source::File(p) => std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display())),
         Source::Bytes(b) => b.clone(),
+        Source::Gzipped(p) => {
+            let out = Command::new("gzip")
+                .args(["-c", "-1"])
+                .arg(p)
+                .output()
+                .expect("gzip is installed");
+            assert!(out.status.success(), "gzip {} failed", p.display());
+            out.stdout
+        }
         Source::Stripped(p) => {
             let tmp = std::env::temp_dir().join(format!("berth-strip-{}", std::process::id()));
             let ok = Command::new("objcopy")
@@ -180,7 +196,7 @@ fn outer_initramfs(scenarios: &[Scenario]) -> PathBuf {
         hasher.write(input.dest.as_bytes());
         hasher.write_u32(input.perm);
         let bytes = match &input.source {
-            Source::Stripped(p) | Source::File(p) => std::fs::read(p).unwrap(),
+            Source::Stripped(p) | Source::File(p) | Source::Gzipped(p) => std::fs::read(p).unwrap(),
             Source::Bytes(b) => b.clone(),
         };
         hasher.write(&bytes);

@@ -28,7 +28,7 @@ fn vmm(kernel: &str, vcpus: u32, marker: &str) -> String {
 }
 
 fn scenarios() -> Vec<Scenario> {
-    let all = vec![
+    let mut all = vec![
         Scenario {
             name: "boot_1_vcpu",
             script: vmm("vmlinux", 1, "berth.marker=one-vcpu-elf"),
@@ -38,6 +38,7 @@ fn scenarios() -> Vec<Scenario> {
             script: vmm("bzImage", 2, "berth.marker=two-vcpus-bzimage"),
         },
     ];
+    all.extend(virtio_scenarios());
     match std::env::var("BERTH_HARNESS_ONLY") {
         Ok(only) => all
             .into_iter()
@@ -107,4 +108,112 @@ fn boot_2_vcpus() {
         2,
         "berth.marker=two-vcpus-bzimage",
     );
+}
+
+/// Written by the guest onto its root disk; the inner host then finds it
+/// in the image file.
+const DISK_MARKER: &str = "berth-disk-write-4242";
+
+fn virtio_scenarios() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            name: "virtio_blk_root",
+            script: format!(
+                "gunzip -c /guest/rootfs.ext4.gz > /tmp/rootfs.ext4\n\
+                 timeout 240 berth-vmm --kernel /guest/bzImage --vcpus 2 --memory-mib {GUEST_MEMORY_MIB} \\\n\
+                 --console-stdout --disk /tmp/rootfs.ext4,serial=berth-root \\\n\
+                 --cmdline 'console=ttyS0 reboot=k panic=-1 quiet root=/dev/vda rw \
+                 berth.run=\"grep -w ext4 /proc/self/mountinfo; echo vda-dev=$(cat /sys/block/vda/dev); \
+                 cat /sys/block/vda/serial; echo; echo {DISK_MARKER} > /written.txt; sync\"'\n\
+                 rc=$?\n\
+                 echo \"host-finds-marker=$(grep -a -c {DISK_MARKER} /tmp/rootfs.ext4)\"\n\
+                 exit $rc\n"
+            ),
+        },
+        Scenario {
+            name: "virtio_net_tap",
+            script: format!(
+                "mkdir -p /www && dd if=/dev/urandom of=/www/blob bs=1024 count=2048 2>/dev/null\n\
+                 echo \"host-blob-md5=$(md5sum /www/blob | cut -d' ' -f1)\"\n\
+                 httpd -p 8080 -h /www\n\
+                 timeout 240 berth-vmm --kernel /guest/bzImage --initrd /guest/initramfs.cpio.gz \\\n\
+                 --vcpus 1 --memory-mib {GUEST_MEMORY_MIB} --console-stdout \\\n\
+                 --nic tap=tap0,mac=52:54:00:12:34:56 \\\n\
+                 --cmdline 'console=ttyS0 reboot=k panic=-1 quiet berth.run=\"ip link set eth0 up; \
+                 ip addr add 10.0.2.2/24 dev eth0; cat /sys/class/net/eth0/address; ping -c 3 10.0.2.1; \
+                 wget -q -O /tmp/blob http://10.0.2.1:8080/blob && echo guest-blob-md5=$(md5sum /tmp/blob)\"' &\n\
+                 vmm=$!\n\
+                 for i in $(seq 200); do [ -e /sys/class/net/tap0 ] && break; sleep 0.05; done\n\
+                 ip link set tap0 up && ip addr add 10.0.2.1/24 dev tap0\n\
+                 wait $vmm\n"
+            ),
+        },
+    ]
+}
+
+#[test]
+fn virtio_blk_root_disk_takes_guest_writes() {
+    let r = harness().scenario("virtio_blk_root");
+    let ctx = format!("scenario {} ({} ms):\n{}", r.name, r.ms, r.output);
+    eprintln!("[amdv_harness] {} took {} ms", r.name, r.ms);
+    // mountinfo: "<id> <parent> <major:minor> <root> <mount point> <options> ..."
+    let vda = r
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("vda-dev="))
+        .unwrap_or_else(|| panic!("no /dev/vda in the guest\n{ctx}"))
+        .trim();
+    assert!(
+        r.output.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 5 && f[2] == vda && f[4] == "/" && f[5].starts_with("rw")
+        }),
+        "the guest's root is /dev/vda ({vda}), mounted read-write\n{ctx}"
+    );
+    assert!(
+        r.output.contains("berth-root"),
+        "get-id carries the serial\n{ctx}"
+    );
+    assert!(r.output.contains("BERTH-RUN-EXIT 0"), "{ctx}");
+    assert_eq!(r.exit, 0, "berth-vmm exit status\n{ctx}");
+    let found: u32 = r
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("host-finds-marker="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        found >= 1,
+        "the file the guest wrote is in the disk image\n{ctx}"
+    );
+}
+
+#[test]
+fn virtio_net_ping_and_tcp_over_the_tap() {
+    let r = harness().scenario("virtio_net_tap");
+    let ctx = format!("scenario {} ({} ms):\n{}", r.name, r.ms, r.output);
+    eprintln!("[amdv_harness] {} took {} ms", r.name, r.ms);
+    assert!(
+        r.output.contains("52:54:00:12:34:56"),
+        "the guest sees its MAC\n{ctx}"
+    );
+    assert!(
+        r.output
+            .contains("3 packets transmitted, 3 packets received"),
+        "ping over the tap\n{ctx}"
+    );
+    let host = r
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("host-blob-md5="))
+        .unwrap_or_else(|| panic!("no host md5\n{ctx}"))
+        .trim()
+        .to_string();
+    assert!(
+        r.output
+            .lines()
+            .any(|l| l.starts_with("guest-blob-md5=") && l.contains(&host)),
+        "2 MiB over TCP (HTTP) arrived intact\n{ctx}"
+    );
+    assert_eq!(r.exit, 0, "berth-vmm exit status\n{ctx}");
 }

@@ -20,6 +20,42 @@ pub struct VmConfig {
     pub kernel: KernelConfig,
     #[serde(default)]
     pub serial: SerialConfig,
+    /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces, in order.
+    #[serde(default)]
+    pub nics: Vec<NicConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// A raw disk image file.
+    pub path: PathBuf,
+    /// The guest sees VIRTIO_BLK_F_RO and writes fail with IOERR.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Answer to the guest's get-id request (at most 20 bytes).
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicConfig {
+    /// Tap to attach to, created if missing. Exactly one of `tap` and
+    /// `tap_fd` is given.
+    #[serde(default)]
+    pub tap: Option<String>,
+    /// An already attached tap fd inherited from the parent (opened with
+    /// IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).
+    #[serde(default)]
+    pub tap_fd: Option<i32>,
+    /// "52:54:00:12:34:56"; a locally administered one derived from the
+    /// interface's position when absent.
+    #[serde(default)]
+    pub mac: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +110,10 @@ pub enum ConfigError {
     NoVcpus,
     #[error("memory_mib {0} is below the minimum of {MIN_MEMORY_MIB} MiB")]
     MemoryTooSmall(u64),
+    #[error("nics[{0}]: give exactly one of tap and tap_fd")]
+    NicBackend(usize),
+    #[error("nics[{index}].mac {mac:?} is not a MAC address like 52:54:00:12:34:56")]
+    NicMac { index: usize, mac: String },
 }
 
 impl VmConfig {
@@ -102,6 +142,19 @@ impl VmConfig {
         }
         if self.memory_mib < MIN_MEMORY_MIB {
             return Err(ConfigError::MemoryTooSmall(self.memory_mib));
+        }
+        for (index, nic) in self.nics.iter().enumerate() {
+            if nic.tap.is_some() == nic.tap_fd.is_some() {
+                return Err(ConfigError::NicBackend(index));
+            }
+            if let Some(mac) = &nic.mac {
+                if crate::devices::virtio::net::parse_mac(mac).is_none() {
+                    return Err(ConfigError::NicMac {
+                        index,
+                        mac: mac.clone(),
+                    });
+                }
+            }
         }
         Ok(())
     }
@@ -157,6 +210,8 @@ mod tests {
                 cmdline: String::new(),
             },
             serial: SerialConfig::default(),
+            disks: Vec::new(),
+            nics: Vec::new(),
         };
         assert!(matches!(cfg.validate(), Err(ConfigError::NoVcpus)));
         cfg.vcpus = 1;
@@ -167,5 +222,23 @@ mod tests {
         ));
         cfg.memory_mib = 32;
         cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn nics_need_one_backend_and_a_real_mac() {
+        let path = write_tmp(
+            "nics.toml",
+            "vcpus = 1\nmemory_mib = 64\n[kernel]\npath = \"/k\"\n[[nics]]\ntap = \"t0\"\ntap_fd = 3\n",
+        );
+        let cfg = VmConfig::from_file(&path).unwrap();
+        assert!(matches!(cfg.validate(), Err(ConfigError::NicBackend(0))));
+        let path = write_tmp(
+            "mac.toml",
+            "vcpus = 1\nmemory_mib = 64\n[kernel]\npath = \"/k\"\n[[disks]]\npath = \"/d\"\nread_only = true\n[[nics]]\ntap = \"t0\"\nmac = \"52:54:00\"\n",
+        );
+        let cfg = VmConfig::from_file(&path).unwrap();
+        assert!(cfg.disks[0].read_only);
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("nics[0].mac"), "{err}");
     }
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use berth_vmm::builder;
-use berth_vmm::config::{KernelConfig, SerialConfig, SerialInput, VmConfig};
+use berth_vmm::config::{DiskConfig, KernelConfig, NicConfig, SerialConfig, SerialInput, VmConfig};
 use clap::Parser;
 
 #[derive(Parser, Debug)]
@@ -36,6 +36,12 @@ struct Args {
     /// Console input: "stdin", or a file/FIFO path.
     #[arg(long)]
     console_in: Option<String>,
+    /// A virtio-blk disk: PATH[,ro][,serial=ID]; repeat for more (vda, vdb, ...).
+    #[arg(long = "disk", value_name = "PATH[,ro][,serial=ID]")]
+    disks: Vec<String>,
+    /// A virtio-net NIC: tap=NAME[,mac=MAC] or fd=N[,mac=MAC]; repeat for more.
+    #[arg(long = "nic", value_name = "tap=NAME|fd=N[,mac=MAC]")]
+    nics: Vec<String>,
     /// KVM device to open.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
@@ -59,6 +65,8 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
                 cmdline: String::new(),
             },
             serial: SerialConfig::default(),
+            disks: Vec::new(),
+            nics: Vec::new(),
         },
     };
     if let Some(kernel) = &args.kernel {
@@ -86,7 +94,61 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
         Some("none") => config.serial.input = SerialInput::None,
         Some(path) => config.serial.input = SerialInput::Path(path.into()),
     }
+    for spec in &args.disks {
+        config.disks.push(parse_disk(spec)?);
+    }
+    for spec in &args.nics {
+        config.nics.push(parse_nic(spec)?);
+    }
     Ok(config)
+}
+
+fn parse_disk(spec: &str) -> Result<DiskConfig, String> {
+    let mut parts = spec.split(',');
+    let path = parts.next().filter(|p| !p.is_empty());
+    let mut disk = DiskConfig {
+        path: path.ok_or(format!("--disk {spec:?}: no path"))?.into(),
+        read_only: false,
+        serial: None,
+    };
+    for opt in parts {
+        match opt.split_once('=') {
+            None if opt == "ro" => disk.read_only = true,
+            Some(("serial", id)) => disk.serial = Some(id.to_string()),
+            _ => {
+                return Err(format!(
+                    "--disk {spec:?}: unknown option {opt:?} (ro, serial=ID)"
+                ))
+            }
+        }
+    }
+    Ok(disk)
+}
+
+fn parse_nic(spec: &str) -> Result<NicConfig, String> {
+    let mut nic = NicConfig {
+        tap: None,
+        tap_fd: None,
+        mac: None,
+    };
+    for opt in spec.split(',') {
+        match opt.split_once('=') {
+            Some(("tap", name)) => nic.tap = Some(name.to_string()),
+            Some(("fd", fd)) => {
+                nic.tap_fd = Some(
+                    fd.parse()
+                        .map_err(|_| format!("--nic {spec:?}: fd {fd:?} is not a number"))?,
+                )
+            }
+            Some(("mac", mac)) => nic.mac = Some(mac.to_string()),
+            _ => {
+                return Err(format!(
+                    "--nic {spec:?}: unknown option {opt:?} (tap=NAME, fd=N, mac=MAC)"
+                ))
+            }
+        }
+    }
+    Ok(nic)
 }
 
 fn main() -> ExitCode {

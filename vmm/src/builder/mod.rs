@@ -2,6 +2,8 @@
 //! and the KVM VM, loads the kernel, builds the boot structures and devices,
 //! and configures each vCPU. `Vmm::run` then starts the threads.
 
+mod virtio;
+
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
@@ -64,6 +66,14 @@ pub enum BuildError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
+    #[error(transparent)]
+    Disk(#[from] crate::devices::virtio::block::BlockError),
+    #[error(transparent)]
+    Tap(#[from] crate::devices::virtio::net::tap::TapError),
+    #[error(transparent)]
+    Transport(#[from] crate::devices::virtio::mmio::TransportError),
+    #[error("{0} virtio devices requested; at most {max} fit the free interrupt lines", max = virtio::MAX_DEVICES)]
+    TooManyDevices(usize),
 }
 
 fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
@@ -136,8 +146,6 @@ pub fn build(config: &VmConfig, kvm_device: &Path) -> Result<Vmm, BuildError> {
         Some(path) => Some(boot::load_initrd(mem, &kernel, path)?),
         None => None,
     };
-    boot::write_cmdline(mem, &kernel, &config.kernel.cmdline)?;
-    boot::write_zero_page(mem, &kernel, config.kernel.cmdline.len(), initrd, mem_size)?;
     mptable::setup(mem, config.vcpus)?;
     regs::write_boot_tables(mem)?;
 
@@ -162,7 +170,18 @@ pub fn build(config: &VmConfig, kvm_device: &Path) -> Result<Vmm, BuildError> {
         })
         .map_err(|e| io_err("the port I/O bus")(std::io::Error::other(e)))?;
     let pio = Arc::new(pio);
-    let mmio = Arc::new(Bus::default());
+    let mut mmio = Bus::default();
+    let device_words = virtio::attach_devices(&vm, &config.disks, &config.nics, &mut mmio)?;
+    let mmio = Arc::new(mmio);
+
+    // The user's command line, then the words that announce our devices.
+    let cmdline = std::iter::once(config.kernel.cmdline.as_str())
+        .chain(device_words.iter().map(String::as_str))
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    boot::write_cmdline(mem, &kernel, &cmdline)?;
+    boot::write_zero_page(mem, &kernel, cmdline.len(), initrd, mem_size)?;
 
     let supported = kvm_fd
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)

@@ -1,0 +1,106 @@
+//! Placing virtio-mmio devices: each gets a 4 KiB register window in the
+//! MMIO gap and its own IOAPIC line, an irqfd for interrupts and one
+//! ioeventfd per queue for notifications, and a `virtio_mmio.device=` word
+//! on the kernel command line so Linux finds it without ACPI or a DT.
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::IoEventAddress;
+
+use super::BuildError;
+use crate::arch::x86_64::layout::MMIO_GAP_START;
+use crate::config::{DiskConfig, NicConfig};
+use crate::devices::bus::Bus;
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
+use crate::devices::virtio::net::tap::Tap;
+use crate::devices::virtio::net::{parse_mac, Net};
+use crate::devices::virtio::VirtioDevice;
+use crate::vstate::vm::Vm;
+
+/// IOAPIC lines 5..=23 are free (0-4 are the PIT, keyboard, cascade, COM2
+/// and COM1 in the MP table's ISA wiring).
+const FIRST_IRQ: u32 = 5;
+const LAST_IRQ: u32 = 23;
+pub const MAX_DEVICES: usize = (LAST_IRQ - FIRST_IRQ + 1) as usize;
+
+fn disk_device(disk: &DiskConfig) -> Result<Box<dyn VirtioDevice>, BuildError> {
+    Ok(Box::new(Block::open(
+        &disk.path,
+        disk.read_only,
+        disk.serial.as_deref(),
+    )?))
+}
+
+fn nic_device(index: usize, nic: &NicConfig) -> Result<Box<dyn VirtioDevice>, BuildError> {
+    let tap = match (&nic.tap, nic.tap_fd) {
+        (Some(name), _) => Tap::open(name)?,
+        (None, Some(fd)) => {
+            // SAFETY: the config hands this fd to berth-vmm (inherited from
+            // the process that started it); nothing else in the VMM owns it.
+            Tap::from_fd(unsafe { OwnedFd::from_raw_fd(fd) })?
+        }
+        (None, None) => return Err(crate::config::ConfigError::NicBackend(index).into()),
+    };
+    let mac = match &nic.mac {
+        Some(text) => parse_mac(text).ok_or_else(|| crate::config::ConfigError::NicMac {
+            index,
+            mac: text.clone(),
+        })?,
+        // Locally administered, unicast, stable per position and process.
+        None => {
+            let pid = std::process::id().to_be_bytes();
+            [0x02, 0xb3, pid[2], pid[3], 0x00, index as u8]
+        }
+    };
+    Ok(Box::new(Net::new(tap, mac)))
+}
+
+/// Creates every disk and NIC, wires it into `mmio` and KVM, and returns
+/// the command-line words that announce them.
+pub fn attach_devices(
+    vm: &Vm,
+    disks: &[DiskConfig],
+    nics: &[NicConfig],
+    mmio: &mut Bus,
+) -> Result<Vec<String>, BuildError> {
+    let count = disks.len() + nics.len();
+    if count > MAX_DEVICES {
+        return Err(BuildError::TooManyDevices(count));
+    }
+    let mut devices = Vec::with_capacity(count);
+    for disk in disks {
+        devices.push(disk_device(disk)?);
+    }
+    for (index, nic) in nics.iter().enumerate() {
+        devices.push(nic_device(index, nic)?);
+    }
+
+    let mut cmdline = Vec::with_capacity(count);
+    for (slot, device) in devices.into_iter().enumerate() {
+        let base = MMIO_GAP_START + slot as u64 * MMIO_WINDOW;
+        let irq = FIRST_IRQ + slot as u32;
+        let transport = MmioTransport::new(device, vm.memory().clone())?;
+        vm.register_irqfd(transport.irq_eventfd(), irq)?;
+        for (queue, evt) in transport.notify_eventfds().iter().enumerate() {
+            vm.fd()
+                .register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(base + NOTIFY_OFFSET),
+                    queue as u32,
+                )
+                .map_err(|source| BuildError::Kvm {
+                    what: "register a virtio ioeventfd",
+                    source,
+                })?;
+        }
+        mmio.insert(base, MMIO_WINDOW, Arc::new(Mutex::new(transport)))
+            .map_err(|e| BuildError::Io {
+                what: "the MMIO bus",
+                source: std::io::Error::other(e),
+            })?;
+        cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+    }
+    Ok(cmdline)
+}

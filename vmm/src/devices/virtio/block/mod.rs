@@ -1,0 +1,205 @@
+//! virtio-blk backed by a raw file (virtio 1.x, 5.2): read, write, flush and
+//! get-id, with an optional read-only mode advertised as VIRTIO_BLK_F_RO.
+
+mod request;
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::epoll::Epoll;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::worker::{EventHandler, Worker};
+use super::{read_config_bytes, ActivateError, ActiveQueue, DeviceSignals, VirtioDevice};
+use super::{TYPE_BLOCK, VIRTIO_F_VERSION_1};
+use crate::vstate::memory::GuestMemory;
+pub use request::SECTOR_SIZE;
+
+const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const QUEUE_SIZE: u16 = 256;
+/// Data segments per request: the ring minus the header and status.
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Length of the get-id answer (VIRTIO_BLK_ID_BYTES).
+pub const ID_BYTES: usize = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot open disk {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("disk serial {0:?} is longer than {ID_BYTES} bytes")]
+    SerialTooLong(String),
+}
+
+pub struct Block {
+    file: Arc<File>,
+    read_only: bool,
+    capacity: u64,
+    id: [u8; ID_BYTES],
+    config: Vec<u8>,
+    worker: Option<Worker>,
+    name: String,
+}
+
+impl Block {
+    pub fn open(path: &Path, read_only: bool, serial: Option<&str>) -> Result<Self, BlockError> {
+        let open_err = |source| BlockError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        if !meta.is_file() {
+            return Err(open_err(std::io::Error::other("not a regular file")));
+        }
+        let capacity = meta.len() / SECTOR_SIZE;
+        let mut id = [0u8; ID_BYTES];
+        if let Some(serial) = serial {
+            if serial.len() > ID_BYTES {
+                return Err(BlockError::SerialTooLong(serial.to_string()));
+            }
+            id[..serial.len()].copy_from_slice(serial.as_bytes());
+        }
+        // struct virtio_blk_config: capacity @0, size_max @8, seg_max @12.
+        let mut config = vec![0u8; 16];
+        config[..8].copy_from_slice(&capacity.to_le_bytes());
+        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        Ok(Block {
+            file: Arc::new(file),
+            read_only,
+            capacity,
+            id,
+            config,
+            worker: None,
+            name: format!(
+                "blk-{}",
+                path.file_name().unwrap_or_default().to_string_lossy()
+            ),
+        })
+    }
+
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        let ro = if self.read_only { VIRTIO_BLK_F_RO } else { 0 };
+        VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SEG_MAX | ro
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        _features: u64,
+        mut queues: Vec<ActiveQueue>,
+        signals: Arc<DeviceSignals>,
+    ) -> Result<(), ActivateError> {
+        self.reset();
+        let Some(active) = queues.pop() else {
+            return Ok(());
+        };
+        let handler = BlockQueue {
+            mem,
+            queue: active.queue,
+            notify: active.notify,
+            signals,
+            disk: request::Disk {
+                file: self.file.clone(),
+                read_only: self.read_only,
+                capacity: self.capacity,
+                id: self.id,
+            },
+            buf: Vec::new(),
+        };
+        self.worker = Some(Worker::spawn(&self.name, handler)?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+        }
+    }
+}
+
+/// The worker's state: the request queue and what it needs to serve it.
+pub struct BlockQueue {
+    mem: GuestMemory,
+    queue: Queue,
+    notify: EventFd,
+    signals: Arc<DeviceSignals>,
+    disk: request::Disk,
+    buf: Vec<u8>,
+}
+
+impl BlockQueue {
+    /// Serves every available request; returns how many completed.
+    pub fn process(&mut self) -> usize {
+        let mut completed = 0;
+        while !self.signals.needs_reset() {
+            let chain = match self.queue.iter(&self.mem) {
+                Ok(mut avail) => avail.next(),
+                // An avail index more than a ring ahead: the driver is broken.
+                Err(_) => {
+                    self.signals.set_needs_reset();
+                    break;
+                }
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let Some(used_len) = request::serve(&self.disk, &self.mem, chain, &mut self.buf) else {
+                self.signals.set_needs_reset();
+                break;
+            };
+            if self.queue.add_used(&self.mem, head, used_len).is_err() {
+                // A head index outside the ring cannot be completed.
+                self.signals.set_needs_reset();
+                break;
+            }
+            completed += 1;
+        }
+        if completed > 0 && self.queue.needs_notification(&self.mem).unwrap_or(true) {
+            self.signals.signal_used();
+        }
+        completed
+    }
+}
+
+impl EventHandler for BlockQueue {
+    fn sources(&self) -> Vec<(std::os::fd::RawFd, u64)> {
+        vec![(self.notify.as_raw_fd(), 0)]
+    }
+
+    fn handle(&mut self, _token: u64, _epoll: &Epoll) {
+        let _ = self.notify.read();
+        self.process();
+    }
+}
+
+#[cfg(test)]
+mod tests;

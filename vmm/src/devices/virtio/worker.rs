@@ -1,0 +1,97 @@
+//! The thread a virtio device serves its queues on: an epoll loop over the
+//! device's event sources (queue notifications, a tap) and a stop eventfd.
+//! I/O never runs on vCPU threads.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+const STOP_TOKEN: u64 = u64::MAX;
+
+/// A device's side of the loop.
+pub trait EventHandler: Send + 'static {
+    /// The file descriptors to watch for input, each with the token that
+    /// `handle` will be called with.
+    fn sources(&self) -> Vec<(RawFd, u64)>;
+    /// Called when the source with `token` is readable. `epoll` lets a
+    /// handler stop or resume watching a source (e.g. a tap while the
+    /// guest has no receive buffers).
+    fn handle(&mut self, token: u64, epoll: &Epoll);
+}
+
+pub fn watch(epoll: &Epoll, fd: RawFd, token: u64) -> io::Result<()> {
+    epoll.ctl(
+        ControlOperation::Add,
+        fd,
+        EpollEvent::new(EventSet::IN, token),
+    )
+}
+
+/// Turns input events of an already watched `fd` on or off.
+pub fn set_watching(epoll: &Epoll, fd: RawFd, token: u64, on: bool) -> io::Result<()> {
+    let events = if on { EventSet::IN } else { EventSet::empty() };
+    epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(events, token))
+}
+
+pub struct Worker {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    pub fn spawn(name: &str, mut handler: impl EventHandler) -> io::Result<Worker> {
+        let epoll = Epoll::new()?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        watch(&epoll, stop.as_raw_fd(), STOP_TOKEN)?;
+        for (fd, token) in handler.sources() {
+            watch(&epoll, fd, token)?;
+        }
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                let mut events = vec![EpollEvent::default(); 16];
+                loop {
+                    let n = match epoll.wait(-1, &mut events) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            eprintln!("berth-vmm: device worker stopped: epoll failed: {e}");
+                            return;
+                        }
+                    };
+                    for event in &events[..n] {
+                        if event.data() == STOP_TOKEN {
+                            return;
+                        }
+                        handler.handle(event.data(), &epoll);
+                    }
+                }
+            })?;
+        Ok(Worker {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the loop and waits for it: after this the device touches no
+    /// guest memory.
+    pub fn stop(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = self.stop.write(1);
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
