@@ -288,6 +288,48 @@ int vq_wait_all(struct vdev *d, int qi, uint64_t cycles) {
     return vq_poll(d, &d->q[qi], 1, 0, cycles);
 }
 
+void vq_add(struct vq *q, uint16_t head) {
+    q->avail->ring[q->avail_idx & (q->size - 1)] = head;
+    q->avail_idx++;
+}
+
+void vq_kick(struct vdev *d, int qi) {
+    struct vq *q = &d->q[qi];
+    vmb(); /* the ring entries (and the descriptors) before the index */
+    q->avail->idx = q->avail_idx;
+    vmb(); /* the index before reading used->flags */
+    if (!(q->used->flags & VIRTQ_USED_F_NO_NOTIFY))
+        vd_w32(d, VIRTIO_MMIO_QUEUE_NOTIFY, (uint32_t)qi);
+}
+
+int vq_wait_used(struct vdev *d, int qi, uint64_t deadline) {
+    struct vq *q = &d->q[qi];
+    for (uint32_t n = 1;; n++) {
+        if (q->used->idx != q->last_used) {
+            vmb(); /* the used entries and the buffers after the index */
+            return 0;
+        }
+        int late = (int64_t)(rdtsc() - deadline) > 0;
+        if ((late || (n & 255) == 0) &&
+            (vd_r32(d, VIRTIO_MMIO_STATUS) & VIRTIO_STATUS_NEEDS_RESET))
+            return VQ_NEEDS_RESET;
+        if (late)
+            return VQ_TIMEOUT;
+        cpu_relax();
+    }
+}
+
+int vq_next_used(struct vq *q, uint32_t *id, uint32_t *len) {
+    if (q->used->idx == q->last_used)
+        return 0;
+    vmb();
+    volatile struct virtq_used_elem *e = &q->used->ring[q->last_used & (q->size - 1)];
+    *id = e->id;
+    *len = e->len;
+    q->last_used++;
+    return 1;
+}
+
 /* The first usable device with this DeviceID, or NULL. */
 struct vdev *virtio_find(uint32_t id) {
     for (int i = 0; i < vdev_count; i++)

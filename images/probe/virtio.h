@@ -151,6 +151,18 @@ void vq_publish(struct vq *q, uint16_t head);
 void virtio_notify(struct vdev *d, int qi);
 int vq_wait_moved(struct vdev *d, int qi, uint16_t from, uint64_t cycles);
 int vq_wait_all(struct vdev *d, int qi, uint64_t cycles);
+/* Batched use of a queue (the bench modes): vq_add() puts a chain head in the
+ * avail ring without publishing it; vq_kick() publishes all added heads with
+ * one avail->idx store and notifies unless the device set
+ * VIRTQ_USED_F_NO_NOTIFY; vq_wait_used() polls until used->idx passes
+ * last_used (0) or rdtsc passes deadline (VQ_TIMEOUT; VQ_NEEDS_RESET checked
+ * every 256 polls and at the deadline); vq_next_used() takes one used element
+ * (1) or finds none (0). */
+#define VIRTQ_USED_F_NO_NOTIFY 1
+void vq_add(struct vq *q, uint16_t head);
+void vq_kick(struct vdev *d, int qi);
+int vq_wait_used(struct vdev *d, int qi, uint64_t deadline);
+int vq_next_used(struct vq *q, uint32_t *id, uint32_t *len);
 void virtio_ack_irq(struct vdev *d);
 const char *vq_result_str(int r, char *buf); /* "0".."255", "timeout", "needs_reset" */
 int parse_num(const char **p, uint64_t *v);  /* decimal or 0x-hex; advances *p, returns digit count */
