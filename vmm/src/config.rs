@@ -77,6 +77,10 @@ pub struct SerialConfig {
     /// Every byte the guest writes to its console is appended here.
     #[serde(default)]
     pub log: Option<PathBuf>,
+    /// Rotate the log when it reaches this size: it becomes `<log>.1`
+    /// (replacing an older one) and a new log starts. None: never.
+    #[serde(default)]
+    pub log_max_bytes: Option<u64>,
     /// Also copy console output to the VMM's stdout.
     #[serde(default)]
     pub stdout: bool,

@@ -13,6 +13,8 @@ pub enum ExitReason {
     GuestShutdown,
     /// The VMM was told to stop (SIGTERM, SIGINT).
     Signal(i32),
+    /// The VMM was told to stop through its control API.
+    Stopped,
     /// A vCPU hit something the VMM cannot continue from.
     VcpuFault { vcpu: u32, reason: String, rip: u64 },
 }
@@ -22,7 +24,10 @@ impl ExitReason {
     /// left for errors before the guest ran).
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::Signal(_) => 0,
+            ExitReason::GuestReset
+            | ExitReason::GuestShutdown
+            | ExitReason::Signal(_)
+            | ExitReason::Stopped => 0,
             ExitReason::VcpuFault { .. } => 2,
         }
     }
@@ -34,6 +39,7 @@ impl fmt::Display for ExitReason {
             ExitReason::GuestReset => f.write_str("guest requested reset"),
             ExitReason::GuestShutdown => f.write_str("guest requested shutdown"),
             ExitReason::Signal(sig) => write!(f, "stopped by signal {sig}"),
+            ExitReason::Stopped => f.write_str("stopped by request"),
             ExitReason::VcpuFault { vcpu, reason, rip } => {
                 write!(f, "vCPU {vcpu} stopped: {reason} at RIP {rip:#x}")
             }

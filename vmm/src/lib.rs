@@ -5,9 +5,11 @@
 //! (emulated hardware), `builder` (wires a VM from its config), `exit` (why
 //! a VM ended).
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod exit;
+pub mod fsutil;
 pub mod vstate;

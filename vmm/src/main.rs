@@ -3,7 +3,7 @@
 //! stop by SIGTERM/SIGINT, 1 for an error before the guest ran, 2 for a guest
 //! the VMM could not continue (internal error, failed entry, triple fault).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use berth_vmm::builder;
@@ -42,6 +42,17 @@ struct Args {
     /// A virtio-net NIC: tap=NAME[,mac=MAC] or fd=N[,mac=MAC]; repeat for more.
     #[arg(long = "nic", value_name = "tap=NAME|fd=N[,mac=MAC]")]
     nics: Vec<String>,
+    /// Serve the control API (berth.v1 VmmService) on this unix socket.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// On exit, write {"code": .., "reason": ".."} to this file (atomically),
+    /// so a supervisor that is not our parent learns how we ended.
+    #[arg(long)]
+    exit_file: Option<PathBuf>,
+    /// Start a new session (setsid), detached from the caller's terminal and
+    /// process group, as the agent does for every VMM.
+    #[arg(long)]
+    detach: bool,
     /// KVM device to open.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
@@ -151,20 +162,45 @@ fn parse_nic(spec: &str) -> Result<NicConfig, String> {
     Ok(nic)
 }
 
+/// Records how the VMM ended for a supervisor that cannot wait for us.
+fn write_exit_file(path: &Path, code: i32, reason: &str) {
+    let text = format!(
+        "{{\"code\": {code}, \"reason\": {}}}\n",
+        serde_json::to_string(reason).unwrap_or_default()
+    );
+    if let Err(e) = berth_vmm::fsutil::write_atomic(path, text.as_bytes()) {
+        eprintln!("berth-vmm: cannot write exit file {}: {e}", path.display());
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match config_from(&args) {
+    if args.detach {
+        if let Err(e) = nix::unistd::setsid() {
+            eprintln!("berth-vmm: error: cannot start a new session: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    let (code, reason) = run(&args);
+    if let Some(path) = &args.exit_file {
+        write_exit_file(path, code, &reason);
+    }
+    ExitCode::from(code as u8)
+}
+
+fn run(args: &Args) -> (i32, String) {
+    let config = match config_from(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("berth-vmm: error: {e}");
-            return ExitCode::from(1);
+            return (1, format!("error: {e}"));
         }
     };
     let vmm = match builder::build(&config, &args.kvm_device) {
         Ok(vmm) => vmm,
         Err(e) => {
             eprintln!("berth-vmm: error: {e}");
-            return ExitCode::from(1);
+            return (1, format!("error: {e}"));
         }
     };
     eprintln!(
@@ -174,14 +210,14 @@ fn main() -> ExitCode {
         config.memory_mib,
         config.kernel.path.display()
     );
-    match vmm.run() {
+    match vmm.run(args.api_socket.as_deref()) {
         Ok(reason) => {
             eprintln!("berth-vmm: {reason}");
-            ExitCode::from(reason.exit_code() as u8)
+            (reason.exit_code(), reason.to_string())
         }
         Err(e) => {
             eprintln!("berth-vmm: error: {e}");
-            ExitCode::from(1)
+            (1, format!("error: {e}"))
         }
     }
 }

@@ -4,7 +4,7 @@
 
 mod virtio;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -13,18 +13,20 @@ use std::time::Duration;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{boot, cpuid, mptable, regs};
 use crate::config::{ConfigError, SerialInput, VmConfig};
 use crate::devices::bus::Bus;
-use crate::devices::legacy::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
+use crate::devices::legacy::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN, KEYBOARD_GSI};
 use crate::devices::legacy::serial::{
-    pump_input, ConsoleOut, IrqTrigger, SerialDevice, COM1_GSI, COM1_PORT_BASE, COM1_PORT_LEN,
+    pump_input, ConsoleLog, ConsoleOut, IrqTrigger, SerialDevice, COM1_GSI, COM1_PORT_BASE,
+    COM1_PORT_LEN,
 };
 use crate::exit::{ExitNotifier, ExitReason};
 use crate::vstate::kvm::{self, Flavour, KvmOpenError};
 use crate::vstate::memory::create_guest_memory;
-use crate::vstate::vcpu::{self, Vcpu};
+use crate::vstate::vcpu::{self, Vcpu, VcpuControl, VcpuSet};
 use crate::vstate::vm::{Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +68,11 @@ pub enum BuildError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
+    #[error("cannot serve the control API on {path}: {source}")]
+    ApiSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Disk(#[from] crate::devices::virtio::block::BlockError),
     #[error(transparent)]
@@ -97,11 +104,15 @@ pub struct Vmm {
     // Owns guest memory and the VM fd; must outlive the vCPU threads.
     _vm: Vm,
     vcpus: Vec<Vcpu>,
+    control: Arc<VcpuControl>,
     serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
     input: SerialInput,
     exit: ExitNotifier,
     exit_rx: Receiver<ExitReason>,
     pub flavour: Flavour,
+    pub vcpu_count: u32,
+    pub memory_mib: u64,
 }
 
 pub fn build(config: &VmConfig, kvm_device: &Path) -> Result<Vmm, BuildError> {
@@ -151,7 +162,12 @@ pub fn build(config: &VmConfig, kvm_device: &Path) -> Result<Vmm, BuildError> {
 
     let (exit, exit_rx) = ExitNotifier::new();
     let log = match &config.serial.log {
-        Some(path) => Some(open_console_log(path)?),
+        Some(path) => Some(ConsoleLog::open(path, config.serial.log_max_bytes).map_err(
+            |source| BuildError::ConsoleLog {
+                path: path.to_owned(),
+                source,
+            },
+        )?),
         None => None,
     };
     let serial = Arc::new(Mutex::new(SerialDevice::new(
@@ -160,14 +176,16 @@ pub fn build(config: &VmConfig, kvm_device: &Path) -> Result<Vmm, BuildError> {
     )));
     vm.register_irqfd(crate::devices::bus::lock(&serial).irq_eventfd(), COM1_GSI)?;
     let mut pio = Bus::default();
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        exit.clone(),
+        EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("the keyboard interrupt eventfd"))?,
+    )));
+    vm.register_irqfd(
+        crate::devices::bus::lock(&i8042).irq_eventfd(),
+        KEYBOARD_GSI,
+    )?;
     pio.insert(COM1_PORT_BASE, COM1_PORT_LEN, serial.clone())
-        .and_then(|_| {
-            pio.insert(
-                I8042_PORT_BASE,
-                I8042_PORT_LEN,
-                Arc::new(Mutex::new(I8042::new(exit.clone()))),
-            )
-        })
+        .and_then(|_| pio.insert(I8042_PORT_BASE, I8042_PORT_LEN, i8042.clone()))
         .map_err(|e| io_err("the port I/O bus")(std::io::Error::other(e)))?;
     let pio = Arc::new(pio);
     let mut mmio = Bus::default();
@@ -186,6 +204,7 @@ pub fn build(config: &VmConfig, kvm_device: &Path) -> Result<Vmm, BuildError> {
     let supported = kvm_fd
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("report its supported CPUID"))?;
+    let control = Arc::new(VcpuControl::default());
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for index in 0..config.vcpus {
         let fd = vm
@@ -207,34 +226,30 @@ pub fn build(config: &VmConfig, kvm_device: &Path) -> Result<Vmm, BuildError> {
             pio.clone(),
             mmio.clone(),
             exit.clone(),
+            control.clone(),
         ));
     }
 
     Ok(Vmm {
         _vm: vm,
         vcpus,
+        control,
         serial,
+        i8042,
         input: config.serial.input.clone(),
         exit,
         exit_rx,
         flavour,
+        vcpu_count: config.vcpus,
+        memory_mib: config.memory_mib,
     })
 }
 
-fn open_console_log(path: &Path) -> Result<File, BuildError> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|source| BuildError::ConsoleLog {
-            path: path.to_owned(),
-            source,
-        })
-}
-
 impl Vmm {
-    /// Runs the guest until something ends it; returns why.
-    pub fn run(self) -> Result<ExitReason, BuildError> {
+    /// Runs the guest until something ends it; returns why. With
+    /// `api_socket`, serves the VmmService (pause, resume, shutdown, stop,
+    /// stats, console input) there while it runs.
+    pub fn run(self, api_socket: Option<&Path>) -> Result<ExitReason, BuildError> {
         vcpu::install_kick_handler().map_err(io_err("the vCPU kick signal"))?;
         let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(io_err("signal handling"))?;
         let on_signal = self.exit.clone();
@@ -248,16 +263,32 @@ impl Vmm {
             .map_err(io_err("the signal thread"))?;
 
         self.spawn_input()?;
+        let console_in = crate::api::ConsoleInput::start(self.serial.clone())
+            .map_err(io_err("the console input queue"))?;
 
-        let mut threads = Vec::with_capacity(self.vcpus.len());
-        for vcpu in self.vcpus {
-            threads.push(vcpu.spawn().map_err(io_err("a vCPU thread"))?);
+        let vcpus = Arc::new(
+            VcpuSet::start(self.vcpus, self.control.clone()).map_err(io_err("a vCPU thread"))?,
+        );
+        if let Some(path) = api_socket {
+            let api = crate::api::VmmApi {
+                vcpus: vcpus.clone(),
+                i8042: self.i8042.clone(),
+                console_in,
+                exit: self.exit.clone(),
+                vcpu_count: self.vcpu_count,
+                memory_mib: self.memory_mib,
+                started_at_ms: crate::api::now_ms(),
+            };
+            crate::api::serve(path, api).map_err(|source| BuildError::ApiSocket {
+                path: path.to_owned(),
+                source,
+            })?;
         }
         let reason = self
             .exit_rx
             .recv()
             .expect("the VMM holds a sender for as long as it waits");
-        vcpu::stop_all(threads, Duration::from_secs(1));
+        vcpus.stop_all(Duration::from_secs(1));
         Ok(reason)
     }
 

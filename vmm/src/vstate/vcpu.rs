@@ -1,7 +1,8 @@
 //! One thread per vCPU: KVM_RUN, dispatch the exit, repeat until the VM
 //! stops. Threads are kicked out of KVM_RUN with a signal (`KICK_SIGNAL`).
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -28,22 +29,144 @@ pub fn install_kick_handler() -> std::io::Result<()> {
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
+/// Shared by all vCPU threads: pausing, and what they report.
+#[derive(Default)]
+pub struct VcpuControl {
+    state: Mutex<PauseState>,
+    changed: Condvar,
+    /// Exits handled in userspace, all vCPUs together.
+    pub exits: AtomicU64,
+    /// Kernel thread ids of the vCPU threads, by index (0 until started).
+    tids: Mutex<Vec<i32>>,
+}
+
+#[derive(Default)]
+struct PauseState {
+    paused: bool,
+    parked: usize,
+}
+
+impl VcpuControl {
+    /// Parks the calling vCPU thread while the VM is paused.
+    fn park_while_paused(&self, exit: &ExitNotifier) {
+        let mut state = crate::devices::bus::lock(&self.state);
+        if !state.paused {
+            return;
+        }
+        state.parked += 1;
+        self.changed.notify_all();
+        while state.paused && !exit.stopping() {
+            state = self
+                .changed
+                .wait_timeout(state, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        state.parked -= 1;
+        self.changed.notify_all();
+    }
+
+    pub fn tids(&self) -> Vec<i32> {
+        crate::devices::bus::lock(&self.tids).clone()
+    }
+}
+
+/// The running vCPU threads, for pausing, resuming and stopping them.
+pub struct VcpuSet {
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    pub control: Arc<VcpuControl>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the vCPUs did not all stop within {0:?}")]
+pub struct PauseTimeout(Duration);
+
+impl VcpuSet {
+    pub fn start(vcpus: Vec<Vcpu>, control: Arc<VcpuControl>) -> std::io::Result<VcpuSet> {
+        *crate::devices::bus::lock(&control.tids) = vec![0; vcpus.len()];
+        let mut threads = Vec::with_capacity(vcpus.len());
+        for vcpu in vcpus {
+            threads.push(vcpu.spawn()?);
+        }
+        Ok(VcpuSet {
+            threads: Mutex::new(threads),
+            control,
+        })
+    }
+
+    fn kick_all(&self) {
+        for t in crate::devices::bus::lock(&self.threads).iter() {
+            let _ = t.kill(kick_signal());
+        }
+    }
+
+    /// Stops every vCPU outside KVM_RUN; returns once all are parked.
+    pub fn pause(&self, timeout: Duration) -> Result<(), PauseTimeout> {
+        let total = crate::devices::bus::lock(&self.threads).len();
+        let deadline = Instant::now() + timeout;
+        crate::devices::bus::lock(&self.control.state).paused = true;
+        loop {
+            // A kick can land just before KVM_RUN; repeat until all parked.
+            self.kick_all();
+            let state = crate::devices::bus::lock(&self.control.state);
+            let (state, _) = self
+                .control
+                .changed
+                .wait_timeout(state, Duration::from_millis(5))
+                .unwrap_or_else(|e| e.into_inner());
+            if state.parked == total {
+                return Ok(());
+            }
+            drop(state);
+            if Instant::now() > deadline {
+                self.resume();
+                return Err(PauseTimeout(timeout));
+            }
+        }
+    }
+
+    pub fn resume(&self) {
+        crate::devices::bus::lock(&self.control.state).paused = false;
+        self.control.changed.notify_all();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        crate::devices::bus::lock(&self.control.state).paused
+    }
+
+    /// Ends every vCPU thread (the VM is over).
+    pub fn stop_all(&self, timeout: Duration) {
+        self.control.changed.notify_all();
+        let threads = std::mem::take(&mut *crate::devices::bus::lock(&self.threads));
+        stop_all(threads, timeout);
+    }
+}
+
 pub struct Vcpu {
     index: u32,
     fd: VcpuFd,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exit: ExitNotifier,
+    control: Arc<VcpuControl>,
 }
 
 impl Vcpu {
-    pub fn new(index: u32, fd: VcpuFd, pio: Arc<Bus>, mmio: Arc<Bus>, exit: ExitNotifier) -> Self {
+    pub fn new(
+        index: u32,
+        fd: VcpuFd,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        exit: ExitNotifier,
+        control: Arc<VcpuControl>,
+    ) -> Self {
         Vcpu {
             index,
             fd,
             pio,
             mmio,
             exit,
+            control,
         }
     }
 
@@ -55,6 +178,11 @@ impl Vcpu {
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.index))
             .spawn(move || {
+                if let Some(tid) =
+                    crate::devices::bus::lock(&self.control.tids).get_mut(self.index as usize)
+                {
+                    *tid = nix::unistd::gettid().as_raw();
+                }
                 if let Some(reason) = self.run_until_stopped() {
                     self.exit.notify(reason);
                 }
@@ -94,6 +222,7 @@ impl Vcpu {
     /// thread already ended it.
     fn run_until_stopped(&mut self) -> Option<ExitReason> {
         loop {
+            self.control.park_while_paused(&self.exit);
             if self.exit.stopping() {
                 return None;
             }
@@ -139,6 +268,7 @@ impl Vcpu {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
                 Err(e) => Step::Fault(format!("KVM_RUN failed: {e}")),
             };
+            self.control.exits.fetch_add(1, Ordering::Relaxed);
             match step {
                 Step::Continue => {}
                 Step::End(reason) => return Some(reason),

@@ -1,8 +1,9 @@
 //! The 16550 console on COM1, from vm-superio. Output goes to a log file
 //! and/or stdout; input is fed in by a thread through `enqueue_input`.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,14 +37,54 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// A console log file that stays under a size bound: when full it becomes
+/// `<path>.1` (one old log kept) and writing starts over.
+pub struct ConsoleLog {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    max: Option<u64>,
+}
+
+impl ConsoleLog {
+    pub fn open(path: &Path, max: Option<u64>) -> io::Result<Self> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let size = file.metadata()?.len();
+        Ok(ConsoleLog {
+            path: path.to_owned(),
+            file,
+            size,
+            max,
+        })
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        if let Some(max) = self.max {
+            if self.size > 0 && self.size + buf.len() as u64 > max {
+                let mut old = self.path.clone().into_os_string();
+                old.push(".1");
+                std::fs::rename(&self.path, old)?;
+                self.file = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)?;
+                self.size = 0;
+            }
+        }
+        self.file.write_all(buf)?;
+        self.size += buf.len() as u64;
+        Ok(())
+    }
+}
+
 /// Where console output goes: every byte to each sink.
 pub struct ConsoleOut {
-    log: Option<File>,
+    log: Option<ConsoleLog>,
     stdout: bool,
 }
 
 impl ConsoleOut {
-    pub fn new(log: Option<File>, stdout: bool) -> Self {
+    pub fn new(log: Option<ConsoleLog>, stdout: bool) -> Self {
         ConsoleOut { log, stdout }
     }
 }
@@ -141,6 +182,21 @@ pub fn pump_input(device: Arc<Mutex<SerialDevice>>, mut input: impl Read) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn console_log_rotates_at_its_bound_and_keeps_one_old_log() {
+        let dir = std::env::temp_dir().join(format!("berth-rotate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("console.log");
+        let _ = std::fs::remove_file(&path);
+        let mut log = ConsoleLog::open(&path, Some(10)).unwrap();
+        for chunk in [&b"0123456"[..], b"789", b"abcdef", b"ghijklmn"] {
+            log.write_all(chunk).unwrap();
+        }
+        // 7+3 fits; "abcdef" rotates; "ghijklmn" rotates again.
+        assert_eq!(std::fs::read(&path).unwrap(), b"ghijklmn");
+        assert_eq!(std::fs::read(dir.join("console.log.1")).unwrap(), b"abcdef");
+    }
+
     const RBR: u64 = 0;
     const IER: u64 = 1;
     const LSR: u64 = 5;
@@ -150,7 +206,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("berth-serial-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let log_path = dir.join("console.log");
-        let log = File::create(&log_path).unwrap();
+        let _ = std::fs::remove_file(&log_path);
+        let log = ConsoleLog::open(&log_path, None).unwrap();
         let dev = Arc::new(Mutex::new(SerialDevice::new(
             IrqTrigger::new().unwrap(),
             ConsoleOut::new(Some(log), false),

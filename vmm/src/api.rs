@@ -1,0 +1,206 @@
+//! The VMM's control API (berth.v1 VmmService) on a unix socket, for the
+//! agent: info, pause/resume, graceful shutdown, stop, stats and console
+//! input. It runs on one thread with its own single-threaded runtime, so a
+//! VMM started without `--api-socket` pays nothing for it.
+
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use berth_proto::common::Empty;
+use berth_proto::vmm::{ConsoleInput as ConsoleInputMsg, VmmInfo, VmmStats};
+use berth_proto::vmm_ttrpc::{create_vmm_service, VmmService};
+use ttrpc::r#async::TtrpcContext;
+
+use crate::devices::bus::lock;
+use crate::devices::legacy::i8042::I8042;
+use crate::devices::legacy::serial::{pump_input, SerialDevice};
+use crate::exit::{ExitNotifier, ExitReason};
+use crate::vstate::vcpu::VcpuSet;
+
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Console input from the API, fed to the serial device in order by one
+/// thread (a full receive FIFO makes it wait, never drop).
+#[derive(Clone)]
+pub struct ConsoleInput(mpsc::Sender<Vec<u8>>);
+
+impl ConsoleInput {
+    pub fn start(serial: Arc<Mutex<SerialDevice>>) -> std::io::Result<ConsoleInput> {
+        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        std::thread::Builder::new()
+            .name("api-console-in".into())
+            .spawn(move || {
+                for chunk in rx {
+                    pump_input(serial.clone(), Cursor::new(chunk));
+                }
+            })?;
+        Ok(ConsoleInput(tx))
+    }
+}
+
+pub struct VmmApi {
+    pub vcpus: Arc<VcpuSet>,
+    pub i8042: Arc<Mutex<I8042>>,
+    pub console_in: ConsoleInput,
+    pub exit: ExitNotifier,
+    pub vcpu_count: u32,
+    pub memory_mib: u64,
+    pub started_at_ms: u64,
+}
+
+fn unavailable(message: String) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::UNAVAILABLE, message))
+}
+
+/// CPU time (user + system) of one thread of this process, in ns.
+fn thread_cpu_ns(tid: i32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")) else {
+        return 0;
+    };
+    // Fields after the ")" that ends the thread name: utime is the 12th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    // USER_HZ is 100 on every Linux we run on.
+    ticks * 10_000_000
+}
+
+impl VmmApi {
+    fn info(&self) -> VmmInfo {
+        VmmInfo {
+            pid: std::process::id() as i32,
+            state: if self.vcpus.is_paused() {
+                "paused"
+            } else {
+                "running"
+            }
+            .into(),
+            vcpus: self.vcpu_count,
+            memory_mib: self.memory_mib,
+            started_at_ms: self.started_at_ms,
+            ..Default::default()
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl VmmService for VmmApi {
+    async fn info(&self, _ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<VmmInfo> {
+        Ok(self.info())
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<VmmInfo> {
+        self.vcpus
+            .pause(PAUSE_TIMEOUT)
+            .map_err(|e| unavailable(e.to_string()))?;
+        Ok(self.info())
+    }
+
+    async fn resume(&self, _ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<VmmInfo> {
+        self.vcpus.resume();
+        Ok(self.info())
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<Empty> {
+        lock(&self.i8042).ctrl_alt_del();
+        Ok(Empty::default())
+    }
+
+    async fn stop(&self, _ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<Empty> {
+        self.exit.notify(ExitReason::Stopped);
+        Ok(Empty::default())
+    }
+
+    async fn stats(&self, _ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<VmmStats> {
+        Ok(VmmStats {
+            vcpu_run_ns: self
+                .vcpus
+                .control
+                .tids()
+                .into_iter()
+                .map(thread_cpu_ns)
+                .collect(),
+            exits: self
+                .vcpus
+                .control
+                .exits
+                .load(std::sync::atomic::Ordering::Relaxed),
+            ..Default::default()
+        })
+    }
+
+    async fn console_write(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConsoleInputMsg,
+    ) -> ttrpc::Result<Empty> {
+        self.console_in
+            .0
+            .send(req.data)
+            .map_err(|_| unavailable("the console input queue is gone".into()))?;
+        Ok(Empty::default())
+    }
+}
+
+/// Serves `api` on the unix socket at `path` from a thread of its own.
+/// Returns once the socket is listening.
+pub fn serve(path: &Path, api: VmmApi) -> std::io::Result<()> {
+    // A socket left by a VMM that died is ours to replace.
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let address = format!("unix://{}", path.display());
+    let service = create_vmm_service(Arc::new(api));
+    let (ready_tx, ready_rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let server = ttrpc::r#async::Server::new()
+                    .bind(&address)
+                    .map(|s| s.register_service(service));
+                let mut server = match server {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(std::io::Error::other(e.to_string())));
+                        return;
+                    }
+                };
+                if let Err(e) = server.start().await {
+                    let _ = ready_tx.send(Err(std::io::Error::other(e.to_string())));
+                    return;
+                }
+                let _ = ready_tx.send(Ok(()));
+                std::future::pending::<()>().await;
+            });
+        })?;
+    ready_rx
+        .recv()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the API thread died")))
+}
