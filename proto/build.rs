@@ -12,7 +12,10 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     let raw = out.join("raw");
     fs::create_dir_all(&raw).unwrap();
-    let inputs: Vec<String> = PROTOS.iter().map(|p| format!("berth/v1/{p}.proto")).collect();
+    let inputs: Vec<String> = PROTOS
+        .iter()
+        .map(|p| format!("berth/v1/{p}.proto"))
+        .collect();
     for input in &inputs {
         println!("cargo:rerun-if-changed={input}");
     }

@@ -47,6 +47,9 @@ struct probe_mode {
             #ident, fn}
 extern const struct probe_mode __start_probe_modes[], __stop_probe_modes[];
 
+/* Static buffers that the boot code does not zero (a mode initialises them). */
+#define NOINIT __attribute__((section(".noinit")))
+
 struct mp_info {
     int found;
     uint32_t ncpus;

@@ -288,11 +288,6 @@ int vq_wait_all(struct vdev *d, int qi, uint64_t cycles) {
     return vq_poll(d, &d->q[qi], 1, 0, cycles);
 }
 
-void vq_add(struct vq *q, uint16_t head) {
-    q->avail->ring[q->avail_idx & (q->size - 1)] = head;
-    q->avail_idx++;
-}
-
 void vq_kick(struct vdev *d, int qi) {
     struct vq *q = &d->q[qi];
     vmb(); /* the ring entries (and the descriptors) before the index */
@@ -317,17 +312,6 @@ int vq_wait_used(struct vdev *d, int qi, uint64_t deadline) {
             return VQ_TIMEOUT;
         cpu_relax();
     }
-}
-
-int vq_next_used(struct vq *q, uint32_t *id, uint32_t *len) {
-    if (q->used->idx == q->last_used)
-        return 0;
-    vmb();
-    volatile struct virtq_used_elem *e = &q->used->ring[q->last_used & (q->size - 1)];
-    *id = e->id;
-    *len = e->len;
-    q->last_used++;
-    return 1;
 }
 
 /* The first usable device with this DeviceID, or NULL. */

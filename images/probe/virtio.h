@@ -159,10 +159,26 @@ int vq_wait_all(struct vdev *d, int qi, uint64_t cycles);
  * every 256 polls and at the deadline); vq_next_used() takes one used element
  * (1) or finds none (0). */
 #define VIRTQ_USED_F_NO_NOTIFY 1
-void vq_add(struct vq *q, uint16_t head);
 void vq_kick(struct vdev *d, int qi);
 int vq_wait_used(struct vdev *d, int qi, uint64_t deadline);
-int vq_next_used(struct vq *q, uint32_t *id, uint32_t *len);
+/* Inline, as they run once per request and the PVM emulates every
+ * instruction at CPL0. */
+static inline void vq_add(struct vq *q, uint16_t head) {
+    q->avail->ring[q->avail_idx & (q->size - 1)] = head;
+    q->avail_idx++;
+}
+static inline int vq_next_used(struct vq *q, uint32_t *id, uint32_t *len) {
+    if (q->used->idx == q->last_used)
+        return 0;
+    /* x86 keeps loads in order, so the entry read after the index is at
+     * least as new: a compiler barrier is enough here. */
+    __asm__ volatile("" ::: "memory");
+    volatile struct virtq_used_elem *e = &q->used->ring[q->last_used & (q->size - 1)];
+    *id = e->id;
+    *len = e->len;
+    q->last_used++;
+    return 1;
+}
 void virtio_ack_irq(struct vdev *d);
 const char *vq_result_str(int r, char *buf); /* "0".."255", "timeout", "needs_reset" */
 int parse_num(const char **p, uint64_t *v);  /* decimal or 0x-hex; advances *p, returns digit count */

@@ -6,7 +6,13 @@
 //! lives in this crate only; the rest of Berth converts to plain Rust types
 //! at the edge.
 
-#[allow(clippy::all, unused, missing_docs, non_camel_case_types, non_upper_case_globals)]
+#[allow(
+    clippy::all,
+    unused,
+    missing_docs,
+    non_camel_case_types,
+    non_upper_case_globals
+)]
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/generated.rs"));
 }

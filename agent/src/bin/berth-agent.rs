@@ -1,12 +1,180 @@
-//! berth-agent: the per-host daemon. Not built yet: it arrives with the
-//! ttrpc contract (the agent issue). Until then this binary says so plainly
-//! instead of pretending to serve.
+//! berth-agent: serves berth.v1 (NodeService, VmService) on a unix socket
+//! and keeps this node's VMs. Stopping the agent (SIGTERM, or kill -9)
+//! leaves the VMs running; the next agent re-adopts them.
 
-fn main() -> std::process::ExitCode {
-    eprintln!(
-        "berth-agent {}: the daemon is not implemented yet (API {}); boot guests with berth-vmm directly",
-        env!("CARGO_PKG_VERSION"),
-        berth_proto::API_VERSION
-    );
-    std::process::ExitCode::from(2)
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use berth_agent::config::AgentConfig;
+use berth_agent::manager::Manager;
+use berth_agent::server::{host_memory_mib, NodeApi, VmApi};
+use berth_agent::spec::Limits;
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "berth-agent", version, about = "Berth's per-host daemon")]
+struct Args {
+    /// Agent config (TOML). Without --config, /etc/berth/agent.toml is read
+    /// if it exists, else the documented defaults apply.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Overrides the config's state_root.
+    #[arg(long)]
+    state_root: Option<PathBuf>,
+    /// Overrides the config's socket.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+const DEFAULT_CONFIG: &str = "/etc/berth/agent.toml";
+
+fn load_config(args: &Args) -> Result<AgentConfig, String> {
+    let mut config = match &args.config {
+        Some(path) => AgentConfig::load(path).map_err(|e| e.to_string())?,
+        None if std::path::Path::new(DEFAULT_CONFIG).exists() => {
+            AgentConfig::load(DEFAULT_CONFIG.as_ref()).map_err(|e| e.to_string())?
+        }
+        None => AgentConfig::default(),
+    };
+    if let Some(root) = &args.state_root {
+        config.state_root = root.clone();
+    }
+    if let Some(socket) = &args.socket {
+        config.socket = socket.clone();
+    }
+    Ok(config)
+}
+
+fn max_vcpus() -> u32 {
+    match berth_vmm::vstate::kvm::open("/dev/kvm".as_ref()) {
+        Ok(kvm) => (kvm.get_max_vcpus() as u32).min(berth_vmm::arch::x86_64::mptable::MAX_CPUS),
+        Err(e) => {
+            tracing::error!("{e}; VMs cannot start on this node");
+            0
+        }
+    }
+}
+
+fn prepare_socket(config: &AgentConfig) -> Result<String, String> {
+    let path = &config.socket;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(format!(
+                "{} is in use: is another berth-agent running?",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove stale {}: {e}", path.display()))?;
+    }
+    Ok(format!("unix://{}", path.display()))
+}
+
+fn secure_socket(config: &AgentConfig) -> Result<(), String> {
+    let path = &config.socket;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
+    if !config.socket_group.is_empty() {
+        let group = nix::unistd::Group::from_name(&config.socket_group)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("socket_group {:?} does not exist", config.socket_group))?;
+        nix::unistd::chown(path, None, Some(group.gid))
+            .map_err(|e| format!("cannot chown {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let config = load_config(&args)?;
+    let limits = Limits {
+        max_vcpus: max_vcpus(),
+        host_memory_mib: host_memory_mib(),
+    };
+    let address = prepare_socket(&config)?;
+    let tcp = config.tcp_listen.clone();
+    let manager = Manager::load(config.clone(), limits).await.map_err(|e| {
+        format!(
+            "cannot open state root {}: {e}",
+            config.state_root.display()
+        )
+    })?;
+
+    let mut server = ttrpc::r#async::Server::new()
+        .bind(&address)
+        .map_err(|e| format!("cannot listen on {address}: {e}"))?;
+    if let Some(tcp) = &tcp {
+        tracing::warn!(
+            "also listening on {tcp} (tcp_listen is set): anyone who reaches it controls this node"
+        );
+        server = server
+            .bind(tcp)
+            .map_err(|e| format!("cannot listen on {tcp}: {e}"))?;
+    }
+    let mut server = server
+        .register_service(berth_proto::vm_ttrpc::create_vm_service(Arc::new(VmApi(
+            manager.clone(),
+        ))))
+        .register_service(berth_proto::node_ttrpc::create_node_service(Arc::new(
+            NodeApi(manager.clone()),
+        )));
+    server
+        .start()
+        .await
+        .map_err(|e| format!("cannot serve on {address}: {e}"))?;
+    secure_socket(&config)?;
+    tokio::spawn(manager.clone().supervise());
+    tracing::info!("serving on {address}");
+    if let Err(e) = berth_agent::notify::notify("READY=1") {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    let _ = berth_agent::notify::notify("STOPPING=1");
+    tracing::info!("stopping; VMs keep running");
+    let _ = server.shutdown().await;
+    let _ = std::fs::remove_file(&config.socket);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("berth-agent: error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("berth-agent: error: {e}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -11,7 +11,7 @@
 #define BB_MAX_DEPTH (VQ_MAX_SIZE / 3) /* 3 descriptors per request */
 #define RAND_LEN 4096
 
-static uint8_t bb_buf[BB_POOL] __attribute__((aligned(4096)));
+static uint8_t bb_buf[BB_POOL] NOINIT __attribute__((aligned(4096)));
 static struct {
     uint32_t type, reserved;
     uint64_t sector;
@@ -123,10 +123,10 @@ static int run_phase(struct vdev *d, struct phase *p, const char *name) {
 }
 
 static void run(const char *cmdline) {
-    uint64_t mib = probe_arg_u64(cmdline, "bench_mib", 32);
+    uint64_t mib = probe_arg_u64(cmdline, "bench_mib", 1024);
     uint64_t req_kib = probe_arg_u64(cmdline, "bench_req_kib", 64);
     uint64_t depth = probe_arg_u64(cmdline, "bench_depth", 8);
-    uint64_t ops = probe_arg_u64(cmdline, "bench_ops", 4000);
+    uint64_t ops = probe_arg_u64(cmdline, "bench_ops", 20000);
 
     virtio_scan(cmdline);
     struct vdev *d = virtio_find(VIRTIO_ID_BLOCK);
@@ -155,6 +155,8 @@ static void run(const char *cmdline) {
         req_kib = max_kib;
     if (req_kib < 1)
         req_kib = 1;
+    if (bytes < RAND_LEN)
+        ops = 0; /* no 4 KiB block to read */
     pr("PROBE bench config req_kib=%lu depth=%lu ops=%lu\n", req_kib, depth, ops);
 
     /* Write data: any non-zero pattern, set up before the clock starts. */
@@ -171,7 +173,7 @@ static void run(const char *cmdline) {
     p.pos = p.done = 0;
     p.req_len = RAND_LEN;
     p.nblocks = bytes / RAND_LEN;
-    p.ops = p.nblocks ? ops : 0;
+    p.ops = ops;
     p.lcg = 1;
     run_phase(d, &p, "rand_read");
 }

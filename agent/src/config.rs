@@ -1,0 +1,97 @@
+//! berth-agent's configuration (TOML). Every field has a default, so an
+//! empty file is a working config for a single-node setup.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Where VM definitions, state, consoles and sockets live.
+    pub state_root: PathBuf,
+    /// The API socket (mode 0660).
+    pub socket: PathBuf,
+    /// Group that owns the API socket; empty keeps root's group.
+    pub socket_group: String,
+    /// Also listen on this ttrpc address ("tcp://127.0.0.1:7000"). Off by
+    /// default: the unix socket is the API.
+    pub tcp_listen: Option<String>,
+    /// Kernels and initrds must resolve (symlinks followed) inside one of these.
+    pub kernel_roots: Vec<PathBuf>,
+    /// Disk images must resolve inside one of these.
+    pub disk_roots: Vec<PathBuf>,
+    /// The berth-vmm binary; empty means "berth-vmm next to berth-agent".
+    pub vmm_binary: Option<PathBuf>,
+    /// Host CPUs and memory kept for the host itself.
+    pub reserved_cpus: u32,
+    pub reserved_memory_mib: u64,
+    /// Allocatable = (total - reserved) x ratio.
+    pub cpu_overcommit: f64,
+    pub memory_overcommit: f64,
+    /// Console log size before it is rotated (one old log is kept).
+    pub console_log_max_bytes: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            state_root: "/var/lib/berth".into(),
+            socket: "/run/berth/agent.sock".into(),
+            socket_group: String::new(),
+            tcp_listen: None,
+            kernel_roots: vec!["/var/lib/berth/images".into()],
+            disk_roots: vec![
+                "/var/lib/berth/images".into(),
+                "/var/lib/berth/disks".into(),
+            ],
+            vmm_binary: None,
+            reserved_cpus: 0,
+            reserved_memory_mib: 512,
+            cpu_overcommit: 4.0,
+            memory_overcommit: 1.0,
+            console_log_max_bytes: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn vmm_binary(&self) -> PathBuf {
+        self.vmm_binary.clone().unwrap_or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(|d| d.join("berth-vmm")))
+                .unwrap_or_else(|| "berth-vmm".into())
+        })
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.state_root.join("vms")
+    }
+
+    pub fn quarantine_dir(&self) -> PathBuf {
+        self.state_root.join("quarantine")
+    }
+}

@@ -1,0 +1,15 @@
+//! berth-agent: the per-host daemon. A controller (or nodectl) drives it
+//! over ttrpc; it keeps VM definitions and state under its state root and
+//! runs one berth-vmm per started VM, detached, so VMs outlive the agent.
+//!
+//! `config` (the agent's TOML), `spec` (the VM document and its checks),
+//! `store` (state on disk), `vmm_proc` (one VMM process), `manager` (VMs and
+//! their lifecycle), `server` (the ttrpc edge), `notify` (systemd readiness).
+
+pub mod config;
+pub mod manager;
+pub mod notify;
+pub mod server;
+pub mod spec;
+pub mod store;
+pub mod vmm_proc;

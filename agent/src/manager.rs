@@ -1,0 +1,701 @@
+//! The VMs of this node and everything done to them. Each VM has an
+//! operation lock, so requests on one VM run one at a time (two racing
+//! Starts: one starts it, the other finds it Running). Every state change
+//! is written to disk before it is announced or returned.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use berth_proto::common::Empty;
+use tokio::sync::broadcast;
+
+use crate::config::AgentConfig;
+use crate::spec::{Limits, RestartKind, VmSpec};
+use crate::store::{Store, VmDir, VmRecord, VmState};
+use crate::vmm_proc::{self, VmmExit, VmmProcess};
+
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+const KILL_WAIT: Duration = Duration::from_secs(3);
+const SUPERVISE_EVERY: Duration = Duration::from_millis(100);
+
+/// An API error: becomes a ttrpc status with this code and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiError {
+    InvalidArgument(String),
+    NotFound(String),
+    AlreadyExists(String),
+    FailedPrecondition(String),
+    Unavailable(String),
+    Internal(String),
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (kind, msg) = match self {
+            ApiError::InvalidArgument(m) => ("invalid argument", m),
+            ApiError::NotFound(m) => ("not found", m),
+            ApiError::AlreadyExists(m) => ("already exists", m),
+            ApiError::FailedPrecondition(m) => ("failed precondition", m),
+            ApiError::Unavailable(m) => ("unavailable", m),
+            ApiError::Internal(m) => ("internal", m),
+        };
+        write!(f, "{kind}: {msg}")
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
+pub fn now_ms() -> u64 {
+    berth_vmm::api::now_ms()
+}
+
+/// A state change or other happening, as Watch streams it.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub at_ms: u64,
+    pub vm_id: String,
+    pub kind: String,
+    pub state: VmState,
+    pub message: String,
+}
+
+/// A VM as callers see it.
+#[derive(Clone, Debug)]
+pub struct VmView {
+    pub spec: VmSpec,
+    pub record: VmRecord,
+    pub console_log: String,
+}
+
+struct VmInner {
+    spec: VmSpec,
+    record: VmRecord,
+    process: Option<VmmProcess>,
+}
+
+pub struct VmEntry {
+    op: tokio::sync::Mutex<()>,
+    inner: Mutex<VmInner>,
+    dir: VmDir,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub struct Manager {
+    pub config: AgentConfig,
+    store: Store,
+    vms: RwLock<BTreeMap<String, Arc<VmEntry>>>,
+    events: broadcast::Sender<Event>,
+    pub limits: Limits,
+    pub quarantined: Vec<String>,
+}
+
+impl Manager {
+    /// Loads every stored VM and re-adopts the VMMs still running.
+    pub async fn load(config: AgentConfig, limits: Limits) -> std::io::Result<Arc<Manager>> {
+        let store = Store::open(config.vms_dir(), config.quarantine_dir())?;
+        let (loaded, quarantined) = store.load_all();
+        for q in &quarantined {
+            tracing::error!("quarantined a VM whose state could not be read: {q}");
+        }
+        let (events, _) = broadcast::channel(1024);
+        let manager = Arc::new(Manager {
+            config,
+            store,
+            vms: RwLock::new(BTreeMap::new()),
+            events,
+            limits,
+            quarantined,
+        });
+        for l in loaded {
+            let process = if l.record.state.has_vmm() {
+                VmmProcess::adopt(l.record.pid, l.record.proc_start_ticks)
+            } else {
+                None
+            };
+            let entry = Arc::new(VmEntry {
+                op: tokio::sync::Mutex::new(()),
+                inner: Mutex::new(VmInner {
+                    spec: l.spec,
+                    record: l.record,
+                    process,
+                }),
+                dir: l.dir,
+            });
+            manager.reconcile_loaded(&entry).await;
+            let id = lock(&entry.inner).spec.id.clone();
+            manager.vms.write().unwrap().insert(id, entry);
+        }
+        Ok(manager)
+    }
+
+    /// After a restart: a VM recorded as running either still has its VMM
+    /// (adopted: ask it whether it is paused) or is marked Crashed.
+    async fn reconcile_loaded(&self, entry: &Arc<VmEntry>) {
+        let (state, adopted) = {
+            let inner = lock(&entry.inner);
+            (inner.record.state, inner.process.is_some())
+        };
+        if !state.has_vmm() {
+            return;
+        }
+        if adopted {
+            let live = match vmm_proc::connect(&entry.dir).await {
+                Ok(client) => client
+                    .info(
+                        ttrpc::context::with_timeout(2_000_000_000),
+                        &Empty::default(),
+                    )
+                    .await
+                    .ok()
+                    .map(|info| {
+                        if info.state == "paused" {
+                            VmState::Paused
+                        } else {
+                            VmState::Running
+                        }
+                    }),
+                Err(_) => None,
+            };
+            let mut inner = lock(&entry.inner);
+            let pid = inner.record.pid;
+            match live {
+                Some(s) => {
+                    tracing::info!(vm = %inner.spec.id, pid, "re-adopted VMM ({})", s.name());
+                    if s != state {
+                        let _ = self.transition(entry, &mut inner, s, "re-adopted");
+                    }
+                }
+                None => {
+                    tracing::warn!(vm = %inner.spec.id, pid, "VMM alive but its control socket does not answer");
+                }
+            }
+        } else {
+            let exit = vmm_proc::read_exit(&entry.dir, None);
+            let mut inner = lock(&entry.inner);
+            tracing::warn!(vm = %inner.spec.id, "VMM gone while the agent was away: {}", exit.reason);
+            inner.record.pid = 0;
+            inner.record.last_exit = exit.reason.clone();
+            let _ = self.transition(entry, &mut inner, VmState::Crashed, &exit.reason);
+        }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, vm_id: &str, kind: &str, state: VmState, message: &str) {
+        let _ = self.events.send(Event {
+            at_ms: now_ms(),
+            vm_id: vm_id.to_string(),
+            kind: kind.to_string(),
+            state,
+            message: message.to_string(),
+        });
+    }
+
+    /// Persists the new state, then announces it.
+    fn transition(
+        &self,
+        entry: &VmEntry,
+        inner: &mut VmInner,
+        state: VmState,
+        message: &str,
+    ) -> ApiResult<()> {
+        inner.record.state = state;
+        inner.record.state_changed_ms = now_ms();
+        self.store
+            .save_record(&entry.dir, &inner.record)
+            .map_err(internal)?;
+        tracing::info!(vm = %inner.spec.id, "{} ({message})", state.name());
+        self.emit(&inner.spec.id, "state", state, message);
+        Ok(())
+    }
+
+    fn entry(&self, id: &str) -> ApiResult<Arc<VmEntry>> {
+        self.vms
+            .read()
+            .unwrap()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound(format!("no VM with id {id:?}")))
+    }
+
+    fn view(entry: &VmEntry) -> VmView {
+        let inner = lock(&entry.inner);
+        VmView {
+            spec: inner.spec.clone(),
+            record: inner.record.clone(),
+            console_log: entry.dir.console_log().display().to_string(),
+        }
+    }
+
+    fn wrong_state(spec: &VmSpec, state: VmState, wanted: &str) -> ApiError {
+        ApiError::FailedPrecondition(format!("VM {} is {}; {wanted}", spec.id, state.name()))
+    }
+
+    pub fn validate(&self, spec: &VmSpec) -> ApiResult<()> {
+        spec.validate(&self.config, &self.limits)
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))
+    }
+
+    pub async fn create(&self, spec: VmSpec) -> ApiResult<VmView> {
+        self.validate(&spec)?;
+        let mut vms = self.vms.write().unwrap();
+        if vms.contains_key(&spec.id) {
+            return Err(ApiError::AlreadyExists(format!(
+                "a VM with id {:?} exists",
+                spec.id
+            )));
+        }
+        if let Some(other) = vms.values().find(|e| {
+            let s = &lock(&e.inner).spec;
+            !spec.name.is_empty() && s.display_name() == spec.name
+        }) {
+            return Err(ApiError::AlreadyExists(format!(
+                "name {:?} is taken by VM {}",
+                spec.name,
+                lock(&other.inner).spec.id
+            )));
+        }
+        let record = VmRecord {
+            state: VmState::Defined,
+            state_changed_ms: now_ms(),
+            ..Default::default()
+        };
+        let dir = self.store.create(&spec, &record).map_err(internal)?;
+        let id = spec.id.clone();
+        let entry = Arc::new(VmEntry {
+            op: tokio::sync::Mutex::new(()),
+            inner: Mutex::new(VmInner {
+                spec,
+                record,
+                process: None,
+            }),
+            dir,
+        });
+        vms.insert(id.clone(), entry.clone());
+        drop(vms);
+        self.emit(&id, "state", VmState::Defined, "created");
+        Ok(Self::view(&entry))
+    }
+
+    pub fn get(&self, id: &str) -> ApiResult<VmView> {
+        let entry = self.entry(id)?;
+        Ok(Self::view(&entry))
+    }
+
+    pub fn list(&self, labels: &BTreeMap<String, String>) -> Vec<VmView> {
+        self.vms
+            .read()
+            .unwrap()
+            .values()
+            .map(|e| Self::view(e))
+            .filter(|v| {
+                labels
+                    .iter()
+                    .all(|(k, val)| v.spec.labels.get(k) == Some(val))
+            })
+            .collect()
+    }
+
+    pub async fn update(&self, spec: VmSpec) -> ApiResult<VmView> {
+        let entry = self.entry(&spec.id)?;
+        let _op = entry.op.lock().await;
+        self.validate(&spec)?;
+        let taken = self.vms.read().unwrap().values().any(|e| {
+            let s = &lock(&e.inner).spec;
+            s.id != spec.id && !spec.name.is_empty() && s.display_name() == spec.name
+        });
+        if taken {
+            return Err(ApiError::AlreadyExists(format!(
+                "name {:?} is taken",
+                spec.name
+            )));
+        }
+        let mut inner = lock(&entry.inner);
+        if inner.record.state.has_vmm() {
+            return Err(Self::wrong_state(
+                &inner.spec,
+                inner.record.state,
+                "stop it to change its spec",
+            ));
+        }
+        self.store.save_spec(&entry.dir, &spec).map_err(internal)?;
+        inner.spec = spec;
+        drop(inner);
+        Ok(Self::view(&entry))
+    }
+
+    pub async fn delete(&self, id: &str) -> ApiResult<()> {
+        let entry = self.entry(id)?;
+        let _op = entry.op.lock().await;
+        {
+            let inner = lock(&entry.inner);
+            if inner.record.state.has_vmm() {
+                return Err(Self::wrong_state(
+                    &inner.spec,
+                    inner.record.state,
+                    "stop it before deleting it",
+                ));
+            }
+        }
+        self.store.remove(&entry.dir).map_err(internal)?;
+        self.vms.write().unwrap().remove(id);
+        self.emit(id, "deleted", VmState::Stopped, "deleted");
+        Ok(())
+    }
+
+    pub async fn start(&self, id: &str) -> ApiResult<VmView> {
+        let entry = self.entry(id)?;
+        let _op = entry.op.lock().await;
+        {
+            let inner = lock(&entry.inner);
+            if !matches!(
+                inner.record.state,
+                VmState::Defined | VmState::Stopped | VmState::Crashed
+            ) {
+                return Err(Self::wrong_state(
+                    &inner.spec,
+                    inner.record.state,
+                    "it must be Defined, Stopped or Crashed to start",
+                ));
+            }
+            // Paths are checked again now: files may have moved since Create.
+            self.validate(&inner.spec)?;
+        }
+        lock(&entry.inner).record.restarts = 0;
+        self.launch(&entry, "started").await?;
+        Ok(Self::view(&entry))
+    }
+
+    /// Spawns the VMM and waits until its control socket answers.
+    async fn launch(&self, entry: &Arc<VmEntry>, why: &str) -> ApiResult<()> {
+        let config = {
+            let mut inner = lock(&entry.inner);
+            self.transition(entry, &mut inner, VmState::Starting, why)?;
+            inner
+                .spec
+                .vmm_config(&entry.dir.console_log(), self.config.console_log_max_bytes)
+        };
+        let process = VmmProcess::spawn(&self.config.vmm_binary(), &entry.dir, &config);
+        let mut process = match process {
+            Ok(p) => p,
+            Err(e) => {
+                let message = format!("cannot start {}: {e}", self.config.vmm_binary().display());
+                let mut inner = lock(&entry.inner);
+                inner.record.last_exit = message.clone();
+                self.transition(entry, &mut inner, VmState::Crashed, &message)?;
+                return Err(ApiError::Unavailable(message));
+            }
+        };
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(exit) = process.exited(&entry.dir) {
+                let message = format!("the VMM exited while starting: {}", exit.reason);
+                let mut inner = lock(&entry.inner);
+                inner.record.pid = 0;
+                inner.record.last_exit = exit.reason;
+                self.transition(entry, &mut inner, VmState::Crashed, &message)?;
+                return Err(ApiError::FailedPrecondition(message));
+            }
+            if let Ok(client) = vmm_proc::connect(&entry.dir).await {
+                if client
+                    .info(
+                        ttrpc::context::with_timeout(1_000_000_000),
+                        &Empty::default(),
+                    )
+                    .await
+                    .is_ok()
+                {
+                    break;
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                process.kill();
+                let message =
+                    "the VMM did not answer on its control socket in time; killed".to_string();
+                let mut inner = lock(&entry.inner);
+                inner.record.last_exit = message.clone();
+                self.transition(entry, &mut inner, VmState::Crashed, &message)?;
+                return Err(ApiError::Unavailable(message));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut inner = lock(&entry.inner);
+        inner.record.pid = process.pid;
+        inner.record.proc_start_ticks = process.start_ticks;
+        inner.record.started_at_ms = now_ms();
+        inner.process = Some(process);
+        self.transition(entry, &mut inner, VmState::Running, why)
+    }
+
+    async fn vmm_call<F, Fut, T>(&self, entry: &VmEntry, call: F) -> ApiResult<T>
+    where
+        F: FnOnce(berth_proto::vmm_ttrpc::VmmServiceClient) -> Fut,
+        Fut: std::future::Future<Output = ttrpc::Result<T>>,
+    {
+        let client = vmm_proc::connect(&entry.dir)
+            .await
+            .map_err(ApiError::Unavailable)?;
+        call(client)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("the VMM refused: {e}")))
+    }
+
+    pub async fn pause(&self, id: &str) -> ApiResult<VmView> {
+        let entry = self.entry(id)?;
+        let _op = entry.op.lock().await;
+        {
+            let inner = lock(&entry.inner);
+            if inner.record.state != VmState::Running {
+                return Err(Self::wrong_state(
+                    &inner.spec,
+                    inner.record.state,
+                    "only a Running VM can be paused",
+                ));
+            }
+        }
+        let ctx = ttrpc::context::with_timeout(10_000_000_000);
+        self.vmm_call(
+            &entry,
+            |c| async move { c.pause(ctx, &Empty::default()).await },
+        )
+        .await?;
+        let mut inner = lock(&entry.inner);
+        self.transition(&entry, &mut inner, VmState::Paused, "paused")?;
+        drop(inner);
+        Ok(Self::view(&entry))
+    }
+
+    pub async fn resume(&self, id: &str) -> ApiResult<VmView> {
+        let entry = self.entry(id)?;
+        let _op = entry.op.lock().await;
+        {
+            let inner = lock(&entry.inner);
+            if inner.record.state != VmState::Paused {
+                return Err(Self::wrong_state(
+                    &inner.spec,
+                    inner.record.state,
+                    "only a Paused VM can be resumed",
+                ));
+            }
+        }
+        let ctx = ttrpc::context::with_timeout(10_000_000_000);
+        self.vmm_call(
+            &entry,
+            |c| async move { c.resume(ctx, &Empty::default()).await },
+        )
+        .await?;
+        let mut inner = lock(&entry.inner);
+        self.transition(&entry, &mut inner, VmState::Running, "resumed")?;
+        drop(inner);
+        Ok(Self::view(&entry))
+    }
+
+    pub async fn stop(
+        &self,
+        id: &str,
+        force: bool,
+        timeout: Option<Duration>,
+    ) -> ApiResult<VmView> {
+        let entry = self.entry(id)?;
+        let _op = entry.op.lock().await;
+        self.stop_locked(&entry, force, timeout.unwrap_or(DEFAULT_STOP_TIMEOUT))
+            .await?;
+        Ok(Self::view(&entry))
+    }
+
+    /// Graceful (Ctrl-Alt-Del, then wait), then the VMM's own Stop, then
+    /// SIGKILL. The caller holds the operation lock.
+    async fn stop_locked(
+        &self,
+        entry: &Arc<VmEntry>,
+        force: bool,
+        timeout: Duration,
+    ) -> ApiResult<()> {
+        let was = {
+            let mut inner = lock(&entry.inner);
+            let state = inner.record.state;
+            if !matches!(state, VmState::Running | VmState::Paused) {
+                return Err(Self::wrong_state(
+                    &inner.spec,
+                    state,
+                    "only a Running or Paused VM can be stopped",
+                ));
+            }
+            self.transition(
+                entry,
+                &mut inner,
+                VmState::Stopping,
+                if force { "forced stop" } else { "stop" },
+            )?;
+            state
+        };
+        let Some(mut process) = lock(&entry.inner).process.take() else {
+            return Err(ApiError::Internal("no VMM process recorded".into()));
+        };
+        let mut exit = None;
+        if !force {
+            let ctx = || ttrpc::context::with_timeout(5_000_000_000);
+            if was == VmState::Paused {
+                let _ = self
+                    .vmm_call(entry, |c| async move {
+                        c.resume(ctx(), &Empty::default()).await
+                    })
+                    .await;
+            }
+            if self
+                .vmm_call(entry, |c| async move {
+                    c.shutdown(ctx(), &Empty::default()).await
+                })
+                .await
+                .is_ok()
+            {
+                exit = process.wait_exit(&entry.dir, timeout).await;
+            }
+        }
+        if exit.is_none() {
+            let ctx = ttrpc::context::with_timeout(2_000_000_000);
+            let _ = self
+                .vmm_call(
+                    entry,
+                    |c| async move { c.stop(ctx, &Empty::default()).await },
+                )
+                .await;
+            exit = process.wait_exit(&entry.dir, KILL_WAIT).await;
+        }
+        let exit = match exit {
+            Some(e) => e,
+            None => {
+                process.kill();
+                process
+                    .wait_exit(&entry.dir, KILL_WAIT)
+                    .await
+                    .unwrap_or(VmmExit {
+                        code: None,
+                        reason: "VMM killed".into(),
+                    })
+            }
+        };
+        let mut inner = lock(&entry.inner);
+        inner.record.pid = 0;
+        inner.record.last_exit = exit.reason.clone();
+        self.transition(entry, &mut inner, VmState::Stopped, &exit.reason)
+    }
+
+    pub async fn reboot(&self, id: &str) -> ApiResult<VmView> {
+        let entry = self.entry(id)?;
+        let _op = entry.op.lock().await;
+        self.stop_locked(&entry, true, DEFAULT_STOP_TIMEOUT).await?;
+        self.launch(&entry, "rebooted").await?;
+        Ok(Self::view(&entry))
+    }
+
+    /// Forwards console input to the VMM.
+    pub async fn console_write(&self, id: &str, data: Vec<u8>) -> ApiResult<()> {
+        let entry = self.entry(id)?;
+        {
+            let inner = lock(&entry.inner);
+            if !matches!(inner.record.state, VmState::Running | VmState::Paused) {
+                return Err(Self::wrong_state(
+                    &inner.spec,
+                    inner.record.state,
+                    "console input needs a running VM",
+                ));
+            }
+        }
+        let msg = berth_proto::vmm::ConsoleInput {
+            data,
+            ..Default::default()
+        };
+        let ctx = ttrpc::context::with_timeout(5_000_000_000);
+        self.vmm_call(&entry, |c| async move { c.console_write(ctx, &msg).await })
+            .await
+            .map(|_| ())
+    }
+
+    pub fn console_log_path(&self, id: &str) -> ApiResult<std::path::PathBuf> {
+        Ok(self.entry(id)?.dir.console_log())
+    }
+
+    /// Watches every running VMM; runs for the agent's life.
+    pub async fn supervise(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(SUPERVISE_EVERY).await;
+            let entries: Vec<Arc<VmEntry>> = self.vms.read().unwrap().values().cloned().collect();
+            for entry in entries {
+                // An operation in progress watches its VMM itself.
+                let Ok(_op) = entry.op.try_lock() else {
+                    continue;
+                };
+                let exit = {
+                    let mut inner = lock(&entry.inner);
+                    match inner.process.as_mut() {
+                        Some(p) => p.exited(&entry.dir),
+                        None => None,
+                    }
+                };
+                if let Some(exit) = exit {
+                    self.on_exit(&entry, exit).await;
+                }
+            }
+        }
+    }
+
+    /// A VMM ended on its own: record why, then apply the restart policy.
+    async fn on_exit(&self, entry: &Arc<VmEntry>, exit: VmmExit) {
+        let (restart, policy_note) = {
+            let mut inner = lock(&entry.inner);
+            inner.process = None;
+            inner.record.pid = 0;
+            inner.record.last_exit = exit.reason.clone();
+            let state = if exit.clean() {
+                VmState::Stopped
+            } else {
+                VmState::Crashed
+            };
+            let _ = self.transition(entry, &mut inner, state, &exit.reason);
+            let policy = inner.spec.restart.clone();
+            let restarts = inner.record.restarts;
+            match policy.kind {
+                RestartKind::Always => (true, format!("restart {} (always)", restarts + 1)),
+                RestartKind::OnFailure if !exit.clean() && restarts < policy.max_retries => (
+                    true,
+                    format!("restart {} of {}", restarts + 1, policy.max_retries),
+                ),
+                _ => (false, String::new()),
+            }
+        };
+        if restart {
+            lock(&entry.inner).record.restarts += 1;
+            if let Err(e) = self.launch(entry, &policy_note).await {
+                tracing::error!("restart failed: {e}");
+            }
+        }
+    }
+
+    /// vCPUs and MiB of running VMs and of all VMs.
+    pub fn allocation(&self) -> (u32, u64, u32, u64) {
+        let vms = self.vms.read().unwrap();
+        let mut totals = (0, 0, 0, 0);
+        for e in vms.values() {
+            let inner = lock(&e.inner);
+            totals.2 += inner.spec.vcpus;
+            totals.3 += inner.spec.memory_mib;
+            if inner.record.state.has_vmm() {
+                totals.0 += inner.spec.vcpus;
+                totals.1 += inner.spec.memory_mib;
+            }
+        }
+        totals
+    }
+}

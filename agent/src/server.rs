@@ -1,0 +1,455 @@
+//! The ttrpc edge: berth.v1 NodeService and VmService on top of the
+//! manager. Conversions between the generated types and our plain ones
+//! happen here and nowhere else.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_proto::common::Empty;
+use berth_proto::node::{Capacity, Event as PbEvent, NodeInfo, WatchRequest};
+use berth_proto::vm as pb;
+use berth_proto::{node_ttrpc, vm_ttrpc};
+use protobuf::{EnumOrUnknown, Message, MessageField};
+use ttrpc::r#async::{ServerStream, ServerStreamSender, TtrpcContext};
+
+use crate::manager::{ApiError, Event, Manager, VmView};
+use crate::spec::{self, RestartKind, VmSpec};
+use crate::store::VmState;
+
+fn status(e: ApiError) -> ttrpc::Error {
+    use ttrpc::Code;
+    let (code, msg) = match e {
+        ApiError::InvalidArgument(m) => (Code::INVALID_ARGUMENT, m),
+        ApiError::NotFound(m) => (Code::NOT_FOUND, m),
+        ApiError::AlreadyExists(m) => (Code::ALREADY_EXISTS, m),
+        ApiError::FailedPrecondition(m) => (Code::FAILED_PRECONDITION, m),
+        ApiError::Unavailable(m) => (Code::UNAVAILABLE, m),
+        ApiError::Internal(m) => (Code::INTERNAL, m),
+    };
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
+}
+
+/// Fields this agent does not know are an error, not something to drop.
+fn refuse_unknown_fields(what: &str, msg: &dyn protobuf::MessageDyn) -> Result<(), ApiError> {
+    let unknown: Vec<u32> = msg
+        .special_fields_dyn()
+        .unknown_fields()
+        .iter()
+        .map(|(n, _)| n)
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidArgument(format!(
+            "{what}: unknown field number(s) {unknown:?}"
+        )))
+    }
+}
+
+pub fn spec_from_pb(p: &pb::VmSpec) -> Result<VmSpec, ApiError> {
+    refuse_unknown_fields("spec", p)?;
+    let kernel = p.kernel.clone().unwrap_or_default();
+    refuse_unknown_fields("spec.kernel", &kernel)?;
+    let cpu = p.cpu.clone().unwrap_or_default();
+    let restart = p.restart.clone().unwrap_or_default();
+    Ok(VmSpec {
+        id: p.id.clone(),
+        name: p.name.clone(),
+        labels: p
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        vcpus: p.vcpus,
+        memory_mib: p.memory_mib,
+        kernel: spec::Kernel {
+            path: kernel.path.into(),
+            initrd: (!kernel.initrd.is_empty()).then(|| kernel.initrd.into()),
+            cmdline: kernel.cmdline,
+        },
+        disks: p
+            .disks
+            .iter()
+            .map(|d| spec::Disk {
+                path: d.path.clone().into(),
+                read_only: d.read_only,
+                serial: d.serial.clone(),
+            })
+            .collect(),
+        nics: p
+            .nics
+            .iter()
+            .map(|n| spec::Nic {
+                tap: n.tap.clone(),
+                bridge: n.bridge.clone(),
+                mac: n.mac.clone(),
+            })
+            .collect(),
+        cpu: spec::CpuPolicy {
+            weight: if cpu.weight == 0 {
+                spec::DEFAULT_CPU_WEIGHT
+            } else {
+                cpu.weight
+            },
+            max: cpu.max,
+            cpuset: cpu.cpuset,
+        },
+        memory: spec::MemoryPolicy {
+            overhead_mib: p.memory.overhead_mib,
+        },
+        restart: spec::RestartPolicy {
+            kind: match restart.kind.enum_value_or_default() {
+                pb::restart_policy::Kind::NEVER => RestartKind::Never,
+                pb::restart_policy::Kind::ON_FAILURE => RestartKind::OnFailure,
+                pb::restart_policy::Kind::ALWAYS => RestartKind::Always,
+            },
+            max_retries: if restart.max_retries == 0 {
+                spec::DEFAULT_MAX_RETRIES
+            } else {
+                restart.max_retries
+            },
+        },
+    })
+}
+
+pub fn spec_to_pb(s: &VmSpec) -> pb::VmSpec {
+    pb::VmSpec {
+        id: s.id.clone(),
+        name: s.name.clone(),
+        labels: s
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        vcpus: s.vcpus,
+        memory_mib: s.memory_mib,
+        kernel: MessageField::some(pb::Kernel {
+            path: s.kernel.path.display().to_string(),
+            initrd: s
+                .kernel
+                .initrd
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            cmdline: s.kernel.cmdline.clone(),
+            ..Default::default()
+        }),
+        disks: s
+            .disks
+            .iter()
+            .map(|d| pb::Disk {
+                path: d.path.display().to_string(),
+                read_only: d.read_only,
+                serial: d.serial.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        nics: s
+            .nics
+            .iter()
+            .map(|n| pb::Nic {
+                tap: n.tap.clone(),
+                bridge: n.bridge.clone(),
+                mac: n.mac.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        cpu: MessageField::some(pb::CpuPolicy {
+            weight: s.cpu.weight,
+            max: s.cpu.max,
+            cpuset: s.cpu.cpuset.clone(),
+            ..Default::default()
+        }),
+        memory: MessageField::some(pb::MemoryPolicy {
+            overhead_mib: s.memory.overhead_mib,
+            ..Default::default()
+        }),
+        restart: MessageField::some(pb::RestartPolicy {
+            kind: EnumOrUnknown::new(match s.restart.kind {
+                RestartKind::Never => pb::restart_policy::Kind::NEVER,
+                RestartKind::OnFailure => pb::restart_policy::Kind::ON_FAILURE,
+                RestartKind::Always => pb::restart_policy::Kind::ALWAYS,
+            }),
+            max_retries: s.restart.max_retries,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn state_to_pb(s: VmState) -> pb::VmState {
+    match s {
+        VmState::Defined => pb::VmState::DEFINED,
+        VmState::Starting => pb::VmState::STARTING,
+        VmState::Running => pb::VmState::RUNNING,
+        VmState::Paused => pb::VmState::PAUSED,
+        VmState::Stopping => pb::VmState::STOPPING,
+        VmState::Stopped => pb::VmState::STOPPED,
+        VmState::Crashed => pb::VmState::CRASHED,
+    }
+}
+
+fn vm_to_pb(v: VmView) -> pb::Vm {
+    pb::Vm {
+        spec: MessageField::some(spec_to_pb(&v.spec)),
+        status: MessageField::some(pb::VmStatus {
+            state: EnumOrUnknown::new(state_to_pb(v.record.state)),
+            pid: v.record.pid,
+            started_at_ms: v.record.started_at_ms,
+            restarts: v.record.restarts,
+            last_exit: v.record.last_exit,
+            console_log: v.console_log,
+            state_changed_ms: v.record.state_changed_ms,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn event_to_pb(e: &Event) -> PbEvent {
+    PbEvent {
+        at_ms: e.at_ms,
+        vm_id: e.vm_id.clone(),
+        kind: e.kind.clone(),
+        state: EnumOrUnknown::new(state_to_pb(e.state)),
+        message: e.message.clone(),
+        ..Default::default()
+    }
+}
+
+pub struct VmApi(pub Arc<Manager>);
+
+fn spec_of(what: &str, spec: &MessageField<pb::VmSpec>) -> Result<VmSpec, ttrpc::Error> {
+    spec.as_ref()
+        .ok_or_else(|| ApiError::InvalidArgument(format!("{what}: spec is missing")))
+        .and_then(spec_from_pb)
+        .map_err(status)
+}
+
+#[async_trait::async_trait]
+impl vm_ttrpc::VmService for VmApi {
+    async fn create(&self, _: &TtrpcContext, req: pb::CreateVmRequest) -> ttrpc::Result<pb::Vm> {
+        let spec = spec_of("create", &req.spec)?;
+        self.0.create(spec).await.map(vm_to_pb).map_err(status)
+    }
+
+    async fn get(&self, _: &TtrpcContext, req: pb::VmRef) -> ttrpc::Result<pb::Vm> {
+        self.0.get(&req.id).map(vm_to_pb).map_err(status)
+    }
+
+    async fn list(
+        &self,
+        _: &TtrpcContext,
+        req: pb::ListVmsRequest,
+    ) -> ttrpc::Result<pb::ListVmsResponse> {
+        let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
+        Ok(pb::ListVmsResponse {
+            vms: self.0.list(&labels).into_iter().map(vm_to_pb).collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn update(&self, _: &TtrpcContext, req: pb::UpdateVmRequest) -> ttrpc::Result<pb::Vm> {
+        let spec = spec_of("update", &req.spec)?;
+        self.0.update(spec).await.map(vm_to_pb).map_err(status)
+    }
+
+    async fn delete(&self, _: &TtrpcContext, req: pb::VmRef) -> ttrpc::Result<Empty> {
+        self.0
+            .delete(&req.id)
+            .await
+            .map(|_| Empty::default())
+            .map_err(status)
+    }
+
+    async fn start(&self, _: &TtrpcContext, req: pb::VmRef) -> ttrpc::Result<pb::Vm> {
+        self.0.start(&req.id).await.map(vm_to_pb).map_err(status)
+    }
+
+    async fn stop(&self, _: &TtrpcContext, req: pb::StopVmRequest) -> ttrpc::Result<pb::Vm> {
+        let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms.into()));
+        self.0
+            .stop(&req.id, req.force, timeout)
+            .await
+            .map(vm_to_pb)
+            .map_err(status)
+    }
+
+    async fn reboot(&self, _: &TtrpcContext, req: pb::VmRef) -> ttrpc::Result<pb::Vm> {
+        self.0.reboot(&req.id).await.map(vm_to_pb).map_err(status)
+    }
+
+    async fn pause(&self, _: &TtrpcContext, req: pb::VmRef) -> ttrpc::Result<pb::Vm> {
+        self.0.pause(&req.id).await.map(vm_to_pb).map_err(status)
+    }
+
+    async fn resume(&self, _: &TtrpcContext, req: pb::VmRef) -> ttrpc::Result<pb::Vm> {
+        self.0.resume(&req.id).await.map(vm_to_pb).map_err(status)
+    }
+
+    async fn console(
+        &self,
+        _: &TtrpcContext,
+        stream: ServerStream<pb::ConsoleChunk, pb::ConsoleChunk>,
+    ) -> ttrpc::Result<()> {
+        let (tx, mut rx) = stream.split();
+        let first = rx.recv().await?.ok_or_else(|| {
+            status(ApiError::InvalidArgument(
+                "console: no first message".into(),
+            ))
+        })?;
+        let id = first.id.clone();
+        let log = self.0.console_log_path(&id).map_err(status)?;
+        if !first.data.is_empty() {
+            self.0
+                .console_write(&id, first.data)
+                .await
+                .map_err(status)?;
+        }
+        let manager = self.0.clone();
+        let input_id = id.clone();
+        let input = tokio::spawn(async move {
+            while let Ok(Some(chunk)) = rx.recv().await {
+                if manager.console_write(&input_id, chunk.data).await.is_err() {
+                    break;
+                }
+            }
+        });
+        // Replay the recent log, then follow it (across rotations).
+        let mut offset = std::fs::metadata(&log)
+            .map(|m| m.len().saturating_sub(64 << 10))
+            .unwrap_or(0);
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let len = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+            if len < offset {
+                offset = 0; // rotated
+            }
+            if len > offset {
+                let mut file = std::fs::File::open(&log)
+                    .map_err(|e| status(ApiError::Internal(e.to_string())))?;
+                file.seek(SeekFrom::Start(offset)).ok();
+                let n = file.read(&mut buf).unwrap_or(0);
+                offset += n as u64;
+                let chunk = pb::ConsoleChunk {
+                    id: id.clone(),
+                    data: buf[..n].to_vec(),
+                    ..Default::default()
+                };
+                if tx.send(&chunk).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            if input.is_finished() && self.0.get(&id).is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        input.abort();
+        Ok(())
+    }
+}
+
+pub struct NodeApi(pub Arc<Manager>);
+
+fn host_cpus() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
+}
+
+pub fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(0)
+}
+
+#[async_trait::async_trait]
+impl node_ttrpc::NodeService for NodeApi {
+    async fn get_node(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<NodeInfo> {
+        let flavour = berth_vmm::vstate::kvm::Flavour::detect();
+        let (hypervisor, module) = match flavour {
+            berth_vmm::vstate::kvm::Flavour::Intel => ("hardware", "kvm_intel"),
+            berth_vmm::vstate::kvm::Flavour::Amd => ("hardware", "kvm_amd"),
+            berth_vmm::vstate::kvm::Flavour::Pvm => ("pvm", "kvm_pvm"),
+            berth_vmm::vstate::kvm::Flavour::Unknown => ("unknown", ""),
+        };
+        Ok(NodeInfo {
+            hostname: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            api_version: berth_proto::API_VERSION.into(),
+            hypervisor: hypervisor.into(),
+            kvm_module: module.into(),
+            max_vcpus: self.0.limits.max_vcpus,
+            features: [
+                "vm.lifecycle",
+                "vm.console",
+                "vm.restart-policy",
+                "node.watch",
+            ]
+            .map(String::from)
+            .to_vec(),
+            kernel_release: nix::sys::utsname::uname()
+                .map(|u| u.release().to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            quarantined: self.0.quarantined.clone(),
+            ..Default::default()
+        })
+    }
+
+    async fn get_capacity(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<Capacity> {
+        let (rv, rm, dv, dm) = self.0.allocation();
+        Ok(Capacity {
+            cpus: host_cpus(),
+            memory_mib: host_memory_mib(),
+            running_vcpus: rv,
+            running_memory_mib: rm,
+            defined_vcpus: dv,
+            defined_memory_mib: dm,
+            ..Default::default()
+        })
+    }
+
+    async fn watch(
+        &self,
+        _: &TtrpcContext,
+        req: WatchRequest,
+        tx: ServerStreamSender<PbEvent>,
+    ) -> ttrpc::Result<()> {
+        let mut events = self.0.subscribe();
+        loop {
+            match events.recv().await {
+                Ok(e) => {
+                    if !req.id.is_empty() && e.vm_id != req.id {
+                        continue;
+                    }
+                    if tx.send(&event_to_pb(&e)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Checks the bytes of a spec as a client would send them, field numbers
+/// and all; used by the tests of unknown-field handling.
+pub fn decode_spec(bytes: &[u8]) -> Result<VmSpec, ApiError> {
+    let p = pb::VmSpec::parse_from_bytes(bytes)
+        .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+    spec_from_pb(&p)
+}

@@ -1,0 +1,433 @@
+//! The VM document in plain Rust: what `nodectl create -f vm.toml` reads,
+//! what the agent stores as spec.json, and what the ttrpc VmSpec converts to
+//! at the edge. Validation names the field that is wrong.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::AgentConfig;
+
+pub const MIN_MEMORY_MIB: u64 = 32;
+pub const DEFAULT_CPU_WEIGHT: u32 = 100;
+pub const DEFAULT_MAX_RETRIES: u32 = 3;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub kernel: Kernel,
+    #[serde(default)]
+    pub disks: Vec<Disk>,
+    #[serde(default)]
+    pub nics: Vec<Nic>,
+    #[serde(default)]
+    pub cpu: CpuPolicy,
+    #[serde(default)]
+    pub memory: MemoryPolicy,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kernel {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub serial: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nic {
+    pub tap: String,
+    #[serde(default)]
+    pub bridge: String,
+    #[serde(default)]
+    pub mac: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CpuPolicy {
+    pub weight: u32,
+    /// CPUs (0.5 = half a CPU); 0 = unbounded.
+    pub max: f64,
+    pub cpuset: String,
+}
+
+impl Default for CpuPolicy {
+    fn default() -> Self {
+        CpuPolicy {
+            weight: DEFAULT_CPU_WEIGHT,
+            max: 0.0,
+            cpuset: String::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryPolicy {
+    pub overhead_mib: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartKind {
+    #[default]
+    Never,
+    OnFailure,
+    Always,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestartPolicy {
+    pub kind: RestartKind,
+    pub max_retries: u32,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            kind: RestartKind::Never,
+            max_retries: DEFAULT_MAX_RETRIES,
+        }
+    }
+}
+
+/// A spec problem, reported as INVALID_ARGUMENT "<field>: <message>".
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+    SpecError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// ids and names: 1-63 of [a-z0-9-], not starting with '-'.
+fn check_name(field: &str, value: &str) -> Result<(), SpecError> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && !value.starts_with('-')
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(err(
+            field,
+            format!("{value:?} must be 1-63 characters of a-z, 0-9 and '-', not starting with '-'"),
+        ))
+    }
+}
+
+/// Resolves `path` (following every symlink) and requires it inside one of
+/// `roots`, so a spec cannot reach /etc/shadow or climb out with `..`.
+pub fn resolve_in_roots(field: &str, path: &Path, roots: &[PathBuf]) -> Result<PathBuf, SpecError> {
+    if !path.is_absolute() {
+        return Err(err(
+            field,
+            format!("{} is not an absolute path", path.display()),
+        ));
+    }
+    let real =
+        std::fs::canonicalize(path).map_err(|e| err(field, format!("{}: {e}", path.display())))?;
+    let inside = roots.iter().any(|root| {
+        std::fs::canonicalize(root)
+            .map(|r| real.starts_with(r))
+            .unwrap_or(false)
+    });
+    if !inside {
+        let roots: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+        return Err(err(
+            field,
+            format!(
+                "{} resolves to {}, outside the allowed roots [{}]",
+                path.display(),
+                real.display(),
+                roots.join(", ")
+            ),
+        ));
+    }
+    if !real.is_file() {
+        return Err(err(
+            field,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    Ok(real)
+}
+
+/// Host limits a spec is checked against.
+pub struct Limits {
+    pub max_vcpus: u32,
+    pub host_memory_mib: u64,
+}
+
+impl VmSpec {
+    /// Checks every field; paths are resolved against the config's roots.
+    pub fn validate(&self, config: &AgentConfig, limits: &Limits) -> Result<(), SpecError> {
+        check_name("id", &self.id)?;
+        if !self.name.is_empty() {
+            check_name("name", &self.name)?;
+        }
+        for key in self.labels.keys() {
+            if key.is_empty() || key.len() > 63 || key.contains('=') || key.contains(',') {
+                return Err(err(
+                    format!("labels.{key}"),
+                    "keys are 1-63 characters without '=' or ','",
+                ));
+            }
+        }
+        if self.vcpus == 0 {
+            return Err(err("vcpus", "must be at least 1"));
+        }
+        if self.vcpus > limits.max_vcpus {
+            return Err(err(
+                "vcpus",
+                format!(
+                    "{} exceeds this node's maximum of {}",
+                    self.vcpus, limits.max_vcpus
+                ),
+            ));
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(err(
+                "memory_mib",
+                format!(
+                    "{} is below the minimum of {MIN_MEMORY_MIB}",
+                    self.memory_mib
+                ),
+            ));
+        }
+        if self.memory_mib > limits.host_memory_mib {
+            return Err(err(
+                "memory_mib",
+                format!(
+                    "{} exceeds this node's memory of {} MiB",
+                    self.memory_mib, limits.host_memory_mib
+                ),
+            ));
+        }
+        resolve_in_roots("kernel.path", &self.kernel.path, &config.kernel_roots)?;
+        if let Some(initrd) = &self.kernel.initrd {
+            resolve_in_roots("kernel.initrd", initrd, &config.kernel_roots)?;
+        }
+        if self.kernel.cmdline.len() >= 2048 {
+            return Err(err("kernel.cmdline", "longer than 2047 bytes"));
+        }
+        for (i, disk) in self.disks.iter().enumerate() {
+            resolve_in_roots(&format!("disks[{i}].path"), &disk.path, &config.disk_roots)?;
+            if disk.serial.len() > 20 {
+                return Err(err(format!("disks[{i}].serial"), "longer than 20 bytes"));
+            }
+        }
+        for (i, nic) in self.nics.iter().enumerate() {
+            if nic.tap.is_empty()
+                || nic.tap.len() > 15
+                || nic.tap.contains('/')
+                || nic.tap.contains(char::is_whitespace)
+            {
+                return Err(err(
+                    format!("nics[{i}].tap"),
+                    format!("{:?} is not a valid interface name", nic.tap),
+                ));
+            }
+            if !nic.mac.is_empty() && berth_vmm::devices::virtio::net::parse_mac(&nic.mac).is_none()
+            {
+                return Err(err(
+                    format!("nics[{i}].mac"),
+                    format!("{:?} is not a MAC like 52:54:00:12:34:56", nic.mac),
+                ));
+            }
+        }
+        if !(1..=10000).contains(&self.cpu.weight) {
+            return Err(err(
+                "cpu.weight",
+                format!("{} is outside 1-10000", self.cpu.weight),
+            ));
+        }
+        if !(self.cpu.max >= 0.0 && self.cpu.max <= f64::from(limits.max_vcpus)) {
+            return Err(err(
+                "cpu.max",
+                format!("{} is not between 0 and {}", self.cpu.max, limits.max_vcpus),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn display_name(&self) -> &str {
+        if self.name.is_empty() {
+            &self.id
+        } else {
+            &self.name
+        }
+    }
+
+    /// The description berth-vmm boots from, with the console going to
+    /// `console_log` and the paths as resolved at validation.
+    pub fn vmm_config(
+        &self,
+        console_log: &Path,
+        console_log_max_bytes: u64,
+    ) -> berth_vmm::config::VmConfig {
+        use berth_vmm::config::*;
+        VmConfig {
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            kernel: KernelConfig {
+                path: self.kernel.path.clone(),
+                initrd: self.kernel.initrd.clone(),
+                cmdline: self.kernel.cmdline.clone(),
+            },
+            serial: SerialConfig {
+                log: Some(console_log.to_owned()),
+                log_max_bytes: Some(console_log_max_bytes),
+                stdout: false,
+                input: SerialInput::None,
+            },
+            disks: self
+                .disks
+                .iter()
+                .map(|d| DiskConfig {
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                    serial: (!d.serial.is_empty()).then(|| d.serial.clone()),
+                })
+                .collect(),
+            nics: self
+                .nics
+                .iter()
+                .map(|n| NicConfig {
+                    tap: Some(n.tap.clone()),
+                    tap_fd: None,
+                    mac: (!n.mac.is_empty()).then(|| n.mac.clone()),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (PathBuf, AgentConfig) {
+        let dir = std::env::temp_dir().join(format!("berth-spec-{}", std::process::id()));
+        let roots = dir.join("images");
+        std::fs::create_dir_all(&roots).unwrap();
+        std::fs::write(roots.join("vmlinux"), b"k").unwrap();
+        std::fs::write(dir.join("outside"), b"x").unwrap();
+        let _ = std::fs::remove_file(roots.join("escape"));
+        std::os::unix::fs::symlink(dir.join("outside"), roots.join("escape")).unwrap();
+        let config = AgentConfig {
+            kernel_roots: vec![roots.clone()],
+            disk_roots: vec![roots.clone()],
+            ..AgentConfig::default()
+        };
+        (roots, config)
+    }
+
+    fn spec(roots: &Path) -> VmSpec {
+        VmSpec {
+            id: "web-1".into(),
+            vcpus: 2,
+            memory_mib: 128,
+            kernel: Kernel {
+                path: roots.join("vmlinux"),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    const LIMITS: Limits = Limits {
+        max_vcpus: 64,
+        host_memory_mib: 4096,
+    };
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let (roots, config) = setup();
+        assert_eq!(spec(&roots).validate(&config, &LIMITS), Ok(()));
+        type Mutation = Box<dyn Fn(&mut VmSpec)>;
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("id", Box::new(|s| s.id = "Web_1".into())),
+            ("vcpus", Box::new(|s| s.vcpus = 0)),
+            ("vcpus", Box::new(|s| s.vcpus = 1000)),
+            ("memory_mib", Box::new(|s| s.memory_mib = 1 << 40)),
+            (
+                "kernel.path",
+                Box::new(|s| s.kernel.path = "/nonexistent/vmlinux".into()),
+            ),
+            (
+                "kernel.path",
+                Box::new(|s| s.kernel.path = "/etc/shadow".into()),
+            ),
+            (
+                "kernel.path",
+                Box::new(|s| s.kernel.path = s.kernel.path.parent().unwrap().join("../outside")),
+            ),
+            (
+                "kernel.path",
+                Box::new(|s| s.kernel.path = s.kernel.path.parent().unwrap().join("escape")),
+            ),
+            ("cpu.weight", Box::new(|s| s.cpu.weight = 0)),
+            (
+                "nics[0].mac",
+                Box::new(|s| {
+                    s.nics.push(Nic {
+                        tap: "t0".into(),
+                        mac: "zz".into(),
+                        ..Default::default()
+                    })
+                }),
+            ),
+        ];
+        for (field, mutate) in cases {
+            let mut s = spec(&roots);
+            mutate(&mut s);
+            let e = s.validate(&config, &LIMITS).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
+    }
+
+    #[test]
+    fn toml_document_round_trips_and_refuses_unknown_fields() {
+        let text = "id = \"a\"\nvcpus = 1\nmemory_mib = 64\n[kernel]\npath = \"/k\"\n[restart]\nkind = \"on-failure\"\n";
+        let s: VmSpec = toml::from_str(text).unwrap();
+        assert_eq!(s.restart.kind, RestartKind::OnFailure);
+        assert_eq!(s.restart.max_retries, DEFAULT_MAX_RETRIES);
+        assert_eq!(s.cpu.weight, DEFAULT_CPU_WEIGHT);
+        let e = toml::from_str::<VmSpec>(&format!("{text}vcpu = 3\n")).unwrap_err();
+        assert!(e.to_string().contains("unknown field `vcpu`"), "{e}");
+    }
+}

@@ -1,0 +1,264 @@
+//! The state root on disk: `vms/<id>/spec.json` and `state.json` (written
+//! atomically), beside the VM's console log, control socket and exit
+//! record. A VM directory that cannot be read back is moved to
+//! `quarantine/` and reported, never dropped silently.
+
+use std::path::{Path, PathBuf};
+
+use berth_vmm::fsutil::write_atomic;
+use serde::{Deserialize, Serialize};
+
+use crate::spec::VmSpec;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    #[default]
+    Defined,
+    Starting,
+    Running,
+    Paused,
+    Stopping,
+    Stopped,
+    Crashed,
+}
+
+impl VmState {
+    /// States in which a VMM process exists (or should).
+    pub fn has_vmm(self) -> bool {
+        matches!(
+            self,
+            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
+        )
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            VmState::Defined => "Defined",
+            VmState::Starting => "Starting",
+            VmState::Running => "Running",
+            VmState::Paused => "Paused",
+            VmState::Stopping => "Stopping",
+            VmState::Stopped => "Stopped",
+            VmState::Crashed => "Crashed",
+        }
+    }
+}
+
+/// What the agent records about a VM besides its spec.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmRecord {
+    pub state: VmState,
+    pub pid: i32,
+    /// The VMM's start time in clock ticks since boot (/proc/<pid>/stat
+    /// field 22): with the pid, it tells our VMM from a re-used pid.
+    pub proc_start_ticks: u64,
+    pub started_at_ms: u64,
+    pub restarts: u32,
+    pub last_exit: String,
+    pub state_changed_ms: u64,
+}
+
+/// One VM's files.
+#[derive(Clone, Debug)]
+pub struct VmDir(pub PathBuf);
+
+impl VmDir {
+    pub fn spec(&self) -> PathBuf {
+        self.0.join("spec.json")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.0.join("state.json")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.0.join("console.log")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.0.join("vmm.sock")
+    }
+    pub fn exit_file(&self) -> PathBuf {
+        self.0.join("exit.json")
+    }
+    pub fn vmm_config(&self) -> PathBuf {
+        self.0.join("vmm.json")
+    }
+    pub fn vmm_log(&self) -> PathBuf {
+        self.0.join("vmm.log")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot remove {path}: {source}")]
+    Remove {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A VM read back at start-up.
+pub struct Loaded {
+    pub spec: VmSpec,
+    pub record: VmRecord,
+    pub dir: VmDir,
+}
+
+pub struct Store {
+    vms: PathBuf,
+    quarantine: PathBuf,
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
+    let mut bytes = serde_json::to_vec_pretty(value).expect("plain data serialises");
+    bytes.push(b'\n');
+    write_atomic(path, &bytes).map_err(|source| StoreError::Write {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, String> {
+    let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+impl Store {
+    pub fn open(vms: PathBuf, quarantine: PathBuf) -> std::io::Result<Store> {
+        std::fs::create_dir_all(&vms)?;
+        Ok(Store { vms, quarantine })
+    }
+
+    pub fn dir(&self, id: &str) -> VmDir {
+        VmDir(self.vms.join(id))
+    }
+
+    /// Creates the VM's directory and its first spec and state.
+    pub fn create(&self, spec: &VmSpec, record: &VmRecord) -> Result<VmDir, StoreError> {
+        let dir = self.dir(&spec.id);
+        std::fs::create_dir_all(&dir.0).map_err(|source| StoreError::Write {
+            path: dir.0.clone(),
+            source,
+        })?;
+        write_json(&dir.spec(), spec)?;
+        write_json(&dir.state(), record)?;
+        Ok(dir)
+    }
+
+    pub fn save_spec(&self, dir: &VmDir, spec: &VmSpec) -> Result<(), StoreError> {
+        write_json(&dir.spec(), spec)
+    }
+
+    pub fn save_record(&self, dir: &VmDir, record: &VmRecord) -> Result<(), StoreError> {
+        write_json(&dir.state(), record)
+    }
+
+    pub fn remove(&self, dir: &VmDir) -> Result<(), StoreError> {
+        std::fs::remove_dir_all(&dir.0).map_err(|source| StoreError::Remove {
+            path: dir.0.clone(),
+            source,
+        })
+    }
+
+    /// Reads every VM. Directories that do not read back are moved to
+    /// quarantine; their names and reasons are returned beside the VMs.
+    pub fn load_all(&self) -> (Vec<Loaded>, Vec<String>) {
+        let mut loaded = Vec::new();
+        let mut quarantined = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&self.vms) else {
+            return (loaded, quarantined);
+        };
+        let mut dirs: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        dirs.sort();
+        for path in dirs {
+            let dir = VmDir(path.clone());
+            let name = path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            let read = read_json::<VmSpec>(&dir.spec()).and_then(|spec| {
+                let record = read_json::<VmRecord>(&dir.state())?;
+                if spec.id != name {
+                    return Err(format!(
+                        "spec id {:?} does not match its directory",
+                        spec.id
+                    ));
+                }
+                Ok((spec, record))
+            });
+            match read {
+                Ok((spec, record)) => loaded.push(Loaded { spec, record, dir }),
+                Err(reason) => {
+                    let moved = self.quarantine_dir(&path, &name);
+                    quarantined.push(format!("{name}: {reason} (moved to {moved})"));
+                }
+            }
+        }
+        (loaded, quarantined)
+    }
+
+    fn quarantine_dir(&self, path: &Path, name: &str) -> String {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let target = self.quarantine.join(format!("{name}-{stamp}"));
+        let result =
+            std::fs::create_dir_all(&self.quarantine).and_then(|_| std::fs::rename(path, &target));
+        match result {
+            Ok(()) => target.display().to_string(),
+            Err(e) => format!("nowhere: {e}; left in place"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_state_is_quarantined_and_the_rest_loads() {
+        let root = std::env::temp_dir().join(format!("berth-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let store = Store::open(root.join("vms"), root.join("quarantine")).unwrap();
+        for id in ["a", "b", "c"] {
+            let spec = VmSpec {
+                id: id.into(),
+                vcpus: 1,
+                memory_mib: 64,
+                ..Default::default()
+            };
+            store.create(&spec, &VmRecord::default()).unwrap();
+        }
+        std::fs::write(store.dir("b").state(), b"{\"state\": \"runn").unwrap();
+        std::fs::write(store.dir("c").spec(), b"").unwrap();
+        let (loaded, quarantined) = store.load_all();
+        assert_eq!(
+            loaded
+                .iter()
+                .map(|l| l.spec.id.as_str())
+                .collect::<Vec<_>>(),
+            ["a"]
+        );
+        assert_eq!(quarantined.len(), 2, "{quarantined:?}");
+        assert!(quarantined[0].starts_with("b: ") && quarantined[0].contains("state.json"));
+        assert!(!store.dir("b").0.exists());
+        let kept: Vec<_> = std::fs::read_dir(root.join("quarantine"))
+            .unwrap()
+            .collect();
+        assert_eq!(
+            kept.len(),
+            2,
+            "the broken directories are kept, not deleted"
+        );
+    }
+}

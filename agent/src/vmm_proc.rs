@@ -1,0 +1,173 @@
+//! One berth-vmm process: spawned detached (its own session, so an agent
+//! restart or kill leaves it running), recognised later by pid and start
+//! time, and asked how it ended through the exit record it writes.
+
+use std::fs::OpenOptions;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use berth_proto::vmm_ttrpc::VmmServiceClient;
+use berth_vmm::config::VmConfig;
+use berth_vmm::fsutil::write_atomic;
+
+use crate::store::VmDir;
+
+/// The start time of process `pid` in clock ticks since boot, or None if no
+/// such process is alive (a zombie counts as gone).
+pub fn proc_start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); starttime is field 22.
+    if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+pub struct VmmProcess {
+    pub pid: i32,
+    pub start_ticks: u64,
+    /// Present when this agent started the VMM (so it must reap it).
+    child: Option<Child>,
+}
+
+/// How a VMM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmExit {
+    /// The VMM's exit code from its exit record; None when it left none
+    /// (killed, or crashed before it could write one).
+    pub code: Option<i32>,
+    pub reason: String,
+}
+
+impl VmmExit {
+    pub fn clean(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ExitRecord {
+    code: i32,
+    reason: String,
+}
+
+impl VmmProcess {
+    /// Starts berth-vmm for `config` in `dir`, detached.
+    pub fn spawn(binary: &Path, dir: &VmDir, config: &VmConfig) -> std::io::Result<VmmProcess> {
+        let json = serde_json::to_vec_pretty(config).expect("plain data serialises");
+        write_atomic(&dir.vmm_config(), &json)?;
+        for stale in [dir.exit_file(), dir.socket()] {
+            match std::fs::remove_file(&stale) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.vmm_log())?;
+        let child = Command::new(binary)
+            .arg("--config")
+            .arg(dir.vmm_config())
+            .arg("--api-socket")
+            .arg(dir.socket())
+            .arg("--exit-file")
+            .arg(dir.exit_file())
+            .arg("--detach")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let pid = child.id() as i32;
+        let start_ticks = proc_start_ticks(pid).unwrap_or(0);
+        Ok(VmmProcess {
+            pid,
+            start_ticks,
+            child: Some(child),
+        })
+    }
+
+    /// A VMM some earlier agent started, if it is still the same process.
+    pub fn adopt(pid: i32, start_ticks: u64) -> Option<VmmProcess> {
+        (pid > 0 && proc_start_ticks(pid) == Some(start_ticks)).then_some(VmmProcess {
+            pid,
+            start_ticks,
+            child: None,
+        })
+    }
+
+    /// Has it ended? Reaps our own child; an adopted one is gone when its
+    /// /proc entry no longer shows the same process.
+    pub fn exited(&mut self, dir: &VmDir) -> Option<VmmExit> {
+        let status = match &mut self.child {
+            Some(child) => match child.try_wait() {
+                Ok(Some(status)) => Some(status),
+                Ok(None) => return None,
+                Err(_) => None,
+            },
+            None => {
+                if proc_start_ticks(self.pid) == Some(self.start_ticks) {
+                    return None;
+                }
+                None
+            }
+        };
+        Some(read_exit(dir, status))
+    }
+
+    /// Kills it outright.
+    pub fn kill(&self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+
+    /// Waits up to `timeout` for it to end.
+    pub async fn wait_exit(&mut self, dir: &VmDir, timeout: Duration) -> Option<VmmExit> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(exit) = self.exited(dir) {
+                return Some(exit);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// How the VMM ended, from its exit record, else from its wait status.
+pub fn read_exit(dir: &VmDir, status: Option<std::process::ExitStatus>) -> VmmExit {
+    if let Ok(text) = std::fs::read(dir.exit_file()) {
+        if let Ok(record) = serde_json::from_slice::<ExitRecord>(&text) {
+            return VmmExit {
+                code: Some(record.code),
+                reason: record.reason,
+            };
+        }
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let reason = match status {
+        Some(s) if s.signal().is_some() => format!("VMM killed by signal {}", s.signal().unwrap()),
+        Some(s) => format!(
+            "VMM exited with status {} and no exit record",
+            s.code().unwrap_or(-1)
+        ),
+        None => "VMM died without an exit record".to_string(),
+    };
+    VmmExit { code: None, reason }
+}
+
+/// A client of the VMM's control socket.
+pub async fn connect(dir: &VmDir) -> Result<VmmServiceClient, String> {
+    let address = format!("unix://{}", dir.socket().display());
+    ttrpc::r#async::Client::connect(&address)
+        .await
+        .map(VmmServiceClient::new)
+        .map_err(|e| format!("cannot reach the VMM at {}: {e}", dir.socket().display()))
+}
