@@ -2,8 +2,21 @@
 //! are, which KVM this host has, and running `berth-vmm` with a time limit
 //! while capturing what the guest printed.
 
+pub mod agent;
 pub mod cpio;
 pub mod harness;
+
+/// berth.v1 as generated here from the .proto files.
+#[allow(
+    clippy::all,
+    unused,
+    missing_docs,
+    non_camel_case_types,
+    non_upper_case_globals
+)]
+pub mod contract {
+    include!(concat!(env!("OUT_DIR"), "/generated.rs"));
+}
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -227,12 +240,30 @@ impl Running {
         stdin.flush().unwrap();
     }
 
+    pub fn stderr_so_far(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
     /// Waits until stdout contains `needle`; panics with everything seen so
     /// far if it does not appear within `timeout` or the process ends first.
     pub fn wait_for_output(&mut self, needle: &str, timeout: Duration) {
+        self.wait_for(needle, timeout, false)
+    }
+
+    /// The same, on stderr.
+    pub fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) {
+        self.wait_for(needle, timeout, true)
+    }
+
+    fn wait_for(&mut self, needle: &str, timeout: Duration, stderr: bool) {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.stdout_so_far().contains(needle) {
+            let seen = if stderr {
+                self.stderr_so_far()
+            } else {
+                self.stdout_so_far()
+            };
+            if seen.contains(needle) {
                 return;
             }
             let exited = self.child.try_wait().unwrap().is_some();

@@ -1,0 +1,222 @@
+//! A real berth-agent for a test: its own state root, socket and config,
+//! the probe as the allowed kernel, and a client built from the .proto
+//! files. Dropping it kills the agent and every VMM it started.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::contract::common::Empty;
+use crate::contract::node_ttrpc::NodeServiceClient;
+use crate::contract::vm as pb;
+use crate::contract::vm_ttrpc::VmServiceClient;
+use crate::{binary, probe_elf, scratch_dir, Running};
+
+pub struct TestAgent {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    process: Option<Running>,
+}
+
+pub struct Clients {
+    pub vms: VmServiceClient,
+    pub node: NodeServiceClient,
+}
+
+pub fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(60_000_000_000)
+}
+
+impl TestAgent {
+    /// A config whose kernel root holds the probe and whose disk root is
+    /// the test's own directory.
+    pub fn new(test: &str) -> TestAgent {
+        let dir = scratch_dir(test);
+        let socket = dir.join("agent.sock");
+        let config = dir.join("agent.toml");
+        let probe_dir = probe_elf().parent().unwrap().to_owned();
+        std::fs::write(
+            &config,
+            format!(
+                "state_root = {:?}\nsocket = {:?}\nkernel_roots = [{:?}]\ndisk_roots = [{:?}]\nvmm_binary = {:?}\n",
+                dir.join("state"),
+                socket,
+                probe_dir,
+                dir.join("disks"),
+                binary("berth-vmm"),
+            ),
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.join("disks")).unwrap();
+        let mut agent = TestAgent {
+            dir,
+            socket,
+            config,
+            process: None,
+        };
+        agent.start();
+        agent
+    }
+
+    pub fn start(&mut self) {
+        let mut cmd = Command::new(binary("berth-agent"));
+        cmd.arg("--config").arg(&self.config);
+        let mut agent = Running::spawn(cmd);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "berth-agent did not listen on {}",
+                self.socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        agent.wait_for_stderr("serving on", Duration::from_secs(5));
+        self.process = Some(agent);
+    }
+
+    /// kill -9 of the agent: no clean-up of any kind runs.
+    pub fn kill9(&mut self) -> String {
+        let agent = self.process.take().expect("agent running");
+        let _ = Command::new("kill")
+            .args(["-9", &agent.pid().to_string()])
+            .status();
+        agent.wait(Duration::from_secs(10)).stderr
+    }
+
+    pub async fn clients(&self) -> Clients {
+        let client = ttrpc::r#async::Client::connect(&format!("unix://{}", self.socket.display()))
+            .await
+            .expect("connect to the agent");
+        Clients {
+            vms: VmServiceClient::new(client.clone()),
+            node: NodeServiceClient::new(client),
+        }
+    }
+
+    pub fn vm_dir(&self, id: &str) -> PathBuf {
+        self.dir.join("state/vms").join(id)
+    }
+
+    pub fn nodectl(&self) -> Command {
+        let mut cmd = Command::new(binary("nodectl"));
+        cmd.arg("--socket").arg(&self.socket);
+        cmd
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        drop(self.process.take());
+        // VMMs outlive agents by design: a test must not leave them behind.
+        for pid in vmm_pids(&self.dir) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
+
+/// Pids of the berth-vmm processes whose config lives under `dir`.
+pub fn vmm_pids(dir: &Path) -> Vec<i32> {
+    let needle = dir.display().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    c.contains("berth-vmm") && c.contains(&needle)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// A probe VM spec (the probe as kernel, `cmdline` for it).
+pub fn probe_spec(id: &str, vcpus: u32, cmdline: &str) -> pb::VmSpec {
+    pb::VmSpec {
+        id: id.into(),
+        name: format!("{id}-name"),
+        vcpus,
+        memory_mib: 64,
+        kernel: protobuf::MessageField::some(pb::Kernel {
+            path: probe_elf().display().to_string(),
+            cmdline: cmdline.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn vm_ref(id: &str) -> pb::VmRef {
+    pb::VmRef {
+        id: id.into(),
+        ..Default::default()
+    }
+}
+
+pub fn state_of(vm: &pb::Vm) -> pb::VmState {
+    vm.status.state.enum_value_or_default()
+}
+
+/// The ttrpc status code of a failed call.
+pub fn code_of<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> (ttrpc::Code, String) {
+    match r {
+        Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message().to_string()),
+        other => panic!("expected an error status, got {other:?}"),
+    }
+}
+
+pub async fn create_and_start(c: &Clients, spec: pb::VmSpec) -> pb::Vm {
+    let id = spec.id.clone();
+    let req = pb::CreateVmRequest {
+        spec: protobuf::MessageField::some(spec),
+        ..Default::default()
+    };
+    c.vms.create(ctx(), &req).await.expect("create");
+    c.vms.start(ctx(), &vm_ref(&id)).await.expect("start")
+}
+
+/// The console log's text.
+pub fn console_text(agent: &TestAgent, id: &str) -> String {
+    String::from_utf8_lossy(
+        &std::fs::read(agent.vm_dir(id).join("console.log")).unwrap_or_default(),
+    )
+    .into_owned()
+}
+
+/// Waits until the console log contains `needle`.
+pub fn wait_console(agent: &TestAgent, id: &str, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !console_text(agent, id).contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} never appeared on {id}'s console:\n{}",
+            console_text(agent, id)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The highest "PROBE tick <n>" on a console.
+pub fn last_tick(agent: &TestAgent, id: &str) -> Option<u64> {
+    console_text(agent, id)
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("PROBE tick "))
+        .filter_map(|n| n.parse().ok())
+        .max()
+}
+
+pub async fn get(c: &Clients, id: &str) -> pb::Vm {
+    c.vms.get(ctx(), &vm_ref(id)).await.expect("get")
+}
+
+pub async fn node_info(c: &Clients) -> crate::contract::node::NodeInfo {
+    c.node
+        .get_node(ctx(), &Empty::default())
+        .await
+        .expect("get_node")
+}

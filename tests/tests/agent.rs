@@ -1,0 +1,434 @@
+//! berth-agent end to end: real agent processes, real berth-vmm, the probe
+//! guest, driven by a ttrpc client generated from the .proto files alone.
+
+use std::time::{Duration, Instant};
+
+use berth_tests::agent::*;
+use berth_tests::contract::node::WatchRequest;
+use berth_tests::contract::vm as pb;
+use berth_tests::report_mode;
+use protobuf::Message;
+use ttrpc::Code;
+
+const BOOT: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "current_thread")]
+async fn lifecycle_create_start_pause_resume_stop_start_delete() {
+    report_mode("agent lifecycle");
+    let agent = TestAgent::new("agent-lifecycle");
+    let c = agent.clients().await;
+    let vm = create_and_start(&c, probe_spec("life", 2, "probe.mode=tick")).await;
+    assert_eq!(state_of(&vm), pb::VmState::RUNNING);
+    assert!(vm.status.pid > 0);
+    wait_console(&agent, "life", "PROBE cpus_up 2", BOOT);
+    wait_console(&agent, "life", "PROBE tick 3", BOOT);
+
+    let vm = c.vms.pause(ctx(), &vm_ref("life")).await.unwrap();
+    assert_eq!(state_of(&vm), pb::VmState::PAUSED);
+    let paused_at = last_tick(&agent, "life").unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        last_tick(&agent, "life"),
+        Some(paused_at),
+        "a paused guest does not advance"
+    );
+
+    let vm = c.vms.resume(ctx(), &vm_ref("life")).await.unwrap();
+    assert_eq!(state_of(&vm), pb::VmState::RUNNING);
+    wait_console(
+        &agent,
+        "life",
+        &format!("PROBE tick {}", paused_at + 3),
+        BOOT,
+    );
+
+    // The probe ignores Ctrl-Alt-Del, so a graceful stop ends in the kill path.
+    let stop = pb::StopVmRequest {
+        id: "life".into(),
+        timeout_ms: 500,
+        ..Default::default()
+    };
+    let vm = c.vms.stop(ctx(), &stop).await.unwrap();
+    assert_eq!(state_of(&vm), pb::VmState::STOPPED);
+    assert_eq!(vm.status.pid, 0);
+    assert!(agent.vm_dir("life").join("spec.json").exists());
+
+    let vm = c.vms.start(ctx(), &vm_ref("life")).await.unwrap();
+    assert_eq!(state_of(&vm), pb::VmState::RUNNING);
+    let (code, msg) = code_of(c.vms.delete(ctx(), &vm_ref("life")).await);
+    assert_eq!(code, Code::FAILED_PRECONDITION, "{msg}");
+    assert!(msg.contains("Running"), "{msg}");
+    let force = pb::StopVmRequest {
+        id: "life".into(),
+        force: true,
+        ..Default::default()
+    };
+    c.vms.stop(ctx(), &force).await.unwrap();
+    assert!(
+        agent.vm_dir("life").exists(),
+        "the state stays until Delete"
+    );
+    c.vms.delete(ctx(), &vm_ref("life")).await.unwrap();
+    assert!(
+        !agent.vm_dir("life").exists(),
+        "Delete removes the state dir"
+    );
+    let (code, _) = code_of(c.vms.get(ctx(), &vm_ref("life")).await);
+    assert_eq!(code, Code::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn agent_kill9_leaves_vms_running_and_the_next_agent_adopts_them() {
+    report_mode("agent kill -9");
+    let mut agent = TestAgent::new("agent-kill9");
+    let c = agent.clients().await;
+    let mut pids = Vec::new();
+    for i in 0..3 {
+        let vm = create_and_start(&c, probe_spec(&format!("vm{i}"), 1, "probe.mode=tick")).await;
+        pids.push(vm.status.pid);
+        wait_console(&agent, &format!("vm{i}"), "PROBE tick 1", BOOT);
+    }
+    drop(c);
+    agent.kill9();
+    let before: Vec<u64> = (0..3)
+        .map(|i| last_tick(&agent, &format!("vm{i}")).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent.start();
+    let c = agent.clients().await;
+    for i in 0..3 {
+        let id = format!("vm{i}");
+        let vm = get(&c, &id).await;
+        assert_eq!(state_of(&vm), pb::VmState::RUNNING, "{id}");
+        assert_eq!(vm.status.pid, pids[i], "{id} was adopted, not restarted");
+        assert_eq!(vm.status.restarts, 0);
+        // Its console kept going while no agent ran, and still does.
+        wait_console(&agent, &id, &format!("PROBE tick {}", before[i] + 5), BOOT);
+        assert!(
+            console_text(&agent, &id).contains("PROBE hello"),
+            "console intact from boot"
+        );
+        // Still controllable.
+        let vm = c.vms.pause(ctx(), &vm_ref(&id)).await.unwrap();
+        assert_eq!(state_of(&vm), pb::VmState::PAUSED);
+        c.vms.resume(ctx(), &vm_ref(&id)).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn vmm_kill9_is_a_crash_seen_within_a_second_and_the_restart_policy_applies() {
+    report_mode("vmm kill -9");
+    let agent = TestAgent::new("agent-crash");
+    let c = agent.clients().await;
+    let mut spec = probe_spec("crashy", 1, "probe.mode=tick");
+    spec.restart = protobuf::MessageField::some(pb::RestartPolicy {
+        kind: pb::restart_policy::Kind::ON_FAILURE.into(),
+        max_retries: 1,
+        ..Default::default()
+    });
+    let vm = create_and_start(&c, spec).await;
+    let mut events = c
+        .node
+        .watch(
+            ttrpc::context::with_timeout(0),
+            &WatchRequest {
+                id: "crashy".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let first_pid = vm.status.pid;
+    let killed_at = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-9", &first_pid.to_string()])
+        .status()
+        .unwrap();
+
+    let mut seen = Vec::new();
+    while !seen.iter().any(|(s, _)| *s == pb::VmState::RUNNING) {
+        let e = tokio::time::timeout(BOOT, events.recv())
+            .await
+            .expect("events")
+            .unwrap()
+            .unwrap();
+        let state = e.state.enum_value_or_default();
+        if state == pb::VmState::CRASHED {
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(1),
+                "crash noticed after {:?}",
+                killed_at.elapsed()
+            );
+            assert!(e.message.contains("signal 9"), "{}", e.message);
+        }
+        seen.push((state, e.message.clone()));
+    }
+    let states: Vec<pb::VmState> = seen.iter().map(|s| s.0).collect();
+    assert_eq!(
+        states,
+        [
+            pb::VmState::CRASHED,
+            pb::VmState::STARTING,
+            pb::VmState::RUNNING
+        ],
+        "{seen:?}"
+    );
+    assert!(seen[1].1.contains("restart 1 of 1"), "{seen:?}");
+    let vm = get(&c, "crashy").await;
+    assert_eq!(vm.status.restarts, 1);
+    assert_ne!(vm.status.pid, first_pid);
+
+    // The one retry is used up: the next crash stays a crash.
+    std::process::Command::new("kill")
+        .args(["-9", &vm.status.pid.to_string()])
+        .status()
+        .unwrap();
+    let e = tokio::time::timeout(BOOT, events.recv())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.state.enum_value_or_default(), pb::VmState::CRASHED);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(state_of(&get(&c, "crashy").await), pb::VmState::CRASHED);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_guest_that_ends_itself_is_stopped_not_crashed() {
+    report_mode("clean guest exit");
+    let agent = TestAgent::new("agent-clean-exit");
+    let c = agent.clients().await;
+    create_and_start(&c, probe_spec("once", 1, "probe.mode=boot")).await;
+    let deadline = Instant::now() + BOOT;
+    loop {
+        let vm = get(&c, "once").await;
+        if state_of(&vm) == pb::VmState::STOPPED {
+            assert_eq!(vm.status.last_exit, "guest requested reset");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {:?}", state_of(&vm));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn every_bad_request_gets_its_code() {
+    report_mode("agent errors");
+    let agent = TestAgent::new("agent-errors");
+    let c = agent.clients().await;
+    let create = |spec: pb::VmSpec| pb::CreateVmRequest {
+        spec: protobuf::MessageField::some(spec),
+        ..Default::default()
+    };
+    let outside = agent.dir.join("outside.img");
+    std::fs::write(&outside, b"x").unwrap();
+    std::os::unix::fs::symlink(&outside, agent.dir.join("disks/escape.img")).unwrap();
+    let cases: Vec<(&str, pb::VmSpec)> = vec![
+        ("vcpus", {
+            let mut s = probe_spec("e1", 0, "");
+            s.vcpus = 0;
+            s
+        }),
+        ("memory_mib", {
+            let mut s = probe_spec("e2", 1, "");
+            s.memory_mib = 1 << 40;
+            s
+        }),
+        ("kernel.path", {
+            let mut s = probe_spec("e3", 1, "");
+            s.kernel.as_mut().unwrap().path = "/nonexistent/vmlinux".into();
+            s
+        }),
+        ("kernel.path", {
+            let mut s = probe_spec("e4", 1, "");
+            s.kernel.as_mut().unwrap().path = "/etc/shadow".into();
+            s
+        }),
+        ("disks[0].path", {
+            let mut s = probe_spec("e5", 1, "");
+            s.disks.push(pb::Disk {
+                path: agent.dir.join("disks/escape.img").display().to_string(),
+                ..Default::default()
+            });
+            s
+        }),
+        ("disks[0].path", {
+            let mut s = probe_spec("e6", 1, "");
+            s.disks.push(pb::Disk {
+                path: agent.dir.join("disks/../outside.img").display().to_string(),
+                ..Default::default()
+            });
+            s
+        }),
+        ("id", probe_spec("Bad_Id", 1, "")),
+    ];
+    for (field, spec) in cases {
+        let (code, msg) = code_of(c.vms.create(ctx(), &create(spec)).await);
+        assert_eq!(code, Code::INVALID_ARGUMENT, "{field}: {msg}");
+        assert!(
+            msg.starts_with(&format!("{field}:")),
+            "names the field {field}: {msg}"
+        );
+    }
+
+    // Unknown fields: a spec carrying field number 99.
+    let mut spec = probe_spec("e7", 1, "");
+    spec.mut_special_fields()
+        .mut_unknown_fields()
+        .add_varint(99, 1);
+    let (code, msg) = code_of(c.vms.create(ctx(), &create(spec)).await);
+    assert_eq!(code, Code::INVALID_ARGUMENT, "{msg}");
+    assert!(msg.contains("unknown field") && msg.contains("99"), "{msg}");
+
+    c.vms
+        .create(ctx(), &create(probe_spec("dup", 1, "probe.mode=tick")))
+        .await
+        .unwrap();
+    let (code, _) = code_of(c.vms.create(ctx(), &create(probe_spec("dup", 1, ""))).await);
+    assert_eq!(code, Code::ALREADY_EXISTS);
+    let mut same_name = probe_spec("other", 1, "");
+    same_name.name = "dup-name".into();
+    let (code, msg) = code_of(c.vms.create(ctx(), &create(same_name)).await);
+    assert_eq!(code, Code::ALREADY_EXISTS, "{msg}");
+
+    let (code, _) = code_of(c.vms.start(ctx(), &vm_ref("ghost")).await);
+    assert_eq!(code, Code::NOT_FOUND);
+    let (code, msg) = code_of(c.vms.pause(ctx(), &vm_ref("dup")).await);
+    assert_eq!(code, Code::FAILED_PRECONDITION);
+    assert!(msg.contains("Defined"), "names the current state: {msg}");
+
+    // Two clients race Start: one wins, the other is told it is running.
+    let c2 = agent.clients().await;
+    let dup = vm_ref("dup");
+    let (a, b) = tokio::join!(c.vms.start(ctx(), &dup), c2.vms.start(ctx(), &dup));
+    let ok = [a.is_ok(), b.is_ok()];
+    assert_eq!(
+        ok.iter().filter(|x| **x).count(),
+        1,
+        "exactly one Start wins: {a:?} {b:?}"
+    );
+    let loser = if a.is_ok() { b } else { a };
+    let (code, msg) = code_of(loser);
+    assert_eq!(code, Code::FAILED_PRECONDITION, "{msg}");
+    assert!(msg.contains("Running") || msg.contains("Starting"), "{msg}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn garbage_state_is_quarantined_and_reported_and_the_rest_load() {
+    report_mode("quarantine");
+    let mut agent = TestAgent::new("agent-quarantine");
+    {
+        let c = agent.clients().await;
+        for id in ["good", "bad"] {
+            let req = pb::CreateVmRequest {
+                spec: protobuf::MessageField::some(probe_spec(id, 1, "")),
+                ..Default::default()
+            };
+            c.vms.create(ctx(), &req).await.unwrap();
+        }
+    }
+    agent.kill9();
+    std::fs::write(
+        agent.vm_dir("bad").join("state.json"),
+        b"{\"state\": \"runn",
+    )
+    .unwrap();
+    agent.start();
+    let c = agent.clients().await;
+    let list = c
+        .vms
+        .list(ctx(), &pb::ListVmsRequest::default())
+        .await
+        .unwrap();
+    let ids: Vec<&str> = list.vms.iter().map(|v| v.spec.id.as_str()).collect();
+    assert_eq!(ids, ["good"]);
+    let node = node_info(&c).await;
+    assert_eq!(node.quarantined.len(), 1, "{:?}", node.quarantined);
+    assert!(
+        node.quarantined[0].starts_with("bad: "),
+        "{:?}",
+        node.quarantined
+    );
+    let kept = std::fs::read_dir(agent.dir.join("state/quarantine"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        kept, 1,
+        "the broken VM is kept for an operator, not deleted"
+    );
+}
+
+#[test]
+fn nodectl_json_parses_and_tables_show_the_vm() {
+    report_mode("nodectl");
+    let agent = TestAgent::new("agent-nodectl");
+    let spec_file = agent.dir.join("vm.toml");
+    std::fs::write(
+        &spec_file,
+        format!(
+            "id = \"cli\"\nvcpus = 1\nmemory_mib = 64\nlabels = {{ tier = \"web\" }}\n[kernel]\npath = {:?}\ncmdline = \"probe.mode=tick\"\n",
+            berth_tests::probe_elf()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = agent.nodectl().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "nodectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let created: serde_json::Value = serde_json::from_str(&run(&[
+        "--json",
+        "create",
+        "-f",
+        spec_file.to_str().unwrap(),
+    ]))
+    .unwrap();
+    assert_eq!(created["state"], "Defined");
+    let started: serde_json::Value =
+        serde_json::from_str(&run(&["--json", "start", "cli"])).unwrap();
+    assert_eq!(started["state"], "Running");
+    let list: serde_json::Value =
+        serde_json::from_str(&run(&["--json", "list", "-l", "tier=web"])).unwrap();
+    assert_eq!(list[0]["id"], "cli");
+    let none: serde_json::Value =
+        serde_json::from_str(&run(&["--json", "list", "-l", "tier=db"])).unwrap();
+    assert_eq!(none, serde_json::json!([]));
+    let node: serde_json::Value = serde_json::from_str(&run(&["--json", "node"])).unwrap();
+    assert_eq!(node["api_version"], "v1");
+    let cap: serde_json::Value = serde_json::from_str(&run(&["--json", "capacity"])).unwrap();
+    assert_eq!(cap["running_vcpus"], 1);
+    assert!(run(&["list"])
+        .lines()
+        .any(|l| l.starts_with("cli ") && l.contains("Running")));
+    wait_console(&agent, "cli", "PROBE tick 2", BOOT);
+    assert!(run(&["console", "cli", "--tail", "2"]).contains("PROBE tick"));
+
+    let missing = agent.nodectl().args(["show", "nope"]).output().unwrap();
+    assert_eq!(missing.status.code(), Some(3), "NOT_FOUND is exit 3");
+    let gone = std::process::Command::new(berth_tests::binary("nodectl"))
+        .args(["--socket", "/nonexistent/agent.sock", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(gone.status.code(), Some(7));
+    let msg = String::from_utf8_lossy(&gone.stderr);
+    assert!(
+        msg.contains("agent not running at /nonexistent/agent.sock: start berth-agent.service"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn the_api_socket_is_0660() {
+    use std::os::unix::fs::PermissionsExt;
+    let agent = TestAgent::new("agent-socket-mode");
+    let mode = std::fs::metadata(&agent.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660);
+}
