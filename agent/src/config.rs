@@ -95,3 +95,21 @@ impl AgentConfig {
         self.state_root.join("quarantine")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example shipped in agent/dist documents the real defaults.
+    #[test]
+    fn the_example_config_is_the_defaults() {
+        let example: AgentConfig = toml::from_str(include_str!("../dist/agent.toml")).unwrap();
+        let defaults = AgentConfig::default();
+        assert_eq!(format!("{example:?}"), format!("{defaults:?}"));
+        let unknown = toml::from_str::<AgentConfig>("state_rot = \"/x\"").unwrap_err();
+        assert!(
+            unknown.to_string().contains("unknown field `state_rot`"),
+            "{unknown}"
+        );
+    }
+}

@@ -432,3 +432,49 @@ fn the_api_socket_is_0660() {
         & 0o777;
     assert_eq!(mode, 0o660);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn console_stream_replays_output_and_carries_input() {
+    report_mode("console stream");
+    let agent = TestAgent::new("agent-console");
+    let c = agent.clients().await;
+    create_and_start(&c, probe_spec("echo", 1, "probe.mode=echo")).await;
+    wait_console(&agent, "echo", "PROBE echo ready", BOOT);
+    let stream = c.vms.console(ctx()).await.unwrap();
+    stream
+        .send(&pb::ConsoleChunk {
+            id: "echo".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    let mut sent = false;
+    let deadline = Instant::now() + BOOT;
+    let mut stream = stream;
+    while !seen.contains("PROBE echo done bytes=14") {
+        assert!(Instant::now() < deadline, "console so far:\n{seen}");
+        let chunk = tokio::time::timeout(BOOT, stream.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk.data));
+        if !sent && seen.contains("PROBE echo ready") {
+            // The replay brought the boot output; now type into the guest.
+            assert!(seen.contains("PROBE hello"), "{seen}");
+            stream
+                .send(&pb::ConsoleChunk {
+                    id: "echo".into(),
+                    data: b"hi there\nquit\n".to_vec(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            sent = true;
+        }
+    }
+    assert!(
+        seen.replace("\r\n", "\n").contains("hi there\nquit\n"),
+        "echoed back:\n{seen}"
+    );
+}
