@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Benchmarks (never part of the tests): berth-vmm against QEMU's microvm,
 # measured in the same run. Prints min/median/max, ratios and METRIC lines.
-#   ci/bench.sh boot|blk|net
+#   ci/bench.sh boot|blk|net|api
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what="${1:?usage: ci/bench.sh boot|blk|net}"
+what="${1:?usage: ci/bench.sh boot|blk|net|api}"
 
 ci/install-deps.sh
 images/build.sh probe >/dev/null
-cargo build --release -q -p berth-vmm
+cargo build --release -q -p berth-vmm -p berth-agent
 cargo build --release -q -p berth-tests --bin berth-bench
 exec target/release/berth-bench "$what"

@@ -116,6 +116,11 @@ impl Drop for TestAgent {
     }
 }
 
+/// The agent's pid.
+pub fn agent_pid(agent: &TestAgent) -> u32 {
+    agent.process.as_ref().expect("agent running").pid()
+}
+
 /// Pids of the berth-vmm processes whose config lives under `dir`.
 pub fn vmm_pids(dir: &Path) -> Vec<i32> {
     let needle = dir.display().to_string();

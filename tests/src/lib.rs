@@ -34,11 +34,14 @@ pub fn repo_root() -> PathBuf {
 /// The directory cargo put this test's sibling binaries in (target/<profile>).
 fn target_profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/<test-binary>
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps")
-        .to_owned()
+    // Tests live in target/<profile>/deps/, binaries (berth-bench) beside
+    // the others in target/<profile>/.
+    let dir = exe.parent().expect("binary has a directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target/<profile>").to_owned()
+    } else {
+        dir.to_owned()
+    }
 }
 
 /// A workspace binary, built by `cargo test --workspace` before any test runs.

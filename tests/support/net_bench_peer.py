@@ -5,10 +5,11 @@
       Counts arriving 0x88b5 frames whose payload starts with BENCH. Prints
       READY, then on end of stdin (or 3 s after the last frame once any came)
       "RESULT frames=<n> bytes=<b>".
-  net_bench_peer.py send <ifname> <dst-mac> <count> <frame-bytes>
-      Prints READY, waits for a line on stdin, sends <count> BENCH frames as
-      fast as the socket takes them, then a few END frames, and prints
-      "SENT frames=<n>".
+  net_bench_peer.py send <ifname> <dst-mac> <frames-per-second> <frame-bytes>
+      Prints READY, waits for a line on stdin, then sends BENCH frames at
+      that rate until the next line (or end of stdin), then a few END
+      frames, and prints "SENT frames=<n>". A tap drops what the guest does
+      not take, so the rate is set above the guest's and it never starves.
 """
 import select
 import socket
@@ -45,7 +46,7 @@ def recv(ifname):
     print(f"RESULT frames={frames} bytes={total}", flush=True)
 
 
-def send(ifname, dst, count, size):
+def send(ifname, dst, rate, size):
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 20)
     sock.bind((ifname, 0))
@@ -53,16 +54,23 @@ def send(ifname, dst, count, size):
     print("READY", flush=True)
     sys.stdin.readline()
     sent = 0
-    for seq in range(count):
-        payload = f"BENCH {seq} ".encode()
-        frame = head + payload + b"x" * (size - len(head) - len(payload))
-        while True:
+    start = time.monotonic()
+    batch = 64
+    while True:
+        ready, _, _ = select.select([sys.stdin], [], [], 0)
+        if ready:
+            break
+        for _ in range(batch):
+            payload = f"BENCH {sent} ".encode()
+            frame = head + payload + b"x" * (size - len(head) - len(payload))
             try:
                 sock.send(frame)
-                break
-            except (BlockingIOError, OSError):
-                time.sleep(0.0001)
-        sent += 1
+            except OSError:
+                pass
+            sent += 1
+        ahead = sent / rate - (time.monotonic() - start)
+        if ahead > 0:
+            time.sleep(ahead)
     end = head + b"END" + b"\0" * (60 - len(head) - 3)
     for _ in range(5):
         time.sleep(0.05)
@@ -74,4 +82,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "recv":
         recv(sys.argv[2])
     else:
-        send(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        send(sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5]))
