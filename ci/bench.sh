@@ -8,6 +8,5 @@ what="${1:?usage: ci/bench.sh boot|blk|net|api}"
 
 ci/install-deps.sh
 images/build.sh probe >/dev/null
-cargo build --release -q -p berth-vmm -p berth-agent
-cargo build --release -q -p berth-tests --bin berth-bench
-exec target/release/berth-bench "$what"
+bin="$(ci/build-release.sh)"
+exec "$bin/berth-bench" "$what"

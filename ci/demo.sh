@@ -6,8 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ci/install-deps.sh
-cargo build --release -p berth-vmm
-vmm=target/release/berth-vmm
+vmm="$(ci/build-release.sh)/berth-vmm"
 
 if [[ -d /sys/module/kvm_intel || -d /sys/module/kvm_amd ]] && [[ ! -d /sys/module/kvm_pvm ]]; then
     echo "== hardware KVM: booting the Linux guest (2 vCPUs, 256 MiB)"

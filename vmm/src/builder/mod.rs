@@ -263,13 +263,13 @@ impl Vmm {
             .map_err(io_err("the signal thread"))?;
 
         self.spawn_input()?;
-        let console_in = crate::api::ConsoleInput::start(self.serial.clone())
-            .map_err(io_err("the console input queue"))?;
 
         let vcpus = Arc::new(
             VcpuSet::start(self.vcpus, self.control.clone()).map_err(io_err("a vCPU thread"))?,
         );
         if let Some(path) = api_socket {
+            let console_in = crate::api::ConsoleInput::start(self.serial.clone())
+                .map_err(io_err("the console input queue"))?;
             let api = crate::api::VmmApi {
                 vcpus: vcpus.clone(),
                 i8042: self.i8042.clone(),
