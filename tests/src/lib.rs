@@ -49,7 +49,7 @@ pub fn binary(name: &str) -> PathBuf {
     let path = target_profile_dir().join(name);
     assert!(
         path.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` (which builds it) or `cargo build -p berth-vmm` first",
+        "{} is missing: run the tests with `cargo test --workspace` (which builds every binary) or `cargo build --workspace --bins` first",
         path.display()
     );
     path
