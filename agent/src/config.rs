@@ -31,6 +31,18 @@ pub struct AgentConfig {
     pub memory_overcommit: f64,
     /// Console log size before it is rotated (one old log is kept).
     pub console_log_max_bytes: u64,
+    /// cgroup version: auto (detected), v1, v2, or off (no enforcement).
+    pub cgroup_version: crate::cgroups::VersionChoice,
+    /// Where the cgroup hierarchies are mounted.
+    pub cgroup_root: PathBuf,
+    /// The group VMs go under: `<parent>/<id>` (v1), `<parent>.slice/<id>` (v2).
+    pub cgroup_parent: String,
+    /// Memory a VM's group may use beyond its guest RAM: the VMM itself,
+    /// its thread stacks and the page cache of its disk I/O.
+    pub vmm_memory_overhead_mib: u64,
+    /// Count defined (not only running) VMs against capacity, so Create
+    /// also refuses what would not fit.
+    pub reserve_on_define: bool,
 }
 
 impl Default for AgentConfig {
@@ -51,6 +63,11 @@ impl Default for AgentConfig {
             cpu_overcommit: 4.0,
             memory_overcommit: 1.0,
             console_log_max_bytes: 1 << 20,
+            cgroup_version: crate::cgroups::VersionChoice::Auto,
+            cgroup_root: "/sys/fs/cgroup".into(),
+            cgroup_parent: "berth".into(),
+            vmm_memory_overhead_mib: 64,
+            reserve_on_define: false,
         }
     }
 }

@@ -6,7 +6,9 @@
 //! `store` (state on disk), `vmm_proc` (one VMM process), `manager` (VMs and
 //! their lifecycle), `server` (the ttrpc edge), `notify` (systemd readiness).
 
+pub mod cgroups;
 pub mod config;
+pub mod entitlement;
 pub mod manager;
 pub mod notify;
 pub mod server;

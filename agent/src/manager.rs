@@ -3,14 +3,17 @@
 //! Starts: one starts it, the other finds it Running). Every state change
 //! is written to disk before it is announced or returned.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use berth_proto::common::Empty;
 use tokio::sync::broadcast;
 
+use crate::cgroups::{self, Layout};
 use crate::config::AgentConfig;
+use crate::entitlement::{self, Report, Sample};
 use crate::spec::{Limits, RestartKind, VmSpec};
 use crate::store::{Store, VmDir, VmRecord, VmState};
 use crate::vmm_proc::{self, VmmExit, VmmProcess};
@@ -19,6 +22,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(15);
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const KILL_WAIT: Duration = Duration::from_secs(3);
 const SUPERVISE_EVERY: Duration = Duration::from_millis(100);
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 /// An API error: becomes a ttrpc status with this code and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +31,7 @@ pub enum ApiError {
     NotFound(String),
     AlreadyExists(String),
     FailedPrecondition(String),
+    ResourceExhausted(String),
     Unavailable(String),
     Internal(String),
 }
@@ -38,6 +43,7 @@ impl std::fmt::Display for ApiError {
             ApiError::NotFound(m) => ("not found", m),
             ApiError::AlreadyExists(m) => ("already exists", m),
             ApiError::FailedPrecondition(m) => ("failed precondition", m),
+            ApiError::ResourceExhausted(m) => ("resource exhausted", m),
             ApiError::Unavailable(m) => ("unavailable", m),
             ApiError::Internal(m) => ("internal", m),
         };
@@ -96,6 +102,47 @@ pub struct Manager {
     events: broadcast::Sender<Event>,
     pub limits: Limits,
     pub quarantined: Vec<String>,
+    /// The cgroup layout, or why there is none.
+    pub cgroups: Result<Layout, String>,
+    /// Held while a start is admitted, so parallel starts see each other.
+    admission: tokio::sync::Mutex<()>,
+    drained: AtomicBool,
+    /// The last two samples of each running VM.
+    samples: Mutex<HashMap<String, (Sample, Sample)>>,
+}
+
+/// Host totals and what admission counts, in one place.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CapacityNumbers {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub allocatable_vcpus: u32,
+    pub allocatable_memory_mib: u64,
+    pub running_vcpus: u32,
+    pub running_memory_mib: u64,
+    pub defined_vcpus: u32,
+    pub defined_memory_mib: u64,
+    /// What admission holds against allocatable: running VMs, or all of
+    /// them when the agent reserves on define.
+    pub held_vcpus: u32,
+    pub held_memory_mib: u64,
+}
+
+/// Online host CPUs, from sysfs ("0-1" → 2).
+pub fn host_cpus() -> u32 {
+    std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|s| entitlement::cpus_in(s.trim()))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1)
+        })
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct NodeState {
+    drained: bool,
 }
 
 impl Manager {
@@ -107,6 +154,27 @@ impl Manager {
             tracing::error!("quarantined a VM whose state could not be read: {q}");
         }
         let (events, _) = broadcast::channel(1024);
+        let cgroups = Layout::detect(
+            config.cgroup_version,
+            &config.cgroup_root,
+            &config.cgroup_parent,
+        );
+        match &cgroups {
+            Ok(layout) => tracing::info!(
+                "cgroup {} under {}",
+                layout.version(),
+                config.cgroup_root.display()
+            ),
+            Err(e) if config.cgroup_version == cgroups::VersionChoice::Off => {
+                tracing::warn!("NO CPU OR MEMORY ENFORCEMENT: {e}")
+            }
+            Err(e) => tracing::error!("cgroups unusable, VMs will not start: {e}"),
+        }
+        let drained = std::fs::read(config.state_root.join("node.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<NodeState>(&b).ok())
+            .map(|n| n.drained)
+            .unwrap_or(false);
         let manager = Arc::new(Manager {
             config,
             store,
@@ -114,6 +182,10 @@ impl Manager {
             events,
             limits,
             quarantined,
+            cgroups,
+            admission: tokio::sync::Mutex::new(()),
+            drained: AtomicBool::new(drained),
+            samples: Mutex::new(HashMap::new()),
         });
         for l in loaded {
             let process = if l.record.state.has_vmm() {
@@ -133,6 +205,17 @@ impl Manager {
             manager.reconcile_loaded(&entry).await;
             let id = lock(&entry.inner).spec.id.clone();
             manager.vms.write().unwrap().insert(id, entry);
+        }
+        if let Ok(layout) = &manager.cgroups {
+            let running: Vec<String> = manager
+                .list(&BTreeMap::new())
+                .into_iter()
+                .filter(|v| v.record.state.has_vmm())
+                .map(|v| v.spec.id)
+                .collect();
+            for removed in layout.remove_stale(&running) {
+                tracing::info!("removed stale cgroup {removed}");
+            }
         }
         Ok(manager)
     }
@@ -249,6 +332,10 @@ impl Manager {
 
     pub async fn create(&self, spec: VmSpec) -> ApiResult<VmView> {
         self.validate(&spec)?;
+        let _admission = self.admission.lock().await;
+        if self.config.reserve_on_define {
+            self.check_fits(&spec)?;
+        }
         let mut vms = self.vms.write().unwrap();
         if vms.contains_key(&spec.id) {
             return Err(ApiError::AlreadyExists(format!(
@@ -323,11 +410,22 @@ impl Manager {
         }
         let mut inner = lock(&entry.inner);
         if inner.record.state.has_vmm() {
-            return Err(Self::wrong_state(
-                &inner.spec,
-                inner.record.state,
-                "stop it to change its spec",
-            ));
+            // Live: only the shares may change, and they apply at once.
+            let mut same = spec.clone();
+            same.cpu = inner.spec.cpu.clone();
+            same.memory = inner.spec.memory.clone();
+            if same != inner.spec {
+                return Err(Self::wrong_state(
+                    &inner.spec,
+                    inner.record.state,
+                    "only cpu and memory policies change on a running VM; stop it to change the rest",
+                ));
+            }
+            if let Ok(layout) = &self.cgroups {
+                layout
+                    .apply(&spec.id, &self.cgroup_limits(&spec))
+                    .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+            }
         }
         self.store.save_spec(&entry.dir, &spec).map_err(internal)?;
         inner.spec = spec;
@@ -372,25 +470,167 @@ impl Manager {
             // Paths are checked again now: files may have moved since Create.
             self.validate(&inner.spec)?;
         }
-        lock(&entry.inner).record.restarts = 0;
+        {
+            // Admit and mark Starting under one lock: parallel starts that
+            // together exceed capacity admit exactly as many as fit.
+            let _admission = self.admission.lock().await;
+            if self.drained.load(Ordering::SeqCst) {
+                return Err(ApiError::FailedPrecondition(
+                    "the node is drained: no new VM starts until Undrain".into(),
+                ));
+            }
+            if !self.config.reserve_on_define {
+                let spec = lock(&entry.inner).spec.clone();
+                self.check_fits(&spec)?;
+            }
+            let mut inner = lock(&entry.inner);
+            inner.record.restarts = 0;
+            self.transition(&entry, &mut inner, VmState::Starting, "started")?;
+        }
         self.launch(&entry, "started").await?;
         Ok(Self::view(&entry))
     }
 
+    /// The host's numbers and what admission holds.
+    pub fn capacity(&self) -> CapacityNumbers {
+        let cpus = host_cpus();
+        let memory_mib = self.limits.host_memory_mib;
+        let (rv, rm, dv, dm) = self.allocation();
+        let alloc_cpus = (f64::from(cpus.saturating_sub(self.config.reserved_cpus))
+            * self.config.cpu_overcommit) as u32;
+        let alloc_mem = (memory_mib.saturating_sub(self.config.reserved_memory_mib) as f64
+            * self.config.memory_overcommit) as u64;
+        let (held_vcpus, held_memory_mib) = if self.config.reserve_on_define {
+            (dv, dm)
+        } else {
+            (rv, rm)
+        };
+        CapacityNumbers {
+            cpus,
+            memory_mib,
+            allocatable_vcpus: alloc_cpus,
+            allocatable_memory_mib: alloc_mem,
+            running_vcpus: rv,
+            running_memory_mib: rm,
+            defined_vcpus: dv,
+            defined_memory_mib: dm,
+            held_vcpus,
+            held_memory_mib,
+        }
+    }
+
+    /// RESOURCE_EXHAUSTED, naming the resource and the numbers, when `spec`
+    /// does not fit beside what is held. The caller holds `admission`.
+    fn check_fits(&self, spec: &VmSpec) -> ApiResult<()> {
+        let c = self.capacity();
+        if c.held_vcpus + spec.vcpus > c.allocatable_vcpus {
+            return Err(ApiError::ResourceExhausted(format!(
+                "VM {} needs {} vCPUs; {} of {} allocatable vCPUs are free",
+                spec.id,
+                spec.vcpus,
+                c.allocatable_vcpus.saturating_sub(c.held_vcpus),
+                c.allocatable_vcpus
+            )));
+        }
+        if c.held_memory_mib + spec.memory_mib > c.allocatable_memory_mib {
+            return Err(ApiError::ResourceExhausted(format!(
+                "VM {} needs {} MiB of memory; {} of {} allocatable MiB are free",
+                spec.id,
+                spec.memory_mib,
+                c.allocatable_memory_mib.saturating_sub(c.held_memory_mib),
+                c.allocatable_memory_mib
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn set_drained(&self, drained: bool) -> ApiResult<()> {
+        let bytes = serde_json::to_vec(&NodeState { drained }).expect("plain data");
+        berth_vmm::fsutil::write_atomic(&self.config.state_root.join("node.json"), &bytes)
+            .map_err(internal)?;
+        self.drained.store(drained, Ordering::SeqCst);
+        let message = if drained {
+            "node drained"
+        } else {
+            "node undrained"
+        };
+        self.emit(
+            "",
+            if drained { "drained" } else { "undrained" },
+            VmState::Defined,
+            message,
+        );
+        Ok(())
+    }
+
+    pub fn drained(&self) -> bool {
+        self.drained.load(Ordering::SeqCst)
+    }
+
+    fn cgroup_limits(&self, spec: &VmSpec) -> cgroups::Limits {
+        let overhead = if spec.memory.overhead_mib > 0 {
+            spec.memory.overhead_mib
+        } else {
+            self.config.vmm_memory_overhead_mib
+        };
+        cgroups::Limits {
+            weight: spec.cpu.weight,
+            max: (spec.cpu.max > 0.0).then_some(spec.cpu.max),
+            cpuset: (!spec.cpu.cpuset.is_empty()).then(|| spec.cpu.cpuset.clone()),
+            memory_bytes: (spec.memory_mib + overhead) << 20,
+        }
+    }
+
+    /// The VM's cgroup, created with its limits; the VMM joins these dirs.
+    fn prepare_cgroup(&self, spec: &VmSpec) -> ApiResult<Vec<std::path::PathBuf>> {
+        match &self.cgroups {
+            Ok(layout) => layout
+                .create(&spec.id, &self.cgroup_limits(spec))
+                .map_err(|e| ApiError::Unavailable(format!("cannot set up the VM's cgroup: {e}"))),
+            Err(_) if self.config.cgroup_version == cgroups::VersionChoice::Off => Ok(Vec::new()),
+            Err(e) => Err(ApiError::Unavailable(format!(
+                "cgroups unusable on this node: {e}"
+            ))),
+        }
+    }
+
+    fn release_cgroup(&self, id: &str) {
+        if let Ok(layout) = &self.cgroups {
+            layout.remove(id);
+        }
+        lock(&self.samples).remove(id);
+    }
+
     /// Spawns the VMM and waits until its control socket answers.
     async fn launch(&self, entry: &Arc<VmEntry>, why: &str) -> ApiResult<()> {
-        let config = {
+        let (config, spec) = {
             let mut inner = lock(&entry.inner);
-            self.transition(entry, &mut inner, VmState::Starting, why)?;
-            inner
-                .spec
-                .vmm_config(&entry.dir.console_log(), self.config.console_log_max_bytes)
+            if inner.record.state != VmState::Starting {
+                self.transition(entry, &mut inner, VmState::Starting, why)?;
+            }
+            (
+                inner
+                    .spec
+                    .vmm_config(&entry.dir.console_log(), self.config.console_log_max_bytes),
+                inner.spec.clone(),
+            )
         };
-        let process = VmmProcess::spawn(&self.config.vmm_binary(), &entry.dir, &config);
+        let cgroup_dirs = match self.prepare_cgroup(&spec) {
+            Ok(dirs) => dirs,
+            Err(e) => {
+                let mut inner = lock(&entry.inner);
+                inner.record.last_exit = e.to_string();
+                self.transition(entry, &mut inner, VmState::Crashed, &e.to_string())?;
+                return Err(e);
+            }
+        };
+        let process =
+            VmmProcess::spawn(&self.config.vmm_binary(), &entry.dir, &config, &cgroup_dirs);
         let mut process = match process {
             Ok(p) => p,
             Err(e) => {
                 let message = format!("cannot start {}: {e}", self.config.vmm_binary().display());
+                self.release_cgroup(&spec.id);
                 let mut inner = lock(&entry.inner);
                 inner.record.last_exit = message.clone();
                 self.transition(entry, &mut inner, VmState::Crashed, &message)?;
@@ -401,6 +641,7 @@ impl Manager {
         loop {
             if let Some(exit) = process.exited(&entry.dir) {
                 let message = format!("the VMM exited while starting: {}", exit.reason);
+                self.release_cgroup(&spec.id);
                 let mut inner = lock(&entry.inner);
                 inner.record.pid = 0;
                 inner.record.last_exit = exit.reason;
@@ -421,6 +662,8 @@ impl Manager {
             }
             if tokio::time::Instant::now() > deadline {
                 process.kill();
+                let _ = process.wait_exit(&entry.dir, KILL_WAIT).await;
+                self.release_cgroup(&spec.id);
                 let message =
                     "the VMM did not answer on its control socket in time; killed".to_string();
                 let mut inner = lock(&entry.inner);
@@ -587,6 +830,7 @@ impl Manager {
             }
         };
         let mut inner = lock(&entry.inner);
+        self.release_cgroup(&inner.spec.id);
         inner.record.pid = 0;
         inner.record.last_exit = exit.reason.clone();
         self.transition(entry, &mut inner, VmState::Stopped, &exit.reason)
@@ -681,6 +925,86 @@ impl Manager {
                 tracing::error!("restart failed: {e}");
             }
         }
+    }
+
+    /// Samples every running VM's cgroup and vCPU threads once a second.
+    pub async fn sample(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(SAMPLE_EVERY).await;
+            let Ok(layout) = &self.cgroups else { continue };
+            let running: Vec<(String, Arc<VmEntry>)> = self
+                .vms
+                .read()
+                .unwrap()
+                .iter()
+                .filter(|(_, e)| {
+                    matches!(
+                        lock(&e.inner).record.state,
+                        VmState::Running | VmState::Paused
+                    )
+                })
+                .map(|(id, e)| (id.clone(), e.clone()))
+                .collect();
+            for (id, entry) in running {
+                let Ok(usage) = layout.usage(&id) else {
+                    continue;
+                };
+                let ctx = ttrpc::context::with_timeout(1_000_000_000);
+                let vmm = self
+                    .vmm_call(
+                        &entry,
+                        |c| async move { c.stats(ctx, &Empty::default()).await },
+                    )
+                    .await
+                    .unwrap_or_default();
+                let sample = Sample {
+                    at: std::time::Instant::now(),
+                    usage,
+                    vcpu_run_ns: vmm.vcpu_run_ns,
+                    vcpu_wait_ns: vmm.vcpu_wait_ns,
+                };
+                let mut samples = lock(&self.samples);
+                let pair = match samples.remove(&id) {
+                    Some((_, last)) => (last, sample),
+                    None => (sample.clone(), sample),
+                };
+                samples.insert(id, pair);
+            }
+        }
+    }
+
+    /// Entitlement reports of every running VM (judged together, since
+    /// shares depend on who else is busy).
+    pub fn reports(&self) -> Vec<(VmSpec, VmState, Report)> {
+        let samples = lock(&self.samples);
+        let vms = self.vms.read().unwrap();
+        let mut judged: Vec<(VmSpec, Report)> = Vec::new();
+        let mut states = Vec::new();
+        for (id, entry) in vms.iter() {
+            let inner = lock(&entry.inner);
+            let report = match samples.get(id) {
+                Some((prev, last)) if inner.record.state.has_vmm() => {
+                    entitlement::measure(prev, last)
+                }
+                _ => Report::default(),
+            };
+            states.push(inner.record.state);
+            judged.push((inner.spec.clone(), report));
+        }
+        entitlement::judge(&mut judged, host_cpus());
+        judged
+            .into_iter()
+            .zip(states)
+            .map(|((spec, report), state)| (spec, state, report))
+            .collect()
+    }
+
+    pub fn report(&self, id: &str) -> ApiResult<(VmSpec, VmState, Report)> {
+        self.entry(id)?;
+        self.reports()
+            .into_iter()
+            .find(|(s, _, _)| s.id == id)
+            .ok_or_else(|| ApiError::NotFound(format!("no VM with id {id:?}")))
     }
 
     /// vCPUs and MiB of running VMs and of all VMs.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_proto::common::Empty;
-use berth_proto::node::{Capacity, Event as PbEvent, NodeInfo, WatchRequest};
+use berth_proto::node::{Capacity, DiskSpace, Event as PbEvent, NodeInfo, WatchRequest};
 use berth_proto::vm as pb;
 use berth_proto::{node_ttrpc, vm_ttrpc};
 use protobuf::{EnumOrUnknown, Message, MessageField};
@@ -25,6 +25,7 @@ fn status(e: ApiError) -> ttrpc::Error {
         ApiError::NotFound(m) => (Code::NOT_FOUND, m),
         ApiError::AlreadyExists(m) => (Code::ALREADY_EXISTS, m),
         ApiError::FailedPrecondition(m) => (Code::FAILED_PRECONDITION, m),
+        ApiError::ResourceExhausted(m) => (Code::RESOURCE_EXHAUSTED, m),
         ApiError::Unavailable(m) => (Code::UNAVAILABLE, m),
         ApiError::Internal(m) => (Code::INTERNAL, m),
     };
@@ -208,6 +209,32 @@ fn vm_to_pb(v: VmView) -> pb::Vm {
     }
 }
 
+pub fn stats_to_pb(spec: &VmSpec, state: VmState, r: crate::entitlement::Report) -> pb::VmStats {
+    pb::VmStats {
+        id: spec.id.clone(),
+        state: EnumOrUnknown::new(state_to_pb(state)),
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+        cpu_weight: spec.cpu.weight,
+        cpu_max: spec.cpu.max,
+        cpuset: spec.cpu.cpuset.clone(),
+        cpu_fair_share: r.cpu_fair_share,
+        interval_ms: r.interval_ms,
+        cpu_used: r.cpu_used,
+        cpu_wait: r.cpu_wait,
+        throttled_periods: r.throttled_periods,
+        periods: r.periods,
+        throttled_ns: r.throttled_ns,
+        cpu_time_ns: r.cpu_time_ns,
+        vcpu_run_ns: r.vcpu_run_ns,
+        memory_resident_bytes: r.memory_resident_bytes,
+        memory_limit_bytes: r.memory_limit_bytes,
+        breaches: r.breaches,
+        throttled: r.throttled,
+        ..Default::default()
+    }
+}
+
 fn event_to_pb(e: &Event) -> PbEvent {
     PbEvent {
         at_ms: e.at_ms,
@@ -279,6 +306,11 @@ impl vm_ttrpc::VmService for VmApi {
 
     async fn reboot(&self, _: &TtrpcContext, req: pb::VmRef) -> ttrpc::Result<pb::Vm> {
         self.0.reboot(&req.id).await.map(vm_to_pb).map_err(status)
+    }
+
+    async fn stats(&self, _: &TtrpcContext, req: pb::VmRef) -> ttrpc::Result<pb::VmStats> {
+        let (spec, state, r) = self.0.report(&req.id).map_err(status)?;
+        Ok(stats_to_pb(&spec, state, r))
     }
 
     async fn pause(&self, _: &TtrpcContext, req: pb::VmRef) -> ttrpc::Result<pb::Vm> {
@@ -353,13 +385,92 @@ impl vm_ttrpc::VmService for VmApi {
     }
 }
 
-pub struct NodeApi(pub Arc<Manager>);
-
-fn host_cpus() -> u32 {
-    std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1)
+/// Vendor, model name and flags of the host CPU, from /proc/cpuinfo.
+fn cpu_identity() -> (String, String, Vec<String>) {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |key: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().map(str::trim) == Some(key))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let flags = field("flags")
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    (field("vendor_id"), field("model name"), flags)
 }
+
+fn disk_space(role: &str, path: &std::path::Path) -> DiskSpace {
+    let (total, free) = nix::sys::statvfs::statvfs(path)
+        .map(|s| {
+            let frag = s.fragment_size();
+            (s.blocks() * frag, s.blocks_available() * frag)
+        })
+        .unwrap_or((0, 0));
+    DiskSpace {
+        role: role.into(),
+        path: path.display().to_string(),
+        total_bytes: total,
+        free_bytes: free,
+        ..Default::default()
+    }
+}
+
+pub fn capacity_pb(m: &Manager) -> Capacity {
+    let c = m.capacity();
+    let (vendor, model, flags) = cpu_identity();
+    let mut disks = vec![disk_space("state_root", &m.config.state_root)];
+    for root in &m.config.kernel_roots {
+        disks.push(disk_space("kernel_root", root));
+    }
+    for root in &m.config.disk_roots {
+        disks.push(disk_space("disk_root", root));
+    }
+    Capacity {
+        cpus: c.cpus,
+        memory_mib: c.memory_mib,
+        running_vcpus: c.running_vcpus,
+        running_memory_mib: c.running_memory_mib,
+        defined_vcpus: c.defined_vcpus,
+        defined_memory_mib: c.defined_memory_mib,
+        reserved_cpus: m.config.reserved_cpus,
+        reserved_memory_mib: m.config.reserved_memory_mib,
+        cpu_overcommit: m.config.cpu_overcommit,
+        memory_overcommit: m.config.memory_overcommit,
+        allocatable_vcpus: c.allocatable_vcpus,
+        allocatable_memory_mib: c.allocatable_memory_mib,
+        free_vcpus: c.allocatable_vcpus.saturating_sub(c.held_vcpus),
+        free_memory_mib: c.allocatable_memory_mib.saturating_sub(c.held_memory_mib),
+        disks,
+        max_vcpus: m.limits.max_vcpus,
+        hypervisor: hypervisor().0.into(),
+        cpu_vendor: vendor,
+        cpu_model: model,
+        cpu_flags: flags,
+        cgroup_version: m
+            .cgroups
+            .as_ref()
+            .map(|l| l.version())
+            .unwrap_or("off")
+            .into(),
+        drained: m.drained(),
+        reserve_on_define: m.config.reserve_on_define,
+        ..Default::default()
+    }
+}
+
+fn hypervisor() -> (&'static str, &'static str) {
+    match berth_vmm::vstate::kvm::Flavour::detect() {
+        berth_vmm::vstate::kvm::Flavour::Intel => ("hardware", "kvm_intel"),
+        berth_vmm::vstate::kvm::Flavour::Amd => ("hardware", "kvm_amd"),
+        berth_vmm::vstate::kvm::Flavour::Pvm => ("pvm", "kvm_pvm"),
+        berth_vmm::vstate::kvm::Flavour::Unknown => ("unknown", ""),
+    }
+}
+
+pub struct NodeApi(pub Arc<Manager>);
 
 pub fn host_memory_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
@@ -377,13 +488,7 @@ pub fn host_memory_mib() -> u64 {
 #[async_trait::async_trait]
 impl node_ttrpc::NodeService for NodeApi {
     async fn get_node(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<NodeInfo> {
-        let flavour = berth_vmm::vstate::kvm::Flavour::detect();
-        let (hypervisor, module) = match flavour {
-            berth_vmm::vstate::kvm::Flavour::Intel => ("hardware", "kvm_intel"),
-            berth_vmm::vstate::kvm::Flavour::Amd => ("hardware", "kvm_amd"),
-            berth_vmm::vstate::kvm::Flavour::Pvm => ("pvm", "kvm_pvm"),
-            berth_vmm::vstate::kvm::Flavour::Unknown => ("unknown", ""),
-        };
+        let (hypervisor, module) = hypervisor();
         Ok(NodeInfo {
             hostname: nix::unistd::gethostname()
                 .map(|h| h.to_string_lossy().into_owned())
@@ -410,16 +515,17 @@ impl node_ttrpc::NodeService for NodeApi {
     }
 
     async fn get_capacity(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<Capacity> {
-        let (rv, rm, dv, dm) = self.0.allocation();
-        Ok(Capacity {
-            cpus: host_cpus(),
-            memory_mib: host_memory_mib(),
-            running_vcpus: rv,
-            running_memory_mib: rm,
-            defined_vcpus: dv,
-            defined_memory_mib: dm,
-            ..Default::default()
-        })
+        Ok(capacity_pb(&self.0))
+    }
+
+    async fn drain(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<Capacity> {
+        self.0.set_drained(true).map_err(status)?;
+        Ok(capacity_pb(&self.0))
+    }
+
+    async fn undrain(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<Capacity> {
+        self.0.set_drained(false).map_err(status)?;
+        Ok(capacity_pb(&self.0))
     }
 
     async fn watch(

@@ -56,7 +56,12 @@ struct ExitRecord {
 
 impl VmmProcess {
     /// Starts berth-vmm for `config` in `dir`, detached.
-    pub fn spawn(binary: &Path, dir: &VmDir, config: &VmConfig) -> std::io::Result<VmmProcess> {
+    pub fn spawn(
+        binary: &Path,
+        dir: &VmDir,
+        config: &VmConfig,
+        cgroups: &[std::path::PathBuf],
+    ) -> std::io::Result<VmmProcess> {
         let json = serde_json::to_vec_pretty(config).expect("plain data serialises");
         write_atomic(&dir.vmm_config(), &json)?;
         for stale in [dir.exit_file(), dir.socket()] {
@@ -69,7 +74,11 @@ impl VmmProcess {
             .create(true)
             .append(true)
             .open(dir.vmm_log())?;
-        let child = Command::new(binary)
+        let mut cmd = Command::new(binary);
+        for group in cgroups {
+            cmd.arg("--cgroup").arg(group);
+        }
+        let child = cmd
             .arg("--config")
             .arg(dir.vmm_config())
             .arg("--api-socket")

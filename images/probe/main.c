@@ -62,13 +62,16 @@ void probe_main(int kind, uint64_t info) {
         pr("PROBE cpus_mp %u\n", mp.ncpus);
     else
         pr("PROBE cpus_mp 1 nomptable\n");
-    pr("PROBE cpus_up %u\n", smp_boot(&mp));
-
+    /* The mode is known before the APs start: it may give them work. */
     char name[32] = "boot";
     probe_arg(boot.cmdline, "mode", name, sizeof name);
     const struct probe_mode *m = __start_probe_modes;
     while (m < __stop_probe_modes && strcmp(m->name, name) != 0)
         m++;
+    if (m < __stop_probe_modes)
+        ap_entry = m->ap_run;
+    pr("PROBE cpus_up %u\n", smp_boot(&mp));
+
     if (m == __stop_probe_modes) {
         pr("PROBE error unknown mode %s\n", name);
         probe_end();

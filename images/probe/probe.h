@@ -40,11 +40,17 @@ extern struct bootinfo boot;
 struct probe_mode {
     const char *name;
     void (*run)(const char *cmdline);
+    /* Optional: what every AP runs instead of halting (it must not return). */
+    void (*ap_run)(uint32_t slot);
 };
 #define PROBE_MODE(ident, fn)                                              \
     static const struct probe_mode probe_mode_##ident                      \
         __attribute__((section(".probe_modes"), used, aligned(8))) = {     \
-            #ident, fn}
+            #ident, fn, 0}
+#define PROBE_MODE_SMP(ident, fn, ap_fn)                                   \
+    static const struct probe_mode probe_mode_##ident                      \
+        __attribute__((section(".probe_modes"), used, aligned(8))) = {     \
+            #ident, fn, ap_fn}
 extern const struct probe_mode __start_probe_modes[], __stop_probe_modes[];
 
 /* Static buffers that the boot code does not zero (a mode initialises them). */
@@ -88,6 +94,8 @@ void mp_find(struct mp_info *mp);
 
 /* smp.c */
 uint32_t smp_boot(const struct mp_info *mp);
+/* Set before smp_boot: what the APs run once up (NULL: halt). */
+extern void (*volatile ap_entry)(uint32_t slot);
 extern volatile uint32_t ap_apic_id[MAX_CPUS];
 
 /* main.c */

@@ -51,12 +51,16 @@ static void send_ipi(uint32_t id, uint32_t icr) {
     wrmsr(MSR_X2APIC_ICR, (uint64_t)id << 32 | icr);
 }
 
+void (*volatile ap_entry)(uint32_t slot);
+
 /* Runs on each AP with its own stack; slot numbers come from the trampoline. */
 __attribute__((noreturn)) void ap_main(uint32_t slot) {
     idt_load();
     x2apic_enable();
     ap_apic_id[slot] = apic_id();
     __atomic_fetch_add(&aps_up, 1, __ATOMIC_SEQ_CST);
+    if (ap_entry)
+        ap_entry(slot);
     for (;;)
         __asm__ volatile("cli; hlt");
 }

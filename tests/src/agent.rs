@@ -32,6 +32,12 @@ impl TestAgent {
     /// A config whose kernel root holds the probe and whose disk root is
     /// the test's own directory.
     pub fn new(test: &str) -> TestAgent {
+        Self::with_config(test, "")
+    }
+
+    /// The same, with more config lines (reserved resources, overcommit).
+    /// VM cgroups go under a parent of the test's own.
+    pub fn with_config(test: &str, extra: &str) -> TestAgent {
         let dir = scratch_dir(test);
         let socket = dir.join("agent.sock");
         let config = dir.join("agent.toml");
@@ -39,12 +45,13 @@ impl TestAgent {
         std::fs::write(
             &config,
             format!(
-                "state_root = {:?}\nsocket = {:?}\nkernel_roots = [{:?}]\ndisk_roots = [{:?}]\nvmm_binary = {:?}\n",
+                "state_root = {:?}\nsocket = {:?}\nkernel_roots = [{:?}]\ndisk_roots = [{:?}]\nvmm_binary = {:?}\ncgroup_parent = {:?}\n{extra}\n",
                 dir.join("state"),
                 socket,
                 probe_dir,
                 dir.join("disks"),
                 binary("berth-vmm"),
+                cgroup_parent(test),
             ),
         )
         .unwrap();
@@ -110,10 +117,49 @@ impl Drop for TestAgent {
     fn drop(&mut self) {
         drop(self.process.take());
         // VMMs outlive agents by design: a test must not leave them behind.
-        for pid in vmm_pids(&self.dir) {
+        let pids = vmm_pids(&self.dir);
+        for pid in &pids {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !vmm_pids(&self.dir).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Then their (now empty) cgroups, and the test's parent group.
+        let test = self.dir.file_name().unwrap().to_string_lossy().into_owned();
+        for dir in cgroup_dirs_of(&test) {
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for e in entries.flatten().filter(|e| e.path().is_dir()) {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
     }
+}
+
+/// The cgroup parent a test agent puts its VMs under (unique per test and
+/// process, so parallel tests never touch each other's groups).
+pub fn cgroup_parent(test: &str) -> String {
+    let test = test.trim_start_matches("berth-test-");
+    let test = test
+        .rsplit_once('-')
+        .filter(|(_, pid)| pid.parse::<u32>().is_ok())
+        .map(|(t, _)| t)
+        .unwrap_or(test);
+    format!("bt{}-{test}", std::process::id())
+}
+
+/// Where that parent lives in each hierarchy this host might have.
+pub fn cgroup_dirs_of(test: &str) -> Vec<PathBuf> {
+    let parent = cgroup_parent(test);
+    let root = Path::new("/sys/fs/cgroup");
+    let mut dirs: Vec<PathBuf> = ["cpu", "cpuacct", "cpuset", "memory"]
+        .iter()
+        .map(|h| root.join(h).join(&parent))
+        .collect();
+    dirs.push(root.join(format!("{parent}.slice")));
+    dirs
 }
 
 /// The agent's pid.

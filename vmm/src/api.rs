@@ -62,22 +62,15 @@ fn unavailable(message: String) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::UNAVAILABLE, message))
 }
 
-/// CPU time (user + system) of one thread of this process, in ns.
-fn thread_cpu_ns(tid: i32) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")) else {
-        return 0;
-    };
-    // Fields after the ")" that ends the thread name: utime is the 12th.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<u64>().ok()))
-        .sum();
-    // USER_HZ is 100 on every Linux we run on.
-    ticks * 10_000_000
+/// (time on a CPU, time runnable but waiting) of one thread, in ns, from
+/// its schedstat.
+fn thread_sched_ns(tid: i32) -> (u64, u64) {
+    let text =
+        std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).unwrap_or_default();
+    let mut fields = text
+        .split_whitespace()
+        .map(|v| v.parse::<u64>().unwrap_or(0));
+    (fields.next().unwrap_or(0), fields.next().unwrap_or(0))
 }
 
 impl VmmApi {
@@ -127,14 +120,16 @@ impl VmmService for VmmApi {
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<VmmStats> {
+        let sched: Vec<(u64, u64)> = self
+            .vcpus
+            .control
+            .tids()
+            .into_iter()
+            .map(thread_sched_ns)
+            .collect();
         Ok(VmmStats {
-            vcpu_run_ns: self
-                .vcpus
-                .control
-                .tids()
-                .into_iter()
-                .map(thread_cpu_ns)
-                .collect(),
+            vcpu_run_ns: sched.iter().map(|s| s.0).collect(),
+            vcpu_wait_ns: sched.iter().map(|s| s.1).collect(),
             exits: self
                 .vcpus
                 .control

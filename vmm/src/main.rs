@@ -53,6 +53,10 @@ struct Args {
     /// process group, as the agent does for every VMM.
     #[arg(long)]
     detach: bool,
+    /// Join this cgroup directory (repeat for each v1 hierarchy) before any
+    /// thread starts, so every vCPU and device thread is accounted to it.
+    #[arg(long = "cgroup", value_name = "DIR")]
+    cgroups: Vec<PathBuf>,
     /// KVM device to open.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
@@ -178,6 +182,17 @@ fn main() -> ExitCode {
     if args.detach {
         if let Err(e) = nix::unistd::setsid() {
             eprintln!("berth-vmm: error: cannot start a new session: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    for dir in &args.cgroups {
+        let procs = dir.join("cgroup.procs");
+        if let Err(e) = std::fs::write(&procs, std::process::id().to_string()) {
+            let reason = format!("cannot join cgroup {}: {e}", dir.display());
+            eprintln!("berth-vmm: error: {reason}");
+            if let Some(path) = &args.exit_file {
+                write_exit_file(path, 1, &reason);
+            }
             return ExitCode::from(1);
         }
     }

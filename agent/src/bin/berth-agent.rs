@@ -129,6 +129,7 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot serve on {address}: {e}"))?;
     secure_socket(&config)?;
     tokio::spawn(manager.clone().supervise());
+    tokio::spawn(manager.clone().sample());
     tracing::info!("serving on {address}");
     if let Err(e) = berth_agent::notify::notify("READY=1") {
         tracing::warn!("cannot notify systemd: {e}");

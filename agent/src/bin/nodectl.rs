@@ -94,8 +94,27 @@ enum Cmd {
         #[arg(long)]
         vm: Option<String>,
     },
+    /// Replace a VM's spec from a file; on a running VM only cpu and
+    /// memory policies may change, and they apply at once.
+    Update {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// What each VM is entitled to and what it got, refreshed like top.
+    Top {
+        /// Print once and exit.
+        #[arg(long)]
+        once: bool,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1)]
+        interval: u64,
+    },
     /// What this node has and what its VMs hold.
     Capacity,
+    /// Stop admitting new VM starts (running VMs continue).
+    Drain,
+    /// Admit VM starts again.
+    Undrain,
     /// What this node is.
     Node,
     /// Print shell completions.
@@ -438,6 +457,50 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 print_event(&e, json);
             }
         }
+        Cmd::Update { file } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| fail(2, format!("cannot read {}: {e}", file.display())))?;
+            let spec: VmSpec =
+                toml::from_str(&text).map_err(|e| fail(2, format!("{}: {e}", file.display())))?;
+            let req = pb::UpdateVmRequest {
+                spec: protobuf::MessageField::some(spec_to_pb(&spec)),
+                ..Default::default()
+            };
+            show(vms.update(ctx(), &req).await.map_err(from_ttrpc)?);
+        }
+        Cmd::Top { once, interval } => loop {
+            let list = vms
+                .list(ctx(), &pb::ListVmsRequest::default())
+                .await
+                .map_err(from_ttrpc)?;
+            let mut stats = Vec::new();
+            for vm in &list.vms {
+                stats.push(
+                    vms.stats(ctx(), &vm_ref(&vm.spec.id))
+                        .await
+                        .map_err(from_ttrpc)?,
+                );
+            }
+            print_top(&stats, json, !once);
+            if once {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(interval.max(1))).await;
+        },
+        Cmd::Drain => print_capacity(
+            &node
+                .drain(ctx(), &Empty::default())
+                .await
+                .map_err(from_ttrpc)?,
+            json,
+        ),
+        Cmd::Undrain => print_capacity(
+            &node
+                .undrain(ctx(), &Empty::default())
+                .await
+                .map_err(from_ttrpc)?,
+            json,
+        ),
         Cmd::Capacity => print_capacity(
             &node
                 .get_capacity(ctx(), &Empty::default())
@@ -471,29 +534,143 @@ fn print_event(e: &Event, json: bool) {
 }
 
 fn print_capacity(c: &Capacity, json: bool) {
+    let disks: Vec<Value> = c
+        .disks
+        .iter()
+        .map(|d| json!({"role": d.role, "path": d.path, "total_bytes": d.total_bytes, "free_bytes": d.free_bytes}))
+        .collect();
     let v = json!({
         "cpus": c.cpus, "memory_mib": c.memory_mib,
+        "reserved_cpus": c.reserved_cpus, "reserved_memory_mib": c.reserved_memory_mib,
+        "cpu_overcommit": c.cpu_overcommit, "memory_overcommit": c.memory_overcommit,
+        "allocatable_vcpus": c.allocatable_vcpus, "allocatable_memory_mib": c.allocatable_memory_mib,
         "running_vcpus": c.running_vcpus, "running_memory_mib": c.running_memory_mib,
         "defined_vcpus": c.defined_vcpus, "defined_memory_mib": c.defined_memory_mib,
+        "free_vcpus": c.free_vcpus, "free_memory_mib": c.free_memory_mib,
+        "disks": disks, "max_vcpus": c.max_vcpus, "hypervisor": c.hypervisor,
+        "cpu_vendor": c.cpu_vendor, "cpu_model": c.cpu_model, "cpu_flags": c.cpu_flags,
+        "cgroup_version": c.cgroup_version, "drained": c.drained, "reserve_on_define": c.reserve_on_define,
     });
     if json {
         println!("{v}");
-    } else {
-        print_table(vec![
-            ["", "CPUS", "MEMORY MiB"].map(String::from).to_vec(),
-            vec!["host".into(), c.cpus.to_string(), c.memory_mib.to_string()],
-            vec![
-                "running VMs".into(),
-                c.running_vcpus.to_string(),
-                c.running_memory_mib.to_string(),
-            ],
-            vec![
-                "all VMs".into(),
-                c.defined_vcpus.to_string(),
-                c.defined_memory_mib.to_string(),
-            ],
+        return;
+    }
+    print_table(vec![
+        ["", "CPUS", "MEMORY MiB"].map(String::from).to_vec(),
+        vec!["host".into(), c.cpus.to_string(), c.memory_mib.to_string()],
+        vec![
+            "reserved".into(),
+            c.reserved_cpus.to_string(),
+            c.reserved_memory_mib.to_string(),
+        ],
+        vec![
+            format!(
+                "allocatable (x{} / x{})",
+                c.cpu_overcommit, c.memory_overcommit
+            ),
+            c.allocatable_vcpus.to_string(),
+            c.allocatable_memory_mib.to_string(),
+        ],
+        vec![
+            "running VMs".into(),
+            c.running_vcpus.to_string(),
+            c.running_memory_mib.to_string(),
+        ],
+        vec![
+            "all VMs".into(),
+            c.defined_vcpus.to_string(),
+            c.defined_memory_mib.to_string(),
+        ],
+        vec![
+            "free".into(),
+            c.free_vcpus.to_string(),
+            c.free_memory_mib.to_string(),
+        ],
+    ]);
+    println!();
+    for d in &c.disks {
+        println!(
+            "disk {:<12} {:<40} {} GiB free of {}",
+            d.role,
+            d.path,
+            d.free_bytes >> 30,
+            d.total_bytes >> 30
+        );
+    }
+    println!(
+        "hypervisor      {} (max {} vCPUs per VM)",
+        c.hypervisor, c.max_vcpus
+    );
+    println!(
+        "cpu             {} {} ({} flags)",
+        c.cpu_vendor,
+        c.cpu_model,
+        c.cpu_flags.len()
+    );
+    println!("cgroups         {}", c.cgroup_version);
+    println!("drained         {}", c.drained);
+}
+
+fn print_top(stats: &[pb::VmStats], json: bool, refresh: bool) {
+    if json {
+        let rows: Vec<Value> = stats
+            .iter()
+            .map(|s| {
+                json!({
+                    "id": s.id, "state": state_name(s.state.enum_value_or_default()),
+                    "vcpus": s.vcpus, "cpu_weight": s.cpu_weight, "cpu_max": s.cpu_max, "cpuset": s.cpuset,
+                    "cpu_fair_share": s.cpu_fair_share, "cpu_used": s.cpu_used, "cpu_wait": s.cpu_wait,
+                    "throttled": s.throttled, "throttled_periods": s.throttled_periods, "periods": s.periods,
+                    "memory_mib": s.memory_mib, "memory_resident_bytes": s.memory_resident_bytes,
+                    "memory_limit_bytes": s.memory_limit_bytes, "interval_ms": s.interval_ms,
+                    "breaches": s.breaches,
+                })
+            })
+            .collect();
+        println!("{}", Value::Array(rows));
+        return;
+    }
+    if refresh {
+        print!("\x1b[H\x1b[2J");
+    }
+    let mut rows = vec![[
+        "ID",
+        "STATE",
+        "VCPUS",
+        "WEIGHT",
+        "MAX",
+        "SHARE",
+        "CPU",
+        "WAIT",
+        "THROTTLED",
+        "MEM MiB",
+        "LIMIT MiB",
+        "BREACHES",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for s in stats {
+        rows.push(vec![
+            s.id.clone(),
+            state_name(s.state.enum_value_or_default()).into(),
+            s.vcpus.to_string(),
+            s.cpu_weight.to_string(),
+            if s.cpu_max > 0.0 {
+                format!("{:.2}", s.cpu_max)
+            } else {
+                "-".into()
+            },
+            format!("{:.2}", s.cpu_fair_share),
+            format!("{:.2}", s.cpu_used),
+            format!("{:.0}%", s.cpu_wait * 100.0),
+            format!("{}/{}", s.throttled_periods, s.periods),
+            (s.memory_resident_bytes >> 20).to_string(),
+            (s.memory_limit_bytes >> 20).to_string(),
+            s.breaches.join("; "),
         ]);
     }
+    print_table(rows);
+    let _ = std::io::stdout().flush();
 }
 
 fn print_node(n: &NodeInfo, json: bool) {
