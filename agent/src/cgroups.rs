@@ -333,11 +333,18 @@ impl Layout {
         }
     }
 
-    /// Removes the VM's group (its processes are gone).
-    pub fn remove(&self, id: &str) {
+    /// Removes the VM's group; false while the kernel still counts an
+    /// exited VMM in it (not yet reaped), so the caller tries again later.
+    pub fn remove(&self, id: &str) -> bool {
+        let mut all = true;
         for dir in self.group_dirs(id) {
-            let _ = std::fs::remove_dir(&dir);
+            match std::fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(_) => all = false,
+            }
         }
+        all
     }
 
     /// Empty groups under our parent whose VM is not running: left by a
@@ -368,7 +375,8 @@ mod tests {
 
     /// A directory tree laid out like a cgroup v2 mount (plain files).
     fn fake_v2(test: &str) -> PathBuf {
-        let root = std::env::temp_dir().join(format!("berth-fake-cg2-{test}-{}", std::process::id()));
+        let root =
+            std::env::temp_dir().join(format!("berth-fake-cg2-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).unwrap();
         std::fs::write(

@@ -109,6 +109,8 @@ pub struct Manager {
     drained: AtomicBool,
     /// The last two samples of each running VM.
     samples: Mutex<HashMap<String, (Sample, Sample)>>,
+    /// Groups of VMs that ended but could not be removed yet.
+    groups_to_remove: Mutex<Vec<String>>,
 }
 
 /// Host totals and what admission counts, in one place.
@@ -186,6 +188,7 @@ impl Manager {
             admission: tokio::sync::Mutex::new(()),
             drained: AtomicBool::new(drained),
             samples: Mutex::new(HashMap::new()),
+            groups_to_remove: Mutex::new(Vec::new()),
         });
         for l in loaded {
             let process = if l.record.state.has_vmm() {
@@ -596,9 +599,25 @@ impl Manager {
 
     fn release_cgroup(&self, id: &str) {
         if let Ok(layout) = &self.cgroups {
-            layout.remove(id);
+            if !layout.remove(id) {
+                lock(&self.groups_to_remove).push(id.to_string());
+            }
         }
         lock(&self.samples).remove(id);
+    }
+
+    /// Retries groups an exiting VMM kept busy a moment too long.
+    fn retry_group_removal(&self) {
+        let Ok(layout) = &self.cgroups else { return };
+        let running: Vec<String> = self
+            .vms
+            .read()
+            .unwrap()
+            .iter()
+            .filter(|(_, e)| lock(&e.inner).record.state.has_vmm())
+            .map(|(id, _)| id.clone())
+            .collect();
+        lock(&self.groups_to_remove).retain(|id| !running.contains(id) && !layout.remove(id));
     }
 
     /// Spawns the VMM and waits until its control socket answers.
@@ -875,6 +894,7 @@ impl Manager {
     pub async fn supervise(self: Arc<Self>) {
         loop {
             tokio::time::sleep(SUPERVISE_EVERY).await;
+            self.retry_group_removal();
             let entries: Vec<Arc<VmEntry>> = self.vms.read().unwrap().values().cloned().collect();
             for entry in entries {
                 // An operation in progress watches its VMM itself.

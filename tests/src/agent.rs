@@ -121,19 +121,27 @@ impl Drop for TestAgent {
         for pid in &pids {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !vmm_pids(&self.dir).is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // Then their (now empty) cgroups, and the test's parent group.
+        // Then their cgroups (once the kernel has let go of the exited
+        // VMMs), and the test's parent group.
         let test = self.dir.file_name().unwrap().to_string_lossy().into_owned();
-        for dir in cgroup_dirs_of(&test) {
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                for e in entries.flatten().filter(|e| e.path().is_dir()) {
-                    let _ = std::fs::remove_dir(e.path());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let pids_gone = pids
+                .iter()
+                .all(|p| !Path::new(&format!("/proc/{p}")).exists());
+            let mut left = false;
+            for dir in cgroup_dirs_of(&test) {
+                if let Ok(entries) = std::fs::read_dir(&dir) {
+                    for e in entries.flatten().filter(|e| e.path().is_dir()) {
+                        left |= std::fs::remove_dir(e.path()).is_err();
+                    }
                 }
+                left |= std::fs::remove_dir(&dir).is_err() && dir.exists();
             }
-            let _ = std::fs::remove_dir(&dir);
+            if (pids_gone && !left) || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
