@@ -406,6 +406,70 @@ fn bench_api() {
     });
 }
 
+/// Measured CPU split of two burning VMs pinned to one host CPU, against
+/// their weights; and what one Stats call costs the agent.
+fn bench_shares() {
+    use berth_tests::agent::{create_and_start, ctx, probe_spec, vm_ref, TestAgent};
+    use berth_tests::contract::vm as pb;
+    const WINDOW: Duration = Duration::from_secs(5);
+    let agent = TestAgent::new("bench-shares");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let c = agent.clients().await;
+        let burner = |id: &str, weight: u32| {
+            let mut spec = probe_spec(id, 1, "probe.mode=burn");
+            spec.cpu = protobuf::MessageField::some(pb::CpuPolicy {
+                weight,
+                cpuset: "1".into(),
+                ..Default::default()
+            });
+            spec
+        };
+        create_and_start(&c, burner("a", 100)).await;
+        create_and_start(&c, burner("b", 100)).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let cpu_ns = |id: &'static str| {
+            let c = &c;
+            async move { c.vms.stats(ctx(), &vm_ref(id)).await.unwrap().cpu_time_ns }
+        };
+        let mut errors = Vec::new();
+        for (wa, wb) in [(100u32, 100u32), (200, 100), (400, 100)] {
+            for (id, w) in [("a", wa), ("b", wb)] {
+                let mut spec = c.vms.get(ctx(), &vm_ref(id)).await.unwrap().spec.unwrap();
+                spec.cpu.as_mut().unwrap().weight = w;
+                let req = pb::UpdateVmRequest {
+                    spec: protobuf::MessageField::some(spec),
+                    ..Default::default()
+                };
+                c.vms.update(ctx(), &req).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await; // settle, and a fresh sample
+            let (a0, b0) = (cpu_ns("a").await, cpu_ns("b").await);
+            tokio::time::sleep(WINDOW).await;
+            let (a1, b1) = (cpu_ns("a").await, cpu_ns("b").await);
+            let measured = (a1 - a0) as f64 / (b1 - b0) as f64;
+            let wanted = f64::from(wa) / f64::from(wb);
+            let err = (measured - wanted).abs() / wanted;
+            println!("weights {wa}:{wb}: measured ratio {measured:.3} (want {wanted:.1}), relative error {err:.3}");
+            errors.push(err);
+        }
+        const CALLS: usize = 2000;
+        let t0 = Instant::now();
+        for _ in 0..CALLS {
+            c.vms.stats(ctx(), &vm_ref("a")).await.unwrap();
+        }
+        let per_call = t0.elapsed().as_secs_f64() * 1e6 / CALLS as f64;
+        println!("Stats call: {per_call:.1} us each over {CALLS} calls");
+        println!("METRIC shares.ratio_err_1to1 {:.3}", errors[0]);
+        println!("METRIC shares.ratio_err_2to1 {:.3}", errors[1]);
+        println!("METRIC shares.ratio_err_4to1 {:.3}", errors[2]);
+        println!("METRIC shares.stats_call_us {per_call:.1}");
+    });
+}
+
 /// Start → first stdout byte, and start → "PROBE done".
 fn time_boot(mut cmd: Command) -> (Duration, Duration) {
     cmd.stdin(Stdio::null())
@@ -525,8 +589,9 @@ fn main() {
         Some("blk") => bench_blk(),
         Some("net") => bench_net(),
         Some("api") => bench_api(),
+        Some("shares") => bench_shares(),
         other => {
-            eprintln!("usage: berth-bench boot|blk|net|api   (got {other:?})");
+            eprintln!("usage: berth-bench boot|blk|net|api|shares   (got {other:?})");
             std::process::exit(2);
         }
     }
