@@ -142,6 +142,26 @@ pub fn host_cpus() -> u32 {
         })
 }
 
+/// `ip link set <tap> master <bridge> up` for every NIC that names a
+/// bridge. Building the bridge is the controller's business.
+fn attach_bridges(spec: &VmSpec) -> Result<(), String> {
+    for nic in spec.nics.iter().filter(|n| !n.bridge.is_empty()) {
+        let out = std::process::Command::new("ip")
+            .args(["link", "set", &nic.tap, "master", &nic.bridge, "up"])
+            .output()
+            .map_err(|e| format!("cannot run ip (iproute2): {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "cannot attach tap {} to bridge {}: {}",
+                nic.tap,
+                nic.bridge,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[derive(serde::Serialize, serde::Deserialize, Default)]
 struct NodeState {
     drained: bool,
@@ -692,6 +712,16 @@ impl Manager {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // The VMM made the taps; put each into its bridge, if it names one.
+        if let Err(message) = attach_bridges(&spec) {
+            process.kill();
+            let _ = process.wait_exit(&entry.dir, KILL_WAIT).await;
+            self.release_cgroup(&spec.id);
+            let mut inner = lock(&entry.inner);
+            inner.record.last_exit = message.clone();
+            self.transition(entry, &mut inner, VmState::Crashed, &message)?;
+            return Err(ApiError::Unavailable(message));
+        }
         let mut inner = lock(&entry.inner);
         inner.record.pid = process.pid;
         inner.record.proc_start_ticks = process.start_ticks;
@@ -714,51 +744,49 @@ impl Manager {
     }
 
     pub async fn pause(&self, id: &str) -> ApiResult<VmView> {
-        let entry = self.entry(id)?;
-        let _op = entry.op.lock().await;
-        {
-            let inner = lock(&entry.inner);
-            if inner.record.state != VmState::Running {
-                return Err(Self::wrong_state(
-                    &inner.spec,
-                    inner.record.state,
-                    "only a Running VM can be paused",
-                ));
-            }
-        }
-        let ctx = ttrpc::context::with_timeout(10_000_000_000);
-        self.vmm_call(
-            &entry,
-            |c| async move { c.pause(ctx, &Empty::default()).await },
-        )
-        .await?;
-        let mut inner = lock(&entry.inner);
-        self.transition(&entry, &mut inner, VmState::Paused, "paused")?;
-        drop(inner);
-        Ok(Self::view(&entry))
+        self.pause_or_resume(id, true).await
     }
 
     pub async fn resume(&self, id: &str) -> ApiResult<VmView> {
+        self.pause_or_resume(id, false).await
+    }
+
+    /// Running → Paused, or Paused → Running, through the VMM.
+    async fn pause_or_resume(&self, id: &str, pause: bool) -> ApiResult<VmView> {
+        let (from, to, wanted, why) = if pause {
+            (
+                VmState::Running,
+                VmState::Paused,
+                "only a Running VM can be paused",
+                "paused",
+            )
+        } else {
+            (
+                VmState::Paused,
+                VmState::Running,
+                "only a Paused VM can be resumed",
+                "resumed",
+            )
+        };
         let entry = self.entry(id)?;
         let _op = entry.op.lock().await;
         {
             let inner = lock(&entry.inner);
-            if inner.record.state != VmState::Paused {
-                return Err(Self::wrong_state(
-                    &inner.spec,
-                    inner.record.state,
-                    "only a Paused VM can be resumed",
-                ));
+            if inner.record.state != from {
+                return Err(Self::wrong_state(&inner.spec, inner.record.state, wanted));
             }
         }
         let ctx = ttrpc::context::with_timeout(10_000_000_000);
-        self.vmm_call(
-            &entry,
-            |c| async move { c.resume(ctx, &Empty::default()).await },
-        )
+        self.vmm_call(&entry, |c| async move {
+            if pause {
+                c.pause(ctx, &Empty::default()).await
+            } else {
+                c.resume(ctx, &Empty::default()).await
+            }
+        })
         .await?;
         let mut inner = lock(&entry.inner);
-        self.transition(&entry, &mut inner, VmState::Running, "resumed")?;
+        self.transition(&entry, &mut inner, to, why)?;
         drop(inner);
         Ok(Self::view(&entry))
     }

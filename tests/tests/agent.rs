@@ -478,3 +478,52 @@ async fn console_stream_replays_output_and_carries_input() {
         "echoed back:\n{seen}"
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn nics_are_attached_to_their_bridge_and_a_missing_bridge_is_an_error() {
+    report_mode("bridge");
+    let agent = TestAgent::new("agent-bridge");
+    let c = agent.clients().await;
+    let bridge = format!("bb{}", std::process::id());
+    let ip = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(ip(&["link", "add", &bridge, "type", "bridge"]));
+    let tap = format!("bt{}br", std::process::id());
+    let mut spec = probe_spec("bridged", 1, "probe.mode=tick");
+    spec.nics.push(pb::Nic {
+        tap: tap.clone(),
+        bridge: bridge.clone(),
+        ..Default::default()
+    });
+    create_and_start(&c, spec).await;
+    let master = std::fs::read_link(format!("/sys/class/net/{tap}/master")).unwrap();
+    assert_eq!(master.file_name().unwrap().to_string_lossy(), bridge);
+
+    let mut spec = probe_spec("orphan", 1, "probe.mode=tick");
+    spec.nics.push(pb::Nic {
+        tap: format!("bt{}or", std::process::id()),
+        bridge: "no-such-br0".into(),
+        ..Default::default()
+    });
+    let req = pb::CreateVmRequest {
+        spec: protobuf::MessageField::some(spec),
+        ..Default::default()
+    };
+    c.vms.create(ctx(), &req).await.unwrap();
+    let (code, msg) = code_of(c.vms.start(ctx(), &vm_ref("orphan")).await);
+    assert_eq!(code, Code::UNAVAILABLE, "{msg}");
+    assert!(msg.contains("no-such-br0"), "{msg}");
+    assert_eq!(state_of(&get(&c, "orphan").await), pb::VmState::CRASHED);
+    let stop = pb::StopVmRequest {
+        id: "bridged".into(),
+        force: true,
+        ..Default::default()
+    };
+    c.vms.stop(ctx(), &stop).await.unwrap();
+    ip(&["link", "del", &bridge]);
+}

@@ -345,6 +345,13 @@ fn bench_net() {
     println!("METRIC net.rx_ratio {rx:.3}");
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -354,11 +361,7 @@ fn bench_api() {
     const CALLS: usize = 10_000;
     const STARTS: usize = 20;
     let agent = TestAgent::new("bench-api");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    runtime().block_on(async {
         let c = agent.clients().await;
         let req = berth_tests::contract::vm::CreateVmRequest {
             spec: protobuf::MessageField::some(probe_spec("probe-get", 1, "probe.mode=tick")),
@@ -413,11 +416,7 @@ fn bench_shares() {
     use berth_tests::contract::vm as pb;
     const WINDOW: Duration = Duration::from_secs(5);
     let agent = TestAgent::new("bench-shares");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    runtime().block_on(async {
         let c = agent.clients().await;
         let burner = |id: &str, weight: u32| {
             let mut spec = probe_spec(id, 1, "probe.mode=burn");

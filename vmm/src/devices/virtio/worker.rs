@@ -77,11 +77,7 @@ impl Worker {
     }
 
     /// Stops the loop and waits for it: after this the device touches no
-    /// guest memory.
-    pub fn stop(mut self) {
-        self.stop_and_join();
-    }
-
+    /// guest memory. Dropping a worker does this.
     fn stop_and_join(&mut self) {
         if let Some(thread) = self.thread.take() {
             let _ = self.stop.write(1);

@@ -141,9 +141,8 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
+        // Dropping the worker stops its thread and waits for it.
+        self.worker = None;
     }
 }
 

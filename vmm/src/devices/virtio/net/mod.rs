@@ -99,9 +99,8 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
+        // Dropping the worker stops its thread and waits for it.
+        self.worker = None;
     }
 }
 
