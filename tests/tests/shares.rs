@@ -315,3 +315,31 @@ async fn drain_blocks_starts_keeps_running_vms_and_survives_a_restart() {
     c.node.undrain(ctx(), &Empty::default()).await.unwrap();
     c.vms.start(ctx(), &vm_ref("waiting")).await.unwrap();
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn with_reserve_on_define_create_refuses_what_would_not_fit() {
+    report_mode("reserve on define");
+    let agent = TestAgent::with_config(
+        "shares-reserve",
+        &format!(
+            "reserved_cpus = {}\ncpu_overcommit = 3.0\nreserve_on_define = true\n",
+            host_cpus() - 1
+        ),
+    );
+    let c = agent.clients().await;
+    let create = |id: &str| pb::CreateVmRequest {
+        spec: protobuf::MessageField::some(probe_spec(id, 1, "probe.mode=tick")),
+        ..Default::default()
+    };
+    for id in ["d1", "d2", "d3"] {
+        c.vms.create(ctx(), &create(id)).await.unwrap();
+    }
+    let (code, msg) = code_of(c.vms.create(ctx(), &create("d4")).await);
+    assert_eq!(code, Code::RESOURCE_EXHAUSTED, "{msg}");
+    assert!(msg.contains("0 of 3 allocatable vCPUs are free"), "{msg}");
+    let cap = c.node.get_capacity(ctx(), &Empty::default()).await.unwrap();
+    assert!(cap.reserve_on_define);
+    assert_eq!((cap.defined_vcpus, cap.free_vcpus), (3, 0));
+    // What was reserved at Create starts without a second count.
+    c.vms.start(ctx(), &vm_ref("d1")).await.unwrap();
+}
