@@ -375,7 +375,9 @@ impl vm_ttrpc::VmService for VmApi {
                 }
                 continue;
             }
-            if input.is_finished() && self.0.get(&id).is_err() {
+            // The client hung up (its side of the stream ended) or the VM
+            // is gone: nobody is left to follow the log for.
+            if input.is_finished() || self.0.get(&id).is_err() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
