@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use berth_proto::common::Empty;
-use berth_proto::vmm::{ConsoleInput as ConsoleInputMsg, VmmInfo, VmmStats};
+use berth_proto::vmm::{
+    ConsoleInput as ConsoleInputMsg, SnapshotReply, SnapshotRequest, VmmInfo, VmmStats,
+};
 use berth_proto::vmm_ttrpc::{create_vmm_service, VmmService};
 use ttrpc::r#async::TtrpcContext;
 
@@ -49,6 +51,10 @@ impl ConsoleInput {
 }
 
 pub struct VmmApi {
+    pub vm: Arc<crate::vstate::vm::Vm>,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub config: crate::config::VmConfig,
+    pub flavour: String,
     pub vcpus: Arc<VcpuSet>,
     pub i8042: Arc<Mutex<I8042>>,
     pub console_in: ConsoleInput,
@@ -74,6 +80,41 @@ fn thread_sched_ns(tid: i32) -> (u64, u64) {
 }
 
 impl VmmApi {
+    /// Pauses (if running), saves every vCPU, the VM and the devices, writes
+    /// the snapshot directory, and resumes if asked to.
+    fn snapshot(&self, dir: &Path, resume: bool) -> Result<SnapshotReply, String> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let started = std::time::Instant::now();
+        let was_paused = self.vcpus.is_paused();
+        if !was_paused {
+            self.vcpus.pause(PAUSE_TIMEOUT).map_err(|e| e.to_string())?;
+        }
+        let result = (|| {
+            let vcpus = self.vcpus.save_states(PAUSE_TIMEOUT)?;
+            let vm = crate::vstate::vcpu_state::save_vm(self.vm.fd()).map_err(|e| e.to_string())?;
+            let memory = self.vm.memory();
+            let snapshot = crate::snapshot::VmSnapshot {
+                cpu_vendor: crate::snapshot::host_cpu_vendor(),
+                kvm_flavour: self.flavour.clone(),
+                config: self.config.clone(),
+                regions: memory.iter().map(|r| (r.start_addr().0, r.len())).collect(),
+                vcpus,
+                vm,
+                serial: lock(&self.serial).state().into(),
+            };
+            crate::snapshot::write(dir, &snapshot, memory).map_err(|e| e.to_string())
+        })();
+        let pause_ms = started.elapsed().as_millis() as u64;
+        if resume && !was_paused {
+            self.vcpus.resume();
+        }
+        Ok(SnapshotReply {
+            pause_ms,
+            memory_bytes: result?,
+            ..Default::default()
+        })
+    }
+
     fn info(&self) -> VmmInfo {
         VmmInfo {
             pid: std::process::id() as i32,
@@ -136,6 +177,22 @@ impl VmmService for VmmApi {
                 .exits
                 .load(std::sync::atomic::Ordering::Relaxed),
             ..Default::default()
+        })
+    }
+
+    async fn snapshot(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SnapshotRequest,
+    ) -> ttrpc::Result<SnapshotReply> {
+        if req.dir.is_empty() {
+            return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                ttrpc::Code::INVALID_ARGUMENT,
+                "snapshot: no directory given",
+            )));
+        }
+        VmmApi::snapshot(self, Path::new(&req.dir), req.resume).map_err(|message| {
+            ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::FAILED_PRECONDITION, message))
         })
     }
 

@@ -12,4 +12,5 @@ pub mod config;
 pub mod devices;
 pub mod exit;
 pub mod fsutil;
+pub mod snapshot;
 pub mod vstate;

@@ -57,6 +57,13 @@ struct Args {
     /// thread starts, so every vCPU and device thread is accounted to it.
     #[arg(long = "cgroup", value_name = "DIR")]
     cgroups: Vec<PathBuf>,
+    /// Restore the VM from this snapshot directory instead of booting; the
+    /// console flags still apply.
+    #[arg(long)]
+    restore: Option<PathBuf>,
+    /// With --restore: keep the guest paused until the API resumes it.
+    #[arg(long)]
+    paused: bool,
     /// KVM device to open.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
@@ -67,6 +74,9 @@ const DEFAULT_MEMORY_MIB: u64 = 128;
 
 fn config_from(args: &Args) -> Result<VmConfig, String> {
     let mut config = match &args.config {
+        _ if args.restore.is_some() => {
+            return Err("internal: restore reads its config from the snapshot".into())
+        }
         Some(path) => VmConfig::from_file(path).map_err(|e| e.to_string())?,
         None => VmConfig {
             vcpus: DEFAULT_VCPUS,
@@ -99,6 +109,18 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
     if let Some(mib) = args.memory_mib {
         config.memory_mib = mib;
     }
+    apply_console_flags(args, &mut config);
+    for spec in &args.disks {
+        config.disks.push(parse_disk(spec)?);
+    }
+    for spec in &args.nics {
+        config.nics.push(parse_nic(spec)?);
+    }
+    Ok(config)
+}
+
+/// The console flags, on top of whatever config they refine.
+fn apply_console_flags(args: &Args, config: &mut VmConfig) {
     if let Some(log) = &args.console_log {
         config.serial.log = Some(log.clone());
     }
@@ -109,13 +131,6 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
         Some("none") => config.serial.input = SerialInput::None,
         Some(path) => config.serial.input = SerialInput::Path(path.into()),
     }
-    for spec in &args.disks {
-        config.disks.push(parse_disk(spec)?);
-    }
-    for spec in &args.nics {
-        config.nics.push(parse_nic(spec)?);
-    }
-    Ok(config)
 }
 
 fn parse_disk(spec: &str) -> Result<DiskConfig, String> {
@@ -204,14 +219,31 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> (i32, String) {
-    let config = match config_from(args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("berth-vmm: error: {e}");
-            return (1, format!("error: {e}"));
-        }
+    let (config, built) = match &args.restore {
+        Some(dir) => match berth_vmm::snapshot::read_state(dir) {
+            Ok(snapshot) => {
+                let mut config = snapshot.config.clone();
+                apply_console_flags(args, &mut config);
+                let built = builder::restore(dir, snapshot, &config, &args.kvm_device);
+                (config, built)
+            }
+            Err(e) => {
+                eprintln!("berth-vmm: error: {e}");
+                return (1, format!("error: {e}"));
+            }
+        },
+        None => match config_from(args) {
+            Ok(c) => {
+                let built = builder::build(&c, &args.kvm_device);
+                (c, built)
+            }
+            Err(e) => {
+                eprintln!("berth-vmm: error: {e}");
+                return (1, format!("error: {e}"));
+            }
+        },
     };
-    let vmm = match builder::build(&config, &args.kvm_device) {
+    let vmm = match built {
         Ok(vmm) => vmm,
         Err(e) => {
             eprintln!("berth-vmm: error: {e}");
@@ -225,7 +257,7 @@ fn run(args: &Args) -> (i32, String) {
         config.memory_mib,
         config.kernel.path.display()
     );
-    match vmm.run(args.api_socket.as_deref()) {
+    match vmm.run(args.api_socket.as_deref(), args.paused) {
         Ok(reason) => {
             eprintln!("berth-vmm: {reason}");
             (reason.exit_code(), reason.to_string())

@@ -74,6 +74,8 @@ pub enum BuildError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error(transparent)]
     Disk(#[from] crate::devices::virtio::block::BlockError),
     #[error(transparent)]
     Tap(#[from] crate::devices::virtio::net::tap::TapError),
@@ -102,7 +104,8 @@ fn host_memory_mib() -> Option<u64> {
 /// A VM ready to run: memory loaded, devices wired, vCPUs configured.
 pub struct Vmm {
     // Owns guest memory and the VM fd; must outlive the vCPU threads.
-    _vm: Vm,
+    vm: Arc<Vm>,
+    config: VmConfig,
     vcpus: Vec<Vcpu>,
     control: Arc<VcpuControl>,
     serial: Arc<Mutex<SerialDevice>>,
@@ -116,6 +119,33 @@ pub struct Vmm {
 }
 
 pub fn build(config: &VmConfig, kvm_device: &Path) -> Result<Vmm, BuildError> {
+    build_vm(config, kvm_device, None)
+}
+
+/// A VM from a snapshot directory: memory mapped privately from its memory
+/// file, vCPU, VM and device state as saved. `config` is the snapshot's own
+/// with the caller's console settings.
+pub fn restore(
+    dir: &Path,
+    snapshot: crate::snapshot::VmSnapshot,
+    config: &VmConfig,
+    kvm_device: &Path,
+) -> Result<Vmm, BuildError> {
+    if !config.disks.is_empty() || !config.nics.is_empty() {
+        return Err(crate::snapshot::SnapshotError::VirtioUnsupported.into());
+    }
+    let memory = crate::snapshot::map_memory(dir, &snapshot.regions)?;
+    build_vm(config, kvm_device, Some((snapshot, memory)))
+}
+
+fn build_vm(
+    config: &VmConfig,
+    kvm_device: &Path,
+    restore: Option<(
+        crate::snapshot::VmSnapshot,
+        crate::vstate::memory::GuestMemory,
+    )>,
+) -> Result<Vmm, BuildError> {
     config.validate()?;
     let kvm_fd = kvm::open(kvm_device)?;
     let flavour = Flavour::detect();
@@ -145,20 +175,33 @@ pub fn build(config: &VmConfig, kvm_device: &Path) -> Result<Vmm, BuildError> {
     }
 
     let mem_size = config.memory_mib << 20;
-    let memory = create_guest_memory(mem_size).map_err(|e| BuildError::GuestMemory {
-        mib: config.memory_mib,
-        message: e.to_string(),
-    })?;
+    let (snapshot, memory) = match restore {
+        Some((snapshot, memory)) => (Some(snapshot), memory),
+        None => (
+            None,
+            create_guest_memory(mem_size).map_err(|e| BuildError::GuestMemory {
+                mib: config.memory_mib,
+                message: e.to_string(),
+            })?,
+        ),
+    };
     let vm = Vm::new(&kvm_fd, memory)?;
     let mem = vm.memory();
 
-    let kernel = boot::load_kernel(mem, &config.kernel.path)?;
-    let initrd = match &config.kernel.initrd {
-        Some(path) => Some(boot::load_initrd(mem, &kernel, path)?),
-        None => None,
+    // A restored guest's memory already holds its kernel and boot tables.
+    let boot_image = match &snapshot {
+        Some(_) => None,
+        None => {
+            let kernel = boot::load_kernel(mem, &config.kernel.path)?;
+            let initrd = match &config.kernel.initrd {
+                Some(path) => Some(boot::load_initrd(mem, &kernel, path)?),
+                None => None,
+            };
+            mptable::setup(mem, config.vcpus)?;
+            regs::write_boot_tables(mem)?;
+            Some((kernel, initrd))
+        }
     };
-    mptable::setup(mem, config.vcpus)?;
-    regs::write_boot_tables(mem)?;
 
     let (exit, exit_rx) = ExitNotifier::new();
     let log = match &config.serial.log {
@@ -170,10 +213,13 @@ pub fn build(config: &VmConfig, kvm_device: &Path) -> Result<Vmm, BuildError> {
         )?),
         None => None,
     };
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        IrqTrigger::new().map_err(io_err("the serial interrupt eventfd"))?,
-        ConsoleOut::new(log, config.serial.stdout),
-    )));
+    let irq = IrqTrigger::new().map_err(io_err("the serial interrupt eventfd"))?;
+    let out = ConsoleOut::new(log, config.serial.stdout);
+    let serial = Arc::new(Mutex::new(match &snapshot {
+        Some(s) => SerialDevice::restore(&(&s.serial).into(), irq, out)
+            .map_err(|e| io_err("the serial device")(std::io::Error::other(e)))?,
+        None => SerialDevice::new(irq, out),
+    }));
     vm.register_irqfd(crate::devices::bus::lock(&serial).irq_eventfd(), COM1_GSI)?;
     let mut pio = Bus::default();
     let i8042 = Arc::new(Mutex::new(I8042::new(
@@ -198,8 +244,18 @@ pub fn build(config: &VmConfig, kvm_device: &Path) -> Result<Vmm, BuildError> {
         .filter(|w| !w.is_empty())
         .collect::<Vec<_>>()
         .join(" ");
-    boot::write_cmdline(mem, &kernel, &cmdline)?;
-    boot::write_zero_page(mem, &kernel, cmdline.len(), initrd, mem_size)?;
+    let entry = match boot_image {
+        Some((kernel, initrd)) => {
+            boot::write_cmdline(mem, &kernel, &cmdline)?;
+            boot::write_zero_page(mem, &kernel, cmdline.len(), initrd, mem_size)?;
+            kernel.entry
+        }
+        None => 0,
+    };
+    let msr_indices = Arc::new(
+        crate::vstate::vcpu_state::msr_indices(&kvm_fd)
+            .map_err(|e| io_err("the MSR list")(std::io::Error::other(e.to_string())))?,
+    );
 
     let supported = kvm_fd
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -216,9 +272,18 @@ pub fn build(config: &VmConfig, kvm_device: &Path) -> Result<Vmm, BuildError> {
         fd.set_cpuid2(&cpuid)
             .map_err(kvm_err("set a vCPU's CPUID"))?;
         regs::setup_common(&fd)?;
-        // APs stay in KVM's wait-for-SIPI state until the guest starts them.
-        if index == 0 {
-            regs::setup_boot_regs(&fd, kernel.entry)?;
+        match &snapshot {
+            Some(s) => {
+                let state = s.vcpus.get(index as usize).ok_or_else(|| {
+                    io_err("the vCPU state")(std::io::Error::other("the snapshot has fewer vCPUs"))
+                })?;
+                crate::vstate::vcpu_state::restore(&kvm_fd, &fd, state).map_err(|e| {
+                    io_err("a vCPU's saved state")(std::io::Error::other(e.to_string()))
+                })?;
+            }
+            // APs stay in KVM's wait-for-SIPI state until the guest starts them.
+            None if index == 0 => regs::setup_boot_regs(&fd, entry)?,
+            None => {}
         }
         vcpus.push(Vcpu::new(
             index,
@@ -227,11 +292,17 @@ pub fn build(config: &VmConfig, kvm_device: &Path) -> Result<Vmm, BuildError> {
             mmio.clone(),
             exit.clone(),
             control.clone(),
+            msr_indices.clone(),
         ));
+    }
+    if let Some(s) = &snapshot {
+        crate::vstate::vcpu_state::restore_vm(vm.fd(), &s.vm)
+            .map_err(|e| io_err("the VM's saved state")(std::io::Error::other(e.to_string())))?;
     }
 
     Ok(Vmm {
-        _vm: vm,
+        vm: Arc::new(vm),
+        config: config.clone(),
         vcpus,
         control,
         serial,
@@ -249,7 +320,11 @@ impl Vmm {
     /// Runs the guest until something ends it; returns why. With
     /// `api_socket`, serves the VmmService (pause, resume, shutdown, stop,
     /// stats, console input) there while it runs.
-    pub fn run(self, api_socket: Option<&Path>) -> Result<ExitReason, BuildError> {
+    pub fn run(
+        self,
+        api_socket: Option<&Path>,
+        start_paused: bool,
+    ) -> Result<ExitReason, BuildError> {
         vcpu::install_kick_handler().map_err(io_err("the vCPU kick signal"))?;
         let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(io_err("signal handling"))?;
         let on_signal = self.exit.clone();
@@ -264,6 +339,9 @@ impl Vmm {
 
         self.spawn_input()?;
 
+        if start_paused {
+            self.control.start_paused();
+        }
         let vcpus = Arc::new(
             VcpuSet::start(self.vcpus, self.control.clone()).map_err(io_err("a vCPU thread"))?,
         );
@@ -278,6 +356,10 @@ impl Vmm {
                 vcpu_count: self.vcpu_count,
                 memory_mib: self.memory_mib,
                 started_at_ms: crate::api::now_ms(),
+                vm: self.vm.clone(),
+                serial: self.serial.clone(),
+                config: self.config.clone(),
+                flavour: self.flavour.to_string(),
             };
             crate::api::serve(path, api).map_err(|source| BuildError::ApiSocket {
                 path: path.to_owned(),

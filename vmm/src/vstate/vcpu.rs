@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::vcpu_state;
 use crate::devices::bus::Bus;
 use crate::exit::{ExitNotifier, ExitReason};
+use crate::snapshot::state::VcpuState;
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
@@ -44,18 +46,33 @@ pub struct VcpuControl {
 struct PauseState {
     paused: bool,
     parked: usize,
+    /// Raised to ask every parked vCPU to save its state into `saved`.
+    save_generation: u64,
+    saved: Vec<Option<Result<VcpuState, String>>>,
 }
 
 impl VcpuControl {
-    /// Parks the calling vCPU thread while the VM is paused.
-    fn park_while_paused(&self, exit: &ExitNotifier) {
+    /// Parks the calling vCPU thread while the VM is paused, saving its
+    /// state when a snapshot asks for it (only the thread that runs a vCPU
+    /// may touch its fd).
+    fn park_while_paused(&self, exit: &ExitNotifier, vcpu: &Vcpu) {
         let mut state = crate::devices::bus::lock(&self.state);
         if !state.paused {
             return;
         }
         state.parked += 1;
         self.changed.notify_all();
+        let mut generation = state.save_generation;
         while state.paused && !exit.stopping() {
+            if state.save_generation != generation {
+                generation = state.save_generation;
+                let saved =
+                    vcpu_state::save(&vcpu.fd, &vcpu.msr_indices).map_err(|e| e.to_string());
+                if let Some(slot) = state.saved.get_mut(vcpu.index as usize) {
+                    *slot = Some(saved);
+                }
+                self.changed.notify_all();
+            }
             state = self
                 .changed
                 .wait_timeout(state, Duration::from_millis(100))
@@ -64,6 +81,12 @@ impl VcpuControl {
         }
         state.parked -= 1;
         self.changed.notify_all();
+    }
+
+    /// The vCPU threads park as soon as they start (a restore that stays
+    /// paused).
+    pub fn start_paused(&self) {
+        crate::devices::bus::lock(&self.state).paused = true;
     }
 
     pub fn tids(&self) -> Vec<i32> {
@@ -134,6 +157,37 @@ impl VcpuSet {
         crate::devices::bus::lock(&self.control.state).paused
     }
 
+    /// Every vCPU's state, saved by its own (parked) thread. The VM must be
+    /// paused.
+    pub fn save_states(&self, timeout: Duration) -> Result<Vec<VcpuState>, String> {
+        let total = crate::devices::bus::lock(&self.threads).len();
+        let deadline = Instant::now() + timeout;
+        let mut state = crate::devices::bus::lock(&self.control.state);
+        if !state.paused {
+            return Err("the VM is not paused".into());
+        }
+        state.saved = (0..total).map(|_| None).collect();
+        state.save_generation += 1;
+        self.control.changed.notify_all();
+        while state.saved.iter().any(Option::is_none) {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the vCPUs did not save their state within {timeout:?}"
+                ));
+            }
+            state = self
+                .control
+                .changed
+                .wait_timeout(state, Duration::from_millis(10))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        std::mem::take(&mut state.saved)
+            .into_iter()
+            .map(|s| s.expect("every slot filled"))
+            .collect()
+    }
+
     /// Ends every vCPU thread (the VM is over).
     pub fn stop_all(&self, timeout: Duration) {
         self.control.changed.notify_all();
@@ -149,6 +203,8 @@ pub struct Vcpu {
     mmio: Arc<Bus>,
     exit: ExitNotifier,
     control: Arc<VcpuControl>,
+    /// MSRs a snapshot saves.
+    msr_indices: Arc<Vec<u32>>,
 }
 
 impl Vcpu {
@@ -159,6 +215,7 @@ impl Vcpu {
         mmio: Arc<Bus>,
         exit: ExitNotifier,
         control: Arc<VcpuControl>,
+        msr_indices: Arc<Vec<u32>>,
     ) -> Self {
         Vcpu {
             index,
@@ -167,6 +224,7 @@ impl Vcpu {
             mmio,
             exit,
             control,
+            msr_indices,
         }
     }
 
@@ -222,7 +280,7 @@ impl Vcpu {
     /// thread already ended it.
     fn run_until_stopped(&mut self) -> Option<ExitReason> {
         loop {
-            self.control.park_while_paused(&self.exit);
+            self.control.park_while_paused(&self.exit, self);
             if self.exit.stopping() {
                 return None;
             }

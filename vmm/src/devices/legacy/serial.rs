@@ -119,6 +119,21 @@ impl SerialDevice {
         }
     }
 
+    /// A device continuing from a snapshot's registers and FIFO.
+    pub fn restore(
+        state: &vm_superio::serial::SerialState,
+        irq: IrqTrigger,
+        out: ConsoleOut,
+    ) -> Result<Self, String> {
+        Serial::from_state(state, irq, NoEvents, out)
+            .map(|serial| SerialDevice { serial })
+            .map_err(|e| format!("invalid serial state: {e:?}"))
+    }
+
+    pub fn state(&self) -> vm_superio::serial::SerialState {
+        self.serial.state()
+    }
+
     pub fn irq_eventfd(&self) -> &EventFd {
         self.serial.interrupt_evt().eventfd()
     }

@@ -1,0 +1,173 @@
+//! Snapshots of a running probe guest, restored into new berth-vmm
+//! processes: the guest continues exactly where it stopped (its counter,
+//! kept in guest memory, goes on from the next value), and a damaged
+//! snapshot is refused with a clear error.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use berth_tests::contract::common::Empty;
+use berth_tests::contract::vmm::SnapshotRequest;
+use berth_tests::contract::vmm_ttrpc::VmmServiceClient;
+use berth_tests::*;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn ticks(stdout: &str) -> Vec<u64> {
+    stdout
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("PROBE tick "))
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+async fn client(socket: &Path) -> VmmServiceClient {
+    let c = ttrpc::r#async::Client::connect(&format!("unix://{}", socket.display()))
+        .await
+        .expect("connect to the VMM");
+    VmmServiceClient::new(c)
+}
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(30_000_000_000)
+}
+
+/// Boots the probe in tick mode, snapshots it after a few ticks, stops it.
+/// Returns the snapshot directory and the last tick the guest printed.
+async fn take_snapshot(test: &str) -> (PathBuf, u64) {
+    let dir = scratch_dir(test);
+    let socket = dir.join("vmm.sock");
+    let mut cmd = vmm_command(&probe_elf(), 2, 64, "probe.mode=tick");
+    cmd.arg("--api-socket").arg(&socket);
+    let mut vm = Running::spawn(cmd);
+    vm.wait_for_output("PROBE tick 5", TIMEOUT);
+    let c = client(&socket).await;
+    let snap = dir.join("snap");
+    let req = SnapshotRequest {
+        dir: snap.display().to_string(),
+        resume: false,
+        ..Default::default()
+    };
+    let reply = c.snapshot(ctx(), &req).await.expect("snapshot");
+    assert_eq!(reply.memory_bytes, 64 << 20);
+    eprintln!("snapshot paused the guest for {} ms", reply.pause_ms);
+    let info = c.info(ctx(), &Empty::default()).await.unwrap();
+    assert_eq!(info.state, "paused", "resume=false leaves it paused");
+    c.stop(ctx(), &Empty::default()).await.unwrap();
+    let out = vm.wait(TIMEOUT);
+    assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+    let last = *ticks(&out.stdout)
+        .last()
+        .expect("ticks before the snapshot");
+    (snap, last)
+}
+
+fn restore(snap: &Path) -> Running {
+    let mut cmd = Command::new(vmm_binary());
+    cmd.arg("--restore")
+        .arg(snap)
+        .args(["--console-stdout", "--console-in", "stdin"]);
+    Running::spawn(cmd)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_restored_guest_continues_where_it_stopped() {
+    report_mode("snapshot restore");
+    let (snap, last) = take_snapshot("snapshot-restore").await;
+    assert!(snap.join("state.json").exists() && snap.join("memory.img").exists());
+    // Sparse: far fewer blocks than the 64 MiB it stands for.
+    let blocks = std::fs::metadata(snap.join("memory.img"))
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+        .unwrap();
+    assert!(blocks < 16 << 20, "memory file uses {blocks} bytes on disk");
+
+    // Three VMs from the same snapshot, each continuing the same count.
+    for round in 0..3 {
+        let mut vm = restore(&snap);
+        vm.wait_for_output(&format!("PROBE tick {}", last + 3), TIMEOUT);
+        vm.write_stdin(b"q");
+        let out = vm.wait(TIMEOUT);
+        let ctx = out.describe();
+        let after = ticks(&out.stdout);
+        assert_eq!(
+            after.first(),
+            Some(&(last + 1)),
+            "round {round}: the count continues\n{ctx}"
+        );
+        assert!(
+            after.windows(2).all(|w| w[1] == w[0] + 1),
+            "round {round}: no tick lost or repeated\n{ctx}"
+        );
+        assert!(
+            !out.stdout.contains("PROBE hello"),
+            "it did not boot again\n{ctx}"
+        );
+        assert!(
+            out.stdout.contains("PROBE tick stopped at"),
+            "console input works\n{ctx}"
+        );
+        assert!(out.stdout.contains("PROBE done"), "{ctx}");
+        assert_eq!(out.status.code(), Some(0), "{ctx}");
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_damaged_snapshot_is_refused_with_a_clear_error() {
+    report_mode("snapshot damage");
+    let (snap, _) = take_snapshot("snapshot-damage").await;
+    let state = std::fs::read(snap.join("state.json")).unwrap();
+    let memory_len = std::fs::metadata(snap.join("memory.img")).unwrap().len();
+    let newline = state.iter().position(|&b| b == b'\n').unwrap();
+    let header = String::from_utf8(state[..newline].to_vec()).unwrap();
+
+    let refuse = |what: &str, needle: &str| {
+        let out = restore(&snap).wait(TIMEOUT);
+        assert_eq!(out.status.code(), Some(1), "{what}:\n{}", out.describe());
+        assert!(
+            out.stderr.contains(needle),
+            "{what}: expected {needle:?}\n{}",
+            out.describe()
+        );
+    };
+    let put_state = |bytes: &[u8]| std::fs::write(snap.join("state.json"), bytes).unwrap();
+
+    let mut flipped = state.clone();
+    flipped[newline + 40] ^= 0x01;
+    put_state(&flipped);
+    refuse("a flipped byte", "is corrupt: checksum mismatch");
+
+    let mut versioned = header.replacen(" 1.0.0 ", " 9.0.0 ", 1).into_bytes();
+    versioned.extend_from_slice(&state[newline..]);
+    put_state(&versioned);
+    refuse("a newer format", "snapshot format 9.0.0 cannot be restored");
+
+    let vendor = header
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("vendor="))
+        .unwrap()
+        .to_string();
+    let mut faked = header
+        .replace(&format!("vendor={vendor}"), "vendor=FakeVendorXYZ")
+        .into_bytes();
+    faked.extend_from_slice(&state[newline..]);
+    put_state(&faked);
+    refuse("another CPU vendor", "this host has a");
+
+    let mut bad_magic = state.clone();
+    bad_magic[0] = b'X';
+    put_state(&bad_magic);
+    refuse("a wrong magic", "is not a Berth snapshot");
+
+    put_state(&state);
+    std::fs::File::options()
+        .write(true)
+        .open(snap.join("memory.img"))
+        .unwrap()
+        .set_len(memory_len / 2)
+        .unwrap();
+    refuse(
+        "a truncated memory file",
+        &format!("the snapshot needs {memory_len}"),
+    );
+}

@@ -1,0 +1,233 @@
+//! Snapshots: a directory with a state file and a memory file.
+//!
+//! `state.json` starts with a header line — magic, format version, the
+//! berth version, the host CPU vendor, the KVM flavour and a checksum of
+//! the rest — followed by the encoded state (vCPUs, VM, devices, config).
+//! `memory.img` holds guest RAM, regions back to back, with all-zero pages
+//! left as holes (a sparse file). Both are written under a temporary
+//! directory name and renamed into place, so a crash mid-snapshot never
+//! leaves something that looks valid.
+//!
+//! Restore order (see `vstate::vcpu_state` for the per-vCPU order):
+//! memory (mapped MAP_PRIVATE from the memory file, so restore does not read
+//! it) → VM (memory slots, TSS, irqchip, PIT) → vCPUs created and their
+//! state set → irqchip, PIT and clock state → devices from their state.
+
+pub mod state;
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
+};
+
+use crate::vstate::memory::GuestMemory;
+pub use state::VmSnapshot;
+
+pub const MAGIC: &str = "BERTH-SNAPSHOT";
+/// Semver of the snapshot format, independent of the crate's version.
+pub const FORMAT_VERSION: &str = "1.0.0";
+pub const STATE_FILE: &str = "state.json";
+pub const MEMORY_FILE: &str = "memory.img";
+const PAGE: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot {what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} is not a Berth snapshot (bad magic)")]
+    BadMagic(PathBuf),
+    #[error(
+        "snapshot format {found} cannot be restored by this berth-vmm (format {FORMAT_VERSION})"
+    )]
+    Version { found: String },
+    #[error("snapshot state {0} is corrupt: checksum mismatch")]
+    Checksum(PathBuf),
+    #[error("snapshot state {path} cannot be decoded: {message}")]
+    Decode { path: PathBuf, message: String },
+    #[error("snapshot was taken on a {taken} CPU; this host has a {here} CPU")]
+    CpuVendor { taken: String, here: String },
+    #[error("memory file {path} is {found} bytes; the snapshot needs {expected}")]
+    MemorySize {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+    #[error("cannot map the memory file: {0}")]
+    Map(String),
+    #[error("snapshots of VMs with virtio devices are not supported yet")]
+    VirtioUnsupported,
+    #[error("cannot read guest memory: {0}")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let path = path.to_owned();
+    move |source| SnapshotError::Io { what, path, source }
+}
+
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// The host CPU's vendor string (GenuineIntel, AuthenticAMD).
+pub fn host_cpu_vendor() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("vendor_id"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Writes guest RAM, regions back to back, skipping all-zero pages.
+fn write_memory(mem: &GuestMemory, path: &Path) -> Result<u64, SnapshotError> {
+    let file = File::create(path).map_err(io("create", path))?;
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    file.set_len(total).map_err(io("size", path))?;
+    let mut offset = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    let zero = [0u8; PAGE];
+    for region in mem.iter() {
+        let base = region.start_addr().0;
+        let mut done = 0u64;
+        while done < region.len() {
+            let n = (region.len() - done).min(buf.len() as u64) as usize;
+            mem.read_slice(&mut buf[..n], GuestAddress(base + done))?;
+            for (i, page) in buf[..n].chunks(PAGE).enumerate() {
+                if page != &zero[..page.len()] {
+                    let at = offset + done + (i * PAGE) as u64;
+                    file.write_all_at(page, at).map_err(io("write", path))?;
+                }
+            }
+            done += n as u64;
+        }
+        offset += region.len();
+    }
+    file.sync_all().map_err(io("sync", path))?;
+    Ok(total)
+}
+
+/// Writes a snapshot directory atomically: everything goes to `<dir>.tmp`,
+/// which is renamed to `dir` last.
+pub fn write(dir: &Path, state: &VmSnapshot, mem: &GuestMemory) -> Result<u64, SnapshotError> {
+    if !state.config.disks.is_empty() || !state.config.nics.is_empty() {
+        return Err(SnapshotError::VirtioUnsupported);
+    }
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io("create", &tmp))?;
+    let bytes = write_memory(mem, &tmp.join(MEMORY_FILE))?;
+    let body = serde_json::to_vec(state).expect("plain data serialises");
+    let header = format!(
+        "{MAGIC} {FORMAT_VERSION} berth={} vendor={} kvm={} checksum={:016x}\n",
+        env!("CARGO_PKG_VERSION"),
+        state.cpu_vendor,
+        state.kvm_flavour,
+        fnv1a(&body)
+    );
+    let mut text = header.into_bytes();
+    text.extend_from_slice(&body);
+    crate::fsutil::write_atomic(&tmp.join(STATE_FILE), &text).map_err(io("write", &tmp))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(io("replace", dir))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(io("rename into", dir))?;
+    if let Some(parent) = dir.parent() {
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync", parent))?;
+    }
+    Ok(bytes)
+}
+
+/// Reads and checks a snapshot's state: magic, version, checksum, CPU vendor.
+pub fn read_state(dir: &Path) -> Result<VmSnapshot, SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read(&path).map_err(io("read", &path))?;
+    let newline = text
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| SnapshotError::BadMagic(path.clone()))?;
+    let header = String::from_utf8_lossy(&text[..newline]).into_owned();
+    let body = &text[newline + 1..];
+    let mut words = header.split_whitespace();
+    if words.next() != Some(MAGIC) {
+        return Err(SnapshotError::BadMagic(path));
+    }
+    let version = words.next().unwrap_or_default().to_string();
+    if version.split('.').next() != FORMAT_VERSION.split('.').next() {
+        return Err(SnapshotError::Version { found: version });
+    }
+    let field = |key: &str| {
+        header
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or_default()
+            .to_string()
+    };
+    if field("checksum=") != format!("{:016x}", fnv1a(body)) {
+        return Err(SnapshotError::Checksum(path));
+    }
+    let state: VmSnapshot = serde_json::from_slice(body).map_err(|e| SnapshotError::Decode {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let here = host_cpu_vendor();
+    if state.cpu_vendor != here || field("vendor=") != here {
+        return Err(SnapshotError::CpuVendor {
+            taken: state.cpu_vendor.clone(),
+            here,
+        });
+    }
+    Ok(state)
+}
+
+/// Maps the memory file privately: pages are read when the guest touches
+/// them, and its writes never reach the snapshot.
+pub fn map_memory(dir: &Path, regions: &[(u64, u64)]) -> Result<GuestMemory, SnapshotError> {
+    let path = dir.join(MEMORY_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .open(&path)
+        .map_err(io("open", &path))?;
+    let expected: u64 = regions.iter().map(|r| r.1).sum();
+    let found = file.metadata().map_err(io("stat", &path))?.len();
+    if found != expected {
+        return Err(SnapshotError::MemorySize {
+            path,
+            found,
+            expected,
+        });
+    }
+    let mut offset = 0u64;
+    let mut mapped = Vec::new();
+    for &(start, size) in regions {
+        let file = file.try_clone().map_err(io("open", &path))?;
+        let mapping = MmapRegionBuilder::new_with_bitmap(
+            size as usize,
+            AtomicBitmap::with_len(size as usize),
+        )
+        .with_file_offset(FileOffset::new(file, offset))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+        .build()
+        .map_err(|e| SnapshotError::Map(e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start))
+            .ok_or_else(|| SnapshotError::Map("region overflows the address space".into()))?;
+        mapped.push(region);
+        offset += size;
+    }
+    GuestMemory::from_regions(mapped).map_err(|e| SnapshotError::Map(e.to_string()))
+}
