@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod cpio;
 pub mod harness;
+pub mod net;
 
 /// berth.v1 as generated here from the .proto files.
 #[allow(

@@ -171,3 +171,115 @@ async fn a_damaged_snapshot_is_refused_with_a_clear_error() {
         &format!("the snapshot needs {memory_len}"),
     );
 }
+
+/// Snapshots `vm` (whose API socket is `socket`) into `snap`, paused, and
+/// stops it.
+async fn snapshot_and_stop(vm: Running, socket: &Path, snap: &Path) {
+    let c = client(socket).await;
+    let req = SnapshotRequest {
+        dir: snap.display().to_string(),
+        resume: false,
+        ..Default::default()
+    };
+    c.snapshot(ctx(), &req).await.expect("snapshot");
+    c.stop(ctx(), &Empty::default()).await.unwrap();
+    let out = vm.wait(TIMEOUT);
+    assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_restored_guest_keeps_using_its_disk() {
+    report_mode("snapshot with a disk");
+    let dir = scratch_dir("snapshot-disk");
+    let disk = dir.join("disk.img");
+    let host: Vec<u8> = (0..512 * 128).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&disk, &host).unwrap();
+    let socket = dir.join("vmm.sock");
+    let mut cmd = vmm_command(
+        &probe_elf(),
+        1,
+        64,
+        "probe.mode=blk probe.blk_hold=1 probe.blk_write=8:16:5 probe.blk_read=64:8",
+    );
+    cmd.arg("--disk")
+        .arg(format!("{},serial=snapdisk", disk.display()));
+    cmd.arg("--api-socket").arg(&socket);
+    let mut vm = Running::spawn(cmd);
+    vm.wait_for_output("PROBE blk dev=0 holding", TIMEOUT);
+    let snap = dir.join("snap");
+    snapshot_and_stop(vm, &socket, &snap).await;
+
+    // The guest set the device up before the snapshot; it resumes using it.
+    let mut vm = restore(&snap);
+    vm.write_stdin(b"x");
+    let out = vm.wait(TIMEOUT);
+    let ctx = out.describe();
+    assert!(
+        out.stdout
+            .contains("PROBE blk dev=0 write start=8 count=16 status=0"),
+        "{ctx}"
+    );
+    assert!(out.stdout.contains("PROBE blk dev=0 verify ok"), "{ctx}");
+    let fnv = host[64 * 512..72 * 512]
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+        });
+    assert!(
+        out.stdout
+            .contains(&format!("read start=64 count=8 status=0 fnv={fnv:016x}")),
+        "{ctx}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{ctx}");
+    let after = std::fs::read(&disk).unwrap();
+    for s in 8..24u64 {
+        for i in 0..512u64 {
+            let want = (5 + s * 131 + i * 7) as u8;
+            assert_eq!(
+                after[(s * 512 + i) as usize],
+                want,
+                "sector {s} byte {i} written after restore"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_restored_guest_keeps_receiving_on_its_tap() {
+    use berth_tests::net::{net_peer, TestTap};
+    report_mode("snapshot with a tap");
+    let dir = scratch_dir("snapshot-net");
+    let tap = TestTap::create("s");
+    let mut peer = net_peer(&tap.0);
+    let socket = dir.join("vmm.sock");
+    let mac = "52:54:00:00:5a:01";
+    let mut cmd = vmm_command(&probe_elf(), 1, 64, "probe.mode=net probe.net_rx=2");
+    cmd.arg("--nic").arg(format!("tap={},mac={mac}", tap.0));
+    cmd.arg("--api-socket").arg(&socket);
+    let mut vm = Running::spawn(cmd);
+    vm.wait_for_output("PROBE net rx ready", TIMEOUT);
+    let snap = dir.join("snap");
+    snapshot_and_stop(vm, &socket, &snap).await;
+
+    // Its receive buffers were posted before the snapshot; frames sent now
+    // land in them.
+    let vm = restore(&snap);
+    std::thread::sleep(Duration::from_millis(300));
+    peer.write_stdin(
+        format!("send {mac} AFTER-RESTORE 1\nsend {mac} AFTER-RESTORE 2\n").as_bytes(),
+    );
+    let out = vm.wait(TIMEOUT);
+    let ctx = out.describe();
+    assert!(
+        out.stdout
+            .contains("PROBE net rx len=60 payload=AFTER-RESTORE 1"),
+        "{ctx}"
+    );
+    assert!(
+        out.stdout
+            .contains("PROBE net rx len=60 payload=AFTER-RESTORE 2"),
+        "{ctx}"
+    );
+    assert!(out.stdout.contains("PROBE net rx done got=2"), "{ctx}");
+    assert_eq!(out.status.code(), Some(0), "{ctx}");
+}

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use berth_tests::net::{net_peer, TestTap};
 use berth_tests::*;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -151,41 +152,6 @@ fn read_only_disk_refuses_writes_and_two_disks_stay_independent() {
         "{ctx}"
     );
     assert_eq!(out.status.code(), Some(0), "{ctx}");
-}
-
-/// A tap made for one test, up, and deleted when the test ends.
-struct TestTap(String);
-
-impl TestTap {
-    fn create(suffix: &str) -> TestTap {
-        let name = format!("bt{}{suffix}", std::process::id());
-        let ip = |args: &[&str]| {
-            let ok = Command::new("ip")
-                .args(args)
-                .status()
-                .expect("ip (iproute2)")
-                .success();
-            assert!(ok, "ip {args:?} failed");
-        };
-        ip(&["tuntap", "add", "dev", &name, "mode", "tap"]);
-        ip(&["link", "set", &name, "up"]);
-        TestTap(name)
-    }
-}
-
-impl Drop for TestTap {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
-    }
-}
-
-fn net_peer(tap: &str) -> Running {
-    let mut cmd = Command::new("python3");
-    cmd.arg(repo_root().join("tests/support/net_peer.py"))
-        .arg(tap);
-    let mut peer = Running::spawn(cmd);
-    peer.wait_for_output("READY", TIMEOUT);
-    peer
 }
 
 #[test]

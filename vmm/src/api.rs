@@ -55,6 +55,7 @@ pub struct VmmApi {
     pub serial: Arc<Mutex<SerialDevice>>,
     pub config: crate::config::VmConfig,
     pub flavour: String,
+    pub transports: crate::builder::Transports,
     pub vcpus: Arc<VcpuSet>,
     pub i8042: Arc<Mutex<I8042>>,
     pub console_in: ConsoleInput,
@@ -89,6 +90,12 @@ impl VmmApi {
         if !was_paused {
             self.vcpus.pause(PAUSE_TIMEOUT).map_err(|e| e.to_string())?;
         }
+        // Devices stop too, so nothing writes guest memory while it is saved.
+        let virtio: Vec<_> = self
+            .transports
+            .iter()
+            .map(|t| lock(t).quiesce_for_snapshot())
+            .collect();
         let result = (|| {
             let vcpus = self.vcpus.save_states(PAUSE_TIMEOUT)?;
             let vm = crate::vstate::vcpu_state::save_vm(self.vm.fd()).map_err(|e| e.to_string())?;
@@ -101,9 +108,13 @@ impl VmmApi {
                 vcpus,
                 vm,
                 serial: lock(&self.serial).state().into(),
+                virtio,
             };
             crate::snapshot::write(dir, &snapshot, memory).map_err(|e| e.to_string())
         })();
+        for t in &self.transports {
+            lock(t).resume_device();
+        }
         let pause_ms = started.elapsed().as_millis() as u64;
         if resume && !was_paused {
             self.vcpus.resume();

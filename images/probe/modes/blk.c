@@ -118,6 +118,7 @@ static void run(const char *cmdline) {
             pr("PROBE blk error=bad_blk_read\n");
     }
     int oob = probe_arg_u64(cmdline, "blk_oob", 0) != 0;
+    int hold = probe_arg_u64(cmdline, "blk_hold", 0) != 0;
 
     virtio_scan(cmdline);
     int di = 0;
@@ -133,6 +134,12 @@ static void run(const char *cmdline) {
         uint64_t cap = blk_capacity(d);
         pr("PROBE blk dev=%d capacity=%lu ro=%d", di, cap, (d->offered & VIRTIO_BLK_F_RO) ? 1 : 0);
         print_id(d);
+        if (hold) {
+            /* The device is live; wait for a byte (a snapshot can be taken
+             * and restored meanwhile) before touching it again. */
+            pr("PROBE blk dev=%d holding\n", di);
+            serial_getc();
+        }
         if (have_write)
             do_write(d, di, wr[0], wr[1], wr[2]);
         if (have_read)

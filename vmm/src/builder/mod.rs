@@ -3,6 +3,7 @@
 //! and configures each vCPU. `Vmm::run` then starts the threads.
 
 mod virtio;
+pub use virtio::Transports;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -106,6 +107,7 @@ pub struct Vmm {
     // Owns guest memory and the VM fd; must outlive the vCPU threads.
     vm: Arc<Vm>,
     config: VmConfig,
+    transports: virtio::Transports,
     vcpus: Vec<Vcpu>,
     control: Arc<VcpuControl>,
     serial: Arc<Mutex<SerialDevice>>,
@@ -131,9 +133,6 @@ pub fn restore(
     config: &VmConfig,
     kvm_device: &Path,
 ) -> Result<Vmm, BuildError> {
-    if !config.disks.is_empty() || !config.nics.is_empty() {
-        return Err(crate::snapshot::SnapshotError::VirtioUnsupported.into());
-    }
     let memory = crate::snapshot::map_memory(dir, &snapshot.regions)?;
     build_vm(config, kvm_device, Some((snapshot, memory)))
 }
@@ -235,7 +234,24 @@ fn build_vm(
         .map_err(|e| io_err("the port I/O bus")(std::io::Error::other(e)))?;
     let pio = Arc::new(pio);
     let mut mmio = Bus::default();
-    let device_words = virtio::attach_devices(&vm, &config.disks, &config.nics, &mut mmio)?;
+    let (device_words, transports) =
+        virtio::attach_devices(&vm, &config.disks, &config.nics, &mut mmio)?;
+    if let Some(s) = &snapshot {
+        if s.virtio.len() != transports.len() {
+            return Err(io_err("the virtio devices")(std::io::Error::other(
+                format!(
+                    "the snapshot has {} virtio devices, the config {}",
+                    s.virtio.len(),
+                    transports.len()
+                ),
+            )));
+        }
+        for (transport, state) in transports.iter().zip(&s.virtio) {
+            crate::devices::bus::lock(transport)
+                .restore(state)
+                .map_err(|e| io_err("a virtio device's state")(std::io::Error::other(e)))?;
+        }
+    }
     let mmio = Arc::new(mmio);
 
     // The user's command line, then the words that announce our devices.
@@ -303,6 +319,7 @@ fn build_vm(
     Ok(Vmm {
         vm: Arc::new(vm),
         config: config.clone(),
+        transports,
         vcpus,
         control,
         serial,
@@ -360,6 +377,7 @@ impl Vmm {
                 serial: self.serial.clone(),
                 config: self.config.clone(),
                 flavour: self.flavour.to_string(),
+                transports: self.transports.clone(),
             };
             crate::api::serve(path, api).map_err(|source| BuildError::ApiSocket {
                 path: path.to_owned(),

@@ -57,14 +57,16 @@ fn nic_device(index: usize, nic: &NicConfig) -> Result<Box<dyn VirtioDevice>, Bu
     Ok(Box::new(Net::new(tap, mac)))
 }
 
+pub type Transports = Vec<Arc<Mutex<MmioTransport>>>;
+
 /// Creates every disk and NIC, wires it into `mmio` and KVM, and returns
-/// the command-line words that announce them.
+/// the command-line words that announce them and the transports.
 pub fn attach_devices(
     vm: &Vm,
     disks: &[DiskConfig],
     nics: &[NicConfig],
     mmio: &mut Bus,
-) -> Result<Vec<String>, BuildError> {
+) -> Result<(Vec<String>, Transports), BuildError> {
     let count = disks.len() + nics.len();
     if count > MAX_DEVICES {
         return Err(BuildError::TooManyDevices(count));
@@ -78,6 +80,7 @@ pub fn attach_devices(
     }
 
     let mut cmdline = Vec::with_capacity(count);
+    let mut transports = Vec::with_capacity(count);
     for (slot, device) in devices.into_iter().enumerate() {
         let base = MMIO_GAP_START + slot as u64 * MMIO_WINDOW;
         let irq = FIRST_IRQ + slot as u32;
@@ -95,12 +98,14 @@ pub fn attach_devices(
                     source,
                 })?;
         }
-        mmio.insert(base, MMIO_WINDOW, Arc::new(Mutex::new(transport)))
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(base, MMIO_WINDOW, transport.clone())
             .map_err(|e| BuildError::Io {
                 what: "the MMIO bus",
                 source: std::io::Error::other(e),
             })?;
+        transports.push(transport);
         cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
     }
-    Ok(cmdline)
+    Ok((cmdline, transports))
 }

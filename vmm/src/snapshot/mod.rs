@@ -63,8 +63,6 @@ pub enum SnapshotError {
     },
     #[error("cannot map the memory file: {0}")]
     Map(String),
-    #[error("snapshots of VMs with virtio devices are not supported yet")]
-    VirtioUnsupported,
     #[error("cannot read guest memory: {0}")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
 }
@@ -122,9 +120,6 @@ fn write_memory(mem: &GuestMemory, path: &Path) -> Result<u64, SnapshotError> {
 /// Writes a snapshot directory atomically: everything goes to `<dir>.tmp`,
 /// which is renamed to `dir` last.
 pub fn write(dir: &Path, state: &VmSnapshot, mem: &GuestMemory) -> Result<u64, SnapshotError> {
-    if !state.config.disks.is_empty() || !state.config.nics.is_empty() {
-        return Err(SnapshotError::VirtioUnsupported);
-    }
     let tmp = dir.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io("create", &tmp))?;

@@ -19,6 +19,8 @@ pub struct VmSnapshot {
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
     pub serial: SerialSnapshot,
+    /// Each virtio-mmio transport, in the order the config lists devices.
+    pub virtio: Vec<crate::devices::virtio::mmio::TransportSnapshot>,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{status, ActiveQueue, DeviceSignals, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{status, ActiveQueue, DeviceSignals, QueueSnapshot, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
 use crate::vstate::memory::GuestMemory;
 
@@ -44,7 +44,75 @@ pub enum TransportError {
     QueueSize(u16),
 }
 
+/// A transport's registers and queues, as a snapshot keeps them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportSnapshot {
+    pub device_type: u32,
+    pub status: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub interrupt_status: u32,
+    pub needs_reset: bool,
+    pub queues: Vec<QueueSnapshot>,
+}
+
 impl MmioTransport {
+    /// Stops the device (no more guest memory writes) and records the
+    /// registers and the queues' live positions. `resume_device` after.
+    pub fn quiesce_for_snapshot(&mut self) -> TransportSnapshot {
+        let live = self.device.quiesce();
+        let queues = if live.len() == self.queues.len() {
+            live
+        } else {
+            self.queues.iter().map(|q| q.state()).collect()
+        };
+        TransportSnapshot {
+            device_type: self.device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            interrupt_status: self.signals.interrupt_status(),
+            needs_reset: self.signals.needs_reset(),
+            queues: queues.into_iter().map(Into::into).collect(),
+        }
+    }
+
+    pub fn resume_device(&mut self) {
+        self.device.resume();
+    }
+
+    /// Continues from a snapshot: registers, queues, and (when the driver
+    /// had set DRIVER_OK) a running device.
+    pub fn restore(&mut self, s: &TransportSnapshot) -> Result<(), String> {
+        if s.device_type != self.device.device_type() || s.queues.len() != self.queues.len() {
+            return Err(format!(
+                "a type-{} device with {} queues cannot take the state of a type-{} device with {}",
+                self.device.device_type(),
+                self.queues.len(),
+                s.device_type,
+                s.queues.len()
+            ));
+        }
+        for (queue, saved) in self.queues.iter_mut().zip(&s.queues) {
+            *queue = Queue::try_from(virtio_queue::QueueState::from(*saved))
+                .map_err(|e| format!("invalid queue state: {e}"))?;
+        }
+        self.status = s.status;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.signals.restore(s.interrupt_status, s.needs_reset);
+        if s.status & status::DRIVER_OK != 0 && !s.needs_reset {
+            self.activate();
+        }
+        Ok(())
+    }
+
     pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemory) -> Result<Self, TransportError> {
         let mut queues = Vec::new();
         let mut notify = Vec::new();

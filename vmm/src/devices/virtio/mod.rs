@@ -13,7 +13,7 @@ pub mod net;
 pub mod signals;
 pub mod worker;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vstate::memory::GuestMemory;
@@ -66,6 +66,56 @@ pub trait VirtioDevice: Send {
     /// Stops serving and forgets the queues (driver reset). The device must be
     /// ready to be activated again.
     fn reset(&mut self);
+    /// Stops serving for a snapshot and returns the live state of each
+    /// queue (empty if not active); `resume` continues from there.
+    fn quiesce(&mut self) -> Vec<QueueState>;
+    fn resume(&mut self);
+}
+
+/// A queue's state as a snapshot keeps it (virtio-queue's QueueState).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        QueueSnapshot {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(q: QueueSnapshot) -> Self {
+        QueueState {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
 }
 
 /// Reads `data.len()` bytes of a config space laid out in `bytes` at `offset`;

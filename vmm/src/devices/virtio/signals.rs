@@ -53,6 +53,14 @@ impl DeviceSignals {
         self.interrupt_status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Back to a snapshot's bits (no interrupt is raised: the irqchip's own
+    /// state says whether one is pending).
+    pub fn restore(&self, interrupt_status: u32, needs_reset: bool) {
+        self.interrupt_status
+            .store(interrupt_status, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+    }
+
     pub fn clear(&self) {
         self.interrupt_status.store(0, Ordering::SeqCst);
         self.needs_reset.store(false, Ordering::SeqCst);

@@ -36,13 +36,13 @@ pub fn set_watching(epoll: &Epoll, fd: RawFd, token: u64, on: bool) -> io::Resul
     epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(events, token))
 }
 
-pub struct Worker {
+pub struct Worker<H: EventHandler> {
     stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<H>>,
 }
 
-impl Worker {
-    pub fn spawn(name: &str, mut handler: impl EventHandler) -> io::Result<Worker> {
+impl<H: EventHandler> Worker<H> {
+    pub fn spawn(name: &str, mut handler: H) -> io::Result<Worker<H>> {
         let epoll = Epoll::new()?;
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         watch(&epoll, stop.as_raw_fd(), STOP_TOKEN)?;
@@ -59,12 +59,12 @@ impl Worker {
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(e) => {
                             eprintln!("berth-vmm: device worker stopped: epoll failed: {e}");
-                            return;
+                            return handler;
                         }
                     };
                     for event in &events[..n] {
                         if event.data() == STOP_TOKEN {
-                            return;
+                            return handler;
                         }
                         handler.handle(event.data(), &epoll);
                     }
@@ -76,17 +76,21 @@ impl Worker {
         })
     }
 
-    /// Stops the loop and waits for it: after this the device touches no
-    /// guest memory. Dropping a worker does this.
-    fn stop_and_join(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            let _ = self.stop.write(1);
-            let _ = thread.join();
-        }
+    /// Stops the loop, waits for it and hands back the device's state:
+    /// after this the device touches no guest memory until it is spawned
+    /// again. Dropping a worker stops it too.
+    pub fn stop(mut self) -> Option<H> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> Option<H> {
+        let thread = self.thread.take()?;
+        let _ = self.stop.write(1);
+        thread.join().ok()
     }
 }
 
-impl Drop for Worker {
+impl<H: EventHandler> Drop for Worker<H> {
     fn drop(&mut self) {
         self.stop_and_join();
     }

@@ -44,7 +44,9 @@ pub struct Block {
     capacity: u64,
     id: [u8; ID_BYTES],
     config: Vec<u8>,
-    worker: Option<Worker>,
+    worker: Option<Worker<BlockQueue>>,
+    /// The worker's state while quiesced for a snapshot.
+    quiesced: Option<BlockQueue>,
     name: String,
 }
 
@@ -82,6 +84,7 @@ impl Block {
             id,
             config,
             worker: None,
+            quiesced: None,
             name: format!(
                 "blk-{}",
                 path.file_name().unwrap_or_default().to_string_lossy()
@@ -143,6 +146,21 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         // Dropping the worker stops its thread and waits for it.
         self.worker = None;
+        self.quiesced = None;
+    }
+
+    fn quiesce(&mut self) -> Vec<virtio_queue::QueueState> {
+        self.quiesced = self.worker.take().and_then(Worker::stop);
+        self.quiesced.iter().map(|q| q.queue.state()).collect()
+    }
+
+    fn resume(&mut self) {
+        if let Some(handler) = self.quiesced.take() {
+            match Worker::spawn(&self.name, handler) {
+                Ok(w) => self.worker = Some(w),
+                Err(e) => eprintln!("berth-vmm: cannot resume {}: {e}", self.name),
+            }
+        }
     }
 }
 

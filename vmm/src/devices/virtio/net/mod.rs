@@ -38,7 +38,9 @@ const TAP_TOKEN: u64 = 2;
 pub struct Net {
     tap: Tap,
     config: [u8; 6],
-    worker: Option<Worker>,
+    worker: Option<Worker<NetQueues>>,
+    /// The worker's state while quiesced for a snapshot.
+    quiesced: Option<NetQueues>,
 }
 
 impl Net {
@@ -47,6 +49,7 @@ impl Net {
             tap,
             config: mac,
             worker: None,
+            quiesced: None,
         }
     }
 }
@@ -101,6 +104,25 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         // Dropping the worker stops its thread and waits for it.
         self.worker = None;
+        self.quiesced = None;
+    }
+
+    fn quiesce(&mut self) -> Vec<virtio_queue::QueueState> {
+        self.quiesced = self.worker.take().and_then(Worker::stop);
+        self.quiesced
+            .iter()
+            .flat_map(|q| [q.rx.state(), q.tx.state()])
+            .collect()
+    }
+
+    fn resume(&mut self) {
+        if let Some(handler) = self.quiesced.take() {
+            let name = format!("net-{}", self.tap.name());
+            match Worker::spawn(&name, handler) {
+                Ok(w) => self.worker = Some(w),
+                Err(e) => eprintln!("berth-vmm: cannot resume {name}: {e}"),
+            }
+        }
     }
 }
 
