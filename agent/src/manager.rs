@@ -71,6 +71,39 @@ pub struct Event {
     pub message: String,
 }
 
+/// A snapshot as callers see it.
+#[derive(Clone, Debug, Default)]
+pub struct SnapshotView {
+    pub vm_id: String,
+    pub name: String,
+    pub created_at_ms: u64,
+    pub disk_bytes: u64,
+    pub memory_bytes: u64,
+    pub pause_ms: u64,
+    pub path: String,
+}
+
+fn snapshot_view(vm_id: &str, name: &str, path: &std::path::Path) -> SnapshotView {
+    use std::os::unix::fs::MetadataExt;
+    let files = [
+        berth_vmm::snapshot::STATE_FILE,
+        berth_vmm::snapshot::MEMORY_FILE,
+    ];
+    let meta: Vec<std::fs::Metadata> = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(path.join(f)).ok())
+        .collect();
+    SnapshotView {
+        vm_id: vm_id.to_string(),
+        name: name.to_string(),
+        created_at_ms: meta.first().map(|m| m.mtime() as u64 * 1000).unwrap_or(0),
+        disk_bytes: meta.iter().map(|m| m.blocks() * 512).sum(),
+        memory_bytes: meta.get(1).map(|m| m.len()).unwrap_or(0),
+        pause_ms: 0,
+        path: path.display().to_string(),
+    }
+}
+
 /// A VM as callers see it.
 #[derive(Clone, Debug)]
 pub struct VmView {
@@ -510,8 +543,185 @@ impl Manager {
             inner.record.restarts = 0;
             self.transition(&entry, &mut inner, VmState::Starting, "started")?;
         }
-        self.launch(&entry, "started").await?;
+        let hibernated = lock(&entry.inner).record.hibernated.clone();
+        match hibernated {
+            Some(name) => {
+                let path = entry.dir.snapshots().join(&name);
+                self.launch_from(
+                    &entry,
+                    &format!("woke from snapshot {name}"),
+                    Some((&path, false)),
+                )
+                .await?;
+                let mut inner = lock(&entry.inner);
+                inner.record.hibernated = None;
+                self.store
+                    .save_record(&entry.dir, &inner.record)
+                    .map_err(internal)?;
+            }
+            None => self.launch(&entry, "started").await?,
+        }
         Ok(Self::view(&entry))
+    }
+
+    /// Captures a Running or Paused VM into snapshots/<name>.
+    pub async fn snapshot(&self, id: &str, name: &str, hibernate: bool) -> ApiResult<SnapshotView> {
+        crate::spec::check_name("name", name)
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let entry = self.entry(id)?;
+        let _op = entry.op.lock().await;
+        let state = lock(&entry.inner).record.state;
+        if !matches!(state, VmState::Running | VmState::Paused) {
+            let inner = lock(&entry.inner);
+            return Err(Self::wrong_state(
+                &inner.spec,
+                state,
+                "only a Running or Paused VM can be snapshotted",
+            ));
+        }
+        let dir = entry.dir.snapshots();
+        std::fs::create_dir_all(&dir).map_err(internal)?;
+        let path = dir.join(name);
+        let req = berth_proto::vmm::SnapshotRequest {
+            dir: path.display().to_string(),
+            resume: state == VmState::Running && !hibernate,
+            ..Default::default()
+        };
+        let ctx = ttrpc::context::with_timeout(300_000_000_000);
+        let reply = self
+            .vmm_call(&entry, |c| async move { c.snapshot(ctx, &req).await })
+            .await?;
+        self.emit(
+            id,
+            "snapshot",
+            state,
+            &format!("snapshot {name} taken ({} ms paused)", reply.pause_ms),
+        );
+        if hibernate {
+            self.stop_locked(&entry, true, DEFAULT_STOP_TIMEOUT).await?;
+            let mut inner = lock(&entry.inner);
+            inner.record.hibernated = Some(name.to_string());
+            inner.record.last_exit = format!("hibernated into snapshot {name}");
+            self.store
+                .save_record(&entry.dir, &inner.record)
+                .map_err(internal)?;
+            self.emit(id, "hibernated", VmState::Stopped, name);
+        }
+        let mut view = snapshot_view(id, name, &path);
+        view.pause_ms = reply.pause_ms;
+        Ok(view)
+    }
+
+    pub fn list_snapshots(&self, id: &str) -> ApiResult<Vec<SnapshotView>> {
+        let entry = self.entry(id)?;
+        let mut names: Vec<String> = std::fs::read_dir(entry.dir.snapshots())
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().join(berth_vmm::snapshot::STATE_FILE).exists())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        Ok(names
+            .iter()
+            .map(|n| snapshot_view(id, n, &entry.dir.snapshots().join(n)))
+            .collect())
+    }
+
+    pub async fn delete_snapshot(&self, id: &str, name: &str) -> ApiResult<()> {
+        let entry = self.entry(id)?;
+        let _op = entry.op.lock().await;
+        let path = entry.dir.snapshots().join(name);
+        if name.is_empty()
+            || name.contains('/')
+            || !path.join(berth_vmm::snapshot::STATE_FILE).exists()
+        {
+            return Err(ApiError::NotFound(format!(
+                "VM {id} has no snapshot {name:?}"
+            )));
+        }
+        if lock(&entry.inner).record.hibernated.as_deref() == Some(name) {
+            return Err(ApiError::FailedPrecondition(format!(
+                "snapshot {name} holds hibernated VM {id}; start the VM first"
+            )));
+        }
+        std::fs::remove_dir_all(&path).map_err(internal)?;
+        Ok(())
+    }
+
+    /// A VM from a snapshot: the stopped source VM itself, or a new VM.
+    pub async fn restore(
+        &self,
+        id: &str,
+        snapshot: &str,
+        new_id: &str,
+        new_name: &str,
+        paused: bool,
+    ) -> ApiResult<VmView> {
+        let source = self.entry(id)?;
+        let path = source.dir.snapshots().join(snapshot);
+        if snapshot.is_empty()
+            || snapshot.contains('/')
+            || !path.join(berth_vmm::snapshot::STATE_FILE).exists()
+        {
+            return Err(ApiError::NotFound(format!(
+                "VM {id} has no snapshot {snapshot:?}"
+            )));
+        }
+        // Refuse a snapshot this host cannot run before anything changes.
+        berth_vmm::snapshot::read_state(&path)
+            .map_err(|e| ApiError::FailedPrecondition(e.to_string()))?;
+        let target = if new_id.is_empty() {
+            source
+        } else {
+            let mut spec = lock(&source.inner).spec.clone();
+            spec.id = new_id.to_string();
+            spec.name = if new_name.is_empty() {
+                new_id.to_string()
+            } else {
+                new_name.to_string()
+            };
+            self.create(spec).await?;
+            self.entry(new_id)?
+        };
+        let _op = target.op.lock().await;
+        {
+            let inner = lock(&target.inner);
+            if !matches!(
+                inner.record.state,
+                VmState::Defined | VmState::Stopped | VmState::Crashed
+            ) {
+                return Err(Self::wrong_state(
+                    &inner.spec,
+                    inner.record.state,
+                    "stop it to restore a snapshot into it",
+                ));
+            }
+        }
+        {
+            let _admission = self.admission.lock().await;
+            if self.drained.load(Ordering::SeqCst) {
+                return Err(ApiError::FailedPrecondition(
+                    "the node is drained: no new VM starts until Undrain".into(),
+                ));
+            }
+            if !self.config.reserve_on_define {
+                let spec = lock(&target.inner).spec.clone();
+                self.check_fits(&spec)?;
+            }
+            let mut inner = lock(&target.inner);
+            inner.record.restarts = 0;
+            inner.record.hibernated = None;
+            self.transition(&target, &mut inner, VmState::Starting, "restoring")?;
+        }
+        self.launch_from(
+            &target,
+            &format!("restored from {id}/{snapshot}"),
+            Some((&path, paused)),
+        )
+        .await?;
+        Ok(Self::view(&target))
     }
 
     /// The host's numbers and what admission holds.
@@ -642,6 +852,17 @@ impl Manager {
 
     /// Spawns the VMM and waits until its control socket answers.
     async fn launch(&self, entry: &Arc<VmEntry>, why: &str) -> ApiResult<()> {
+        self.launch_from(entry, why, None).await
+    }
+
+    /// Spawns the VMM (booting, or restoring `restore` = (snapshot dir,
+    /// paused)) and waits until its control socket answers.
+    async fn launch_from(
+        &self,
+        entry: &Arc<VmEntry>,
+        why: &str,
+        restore: Option<(&std::path::Path, bool)>,
+    ) -> ApiResult<()> {
         let (config, spec) = {
             let mut inner = lock(&entry.inner);
             if inner.record.state != VmState::Starting {
@@ -663,8 +884,13 @@ impl Manager {
                 return Err(e);
             }
         };
-        let process =
-            VmmProcess::spawn(&self.config.vmm_binary(), &entry.dir, &config, &cgroup_dirs);
+        let process = VmmProcess::spawn(
+            &self.config.vmm_binary(),
+            &entry.dir,
+            &config,
+            &cgroup_dirs,
+            restore,
+        );
         let mut process = match process {
             Ok(p) => p,
             Err(e) => {
@@ -727,7 +953,11 @@ impl Manager {
         inner.record.proc_start_ticks = process.start_ticks;
         inner.record.started_at_ms = now_ms();
         inner.process = Some(process);
-        self.transition(entry, &mut inner, VmState::Running, why)
+        let state = match restore {
+            Some((_, true)) => VmState::Paused,
+            _ => VmState::Running,
+        };
+        self.transition(entry, &mut inner, state, why)
     }
 
     async fn vmm_call<F, Fut, T>(&self, entry: &VmEntry, call: F) -> ApiResult<T>

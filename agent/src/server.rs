@@ -235,6 +235,19 @@ pub fn stats_to_pb(spec: &VmSpec, state: VmState, r: crate::entitlement::Report)
     }
 }
 
+fn snapshot_to_pb(s: crate::manager::SnapshotView) -> pb::SnapshotInfo {
+    pb::SnapshotInfo {
+        vm_id: s.vm_id,
+        name: s.name,
+        created_at_ms: s.created_at_ms,
+        disk_bytes: s.disk_bytes,
+        memory_bytes: s.memory_bytes,
+        pause_ms: s.pause_ms,
+        path: s.path,
+        ..Default::default()
+    }
+}
+
 fn event_to_pb(e: &Event) -> PbEvent {
     PbEvent {
         at_ms: e.at_ms,
@@ -306,6 +319,61 @@ impl vm_ttrpc::VmService for VmApi {
 
     async fn reboot(&self, _: &TtrpcContext, req: pb::VmRef) -> ttrpc::Result<pb::Vm> {
         self.0.reboot(&req.id).await.map(vm_to_pb).map_err(status)
+    }
+
+    async fn snapshot(
+        &self,
+        _: &TtrpcContext,
+        req: pb::SnapshotVmRequest,
+    ) -> ttrpc::Result<pb::SnapshotInfo> {
+        self.0
+            .snapshot(&req.id, &req.name, req.hibernate)
+            .await
+            .map(snapshot_to_pb)
+            .map_err(status)
+    }
+
+    async fn restore(&self, _: &TtrpcContext, req: pb::RestoreVmRequest) -> ttrpc::Result<pb::Vm> {
+        self.0
+            .restore(
+                &req.id,
+                &req.snapshot,
+                &req.new_id,
+                &req.new_name,
+                req.paused,
+            )
+            .await
+            .map(vm_to_pb)
+            .map_err(status)
+    }
+
+    async fn list_snapshots(
+        &self,
+        _: &TtrpcContext,
+        req: pb::VmRef,
+    ) -> ttrpc::Result<pb::ListSnapshotsResponse> {
+        Ok(pb::ListSnapshotsResponse {
+            snapshots: self
+                .0
+                .list_snapshots(&req.id)
+                .map_err(status)?
+                .into_iter()
+                .map(snapshot_to_pb)
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn delete_snapshot(
+        &self,
+        _: &TtrpcContext,
+        req: pb::SnapshotRef,
+    ) -> ttrpc::Result<Empty> {
+        self.0
+            .delete_snapshot(&req.id, &req.name)
+            .await
+            .map(|_| Empty::default())
+            .map_err(status)
     }
 
     async fn stats(&self, _: &TtrpcContext, req: pb::VmRef) -> ttrpc::Result<pb::VmStats> {

@@ -132,7 +132,7 @@ fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
 }
 
 /// ids and names: 1-63 of [a-z0-9-], not starting with '-'.
-fn check_name(field: &str, value: &str) -> Result<(), SpecError> {
+pub fn check_name(field: &str, value: &str) -> Result<(), SpecError> {
     let ok = !value.is_empty()
         && value.len() <= 63
         && !value.starts_with('-')

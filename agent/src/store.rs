@@ -58,6 +58,8 @@ pub struct VmRecord {
     pub restarts: u32,
     pub last_exit: String,
     pub state_changed_ms: u64,
+    /// The snapshot a hibernated VM's next Start restores.
+    pub hibernated: Option<String>,
 }
 
 /// One VM's files.
@@ -85,6 +87,9 @@ impl VmDir {
     }
     pub fn vmm_log(&self) -> PathBuf {
         self.0.join("vmm.log")
+    }
+    pub fn snapshots(&self) -> PathBuf {
+        self.0.join("snapshots")
     }
 }
 

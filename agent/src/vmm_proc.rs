@@ -56,11 +56,13 @@ struct ExitRecord {
 
 impl VmmProcess {
     /// Starts berth-vmm for `config` in `dir`, detached.
+    /// `restore`: boot from that snapshot directory instead (paused or not).
     pub fn spawn(
         binary: &Path,
         dir: &VmDir,
         config: &VmConfig,
         cgroups: &[std::path::PathBuf],
+        restore: Option<(&Path, bool)>,
     ) -> std::io::Result<VmmProcess> {
         let json = serde_json::to_vec_pretty(config).expect("plain data serialises");
         write_atomic(&dir.vmm_config(), &json)?;
@@ -78,9 +80,22 @@ impl VmmProcess {
         for group in cgroups {
             cmd.arg("--cgroup").arg(group);
         }
+        match restore {
+            // The snapshot carries the VM's config; only the console moves.
+            Some((snapshot, paused)) => {
+                cmd.arg("--restore")
+                    .arg(snapshot)
+                    .arg("--console-log")
+                    .arg(dir.console_log());
+                if paused {
+                    cmd.arg("--paused");
+                }
+            }
+            None => {
+                cmd.arg("--config").arg(dir.vmm_config());
+            }
+        }
         let child = cmd
-            .arg("--config")
-            .arg(dir.vmm_config())
             .arg("--api-socket")
             .arg(dir.socket())
             .arg("--exit-file")

@@ -527,3 +527,137 @@ async fn nics_are_attached_to_their_bridge_and_a_missing_bridge_is_an_error() {
     c.vms.stop(ctx(), &stop).await.unwrap();
     ip(&["link", "del", &bridge]);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn snapshot_restore_into_a_new_vm_and_hibernate() {
+    report_mode("agent snapshots");
+    let agent = TestAgent::new("agent-snapshot");
+    let c = agent.clients().await;
+    create_and_start(&c, probe_spec("orig", 2, "probe.mode=tick")).await;
+    wait_console(&agent, "orig", "PROBE tick 4", BOOT);
+    let req = pb::SnapshotVmRequest {
+        id: "orig".into(),
+        name: "s1".into(),
+        ..Default::default()
+    };
+    let info = c.vms.snapshot(ctx(), &req).await.unwrap();
+    assert_eq!(info.memory_bytes, 64 << 20);
+    assert!(
+        info.disk_bytes > 0 && info.disk_bytes < 16 << 20,
+        "{info:?}"
+    );
+    // The source resumes after the snapshot; its count goes on.
+    let at_snapshot = last_tick(&agent, "orig").unwrap();
+    wait_console(
+        &agent,
+        "orig",
+        &format!("PROBE tick {}", at_snapshot + 3),
+        BOOT,
+    );
+
+    // A clone from the snapshot: a normal VM, continuing the count.
+    let req = pb::RestoreVmRequest {
+        id: "orig".into(),
+        snapshot: "s1".into(),
+        new_id: "clone".into(),
+        ..Default::default()
+    };
+    let vm = c.vms.restore(ctx(), &req).await.unwrap();
+    assert_eq!(state_of(&vm), pb::VmState::RUNNING);
+    assert_ne!(vm.status.pid, get(&c, "orig").await.status.pid);
+    wait_console(&agent, "clone", "PROBE tick", BOOT);
+    let first: u64 = console_text(&agent, "clone")
+        .lines()
+        .find_map(|l| {
+            l.trim_end_matches('\r')
+                .strip_prefix("PROBE tick ")?
+                .parse()
+                .ok()
+        })
+        .unwrap();
+    assert!(
+        (at_snapshot.saturating_sub(1)..=at_snapshot + 1).contains(&first),
+        "the clone continues from the snapshot ({first} vs {at_snapshot})"
+    );
+    assert!(
+        !console_text(&agent, "clone").contains("PROBE hello"),
+        "it did not boot"
+    );
+    let paused = c.vms.pause(ctx(), &vm_ref("clone")).await.unwrap();
+    assert_eq!(
+        state_of(&paused),
+        pb::VmState::PAUSED,
+        "the clone is controllable"
+    );
+
+    // Hibernate: snapshot + stop; Start wakes it where it was.
+    let req = pb::SnapshotVmRequest {
+        id: "orig".into(),
+        name: "sleep".into(),
+        hibernate: true,
+        ..Default::default()
+    };
+    c.vms.snapshot(ctx(), &req).await.unwrap();
+    let vm = get(&c, "orig").await;
+    assert_eq!(state_of(&vm), pb::VmState::STOPPED);
+    assert!(
+        vm.status.last_exit.contains("hibernated"),
+        "{}",
+        vm.status.last_exit
+    );
+    let slept_at = last_tick(&agent, "orig").unwrap();
+    let (code, _) = code_of(
+        c.vms
+            .delete_snapshot(
+                ctx(),
+                &pb::SnapshotRef {
+                    id: "orig".into(),
+                    name: "sleep".into(),
+                    ..Default::default()
+                },
+            )
+            .await,
+    );
+    assert_eq!(
+        code,
+        Code::FAILED_PRECONDITION,
+        "a hibernated VM's snapshot is kept"
+    );
+    c.vms.start(ctx(), &vm_ref("orig")).await.unwrap();
+    wait_console(
+        &agent,
+        "orig",
+        &format!("PROBE tick {}", slept_at + 2),
+        BOOT,
+    );
+    let text = console_text(&agent, "orig");
+    assert_eq!(text.matches("PROBE hello").count(), 1, "woke, not rebooted");
+
+    let list = c.vms.list_snapshots(ctx(), &vm_ref("orig")).await.unwrap();
+    let names: Vec<&str> = list.snapshots.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["s1", "sleep"]);
+    c.vms
+        .delete_snapshot(
+            ctx(),
+            &pb::SnapshotRef {
+                id: "orig".into(),
+                name: "s1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let (code, _) = code_of(
+        c.vms
+            .delete_snapshot(
+                ctx(),
+                &pb::SnapshotRef {
+                    id: "orig".into(),
+                    name: "s1".into(),
+                    ..Default::default()
+                },
+            )
+            .await,
+    );
+    assert_eq!(code, Code::NOT_FOUND);
+}

@@ -88,6 +88,11 @@ enum Cmd {
         #[arg(long)]
         tail: Option<usize>,
     },
+    /// Snapshots of a VM: create (or hibernate), list, restore, delete.
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotCmd,
+    },
     /// Stream the node's events.
     Events {
         /// Only this VM's events.
@@ -121,6 +126,43 @@ enum Cmd {
     Completions {
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Capture a running VM; with --hibernate, stop it too (Start restores it).
+    Create {
+        id: String,
+        name: String,
+        #[arg(long)]
+        hibernate: bool,
+    },
+    List {
+        id: String,
+    },
+    /// Restore into the stopped VM itself, or into a new VM with --new-id.
+    Restore {
+        id: String,
+        name: String,
+        #[arg(long)]
+        new_id: Option<String>,
+        #[arg(long)]
+        new_name: Option<String>,
+        /// Leave the restored guest paused.
+        #[arg(long)]
+        paused: bool,
+    },
+    Delete {
+        id: String,
+        name: String,
+    },
+}
+
+fn snapshot_json(s: &pb::SnapshotInfo) -> Value {
+    json!({
+        "vm": s.vm_id, "name": s.name, "created_at_ms": s.created_at_ms, "disk_bytes": s.disk_bytes,
+        "memory_bytes": s.memory_bytes, "pause_ms": s.pause_ms, "path": s.path,
+    })
 }
 
 struct Failure {
@@ -444,6 +486,88 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Cmd::Console { id, follow, tail } => console(&vms, &id, follow, tail).await?,
+        Cmd::Snapshot { action } => match action {
+            SnapshotCmd::Create {
+                id,
+                name,
+                hibernate,
+            } => {
+                let req = pb::SnapshotVmRequest {
+                    id,
+                    name,
+                    hibernate,
+                    ..Default::default()
+                };
+                let info = vms.snapshot(ctx(), &req).await.map_err(from_ttrpc)?;
+                if json {
+                    println!("{}", snapshot_json(&info));
+                } else {
+                    println!(
+                        "snapshot {} of {}: {} MiB of memory, {} MiB on disk, guest paused {} ms",
+                        info.name,
+                        info.vm_id,
+                        info.memory_bytes >> 20,
+                        info.disk_bytes >> 20,
+                        info.pause_ms
+                    );
+                }
+            }
+            SnapshotCmd::List { id } => {
+                let list = vms
+                    .list_snapshots(ctx(), &vm_ref(&id))
+                    .await
+                    .map_err(from_ttrpc)?;
+                if json {
+                    println!(
+                        "{}",
+                        Value::Array(list.snapshots.iter().map(snapshot_json).collect())
+                    );
+                } else {
+                    let mut rows = vec![["NAME", "CREATED (ms)", "MEMORY MiB", "ON DISK MiB"]
+                        .map(String::from)
+                        .to_vec()];
+                    for s in &list.snapshots {
+                        rows.push(vec![
+                            s.name.clone(),
+                            s.created_at_ms.to_string(),
+                            (s.memory_bytes >> 20).to_string(),
+                            (s.disk_bytes >> 20).to_string(),
+                        ]);
+                    }
+                    print_table(rows);
+                }
+            }
+            SnapshotCmd::Restore {
+                id,
+                name,
+                new_id,
+                new_name,
+                paused,
+            } => {
+                let req = pb::RestoreVmRequest {
+                    id,
+                    snapshot: name,
+                    new_id: new_id.unwrap_or_default(),
+                    new_name: new_name.unwrap_or_default(),
+                    paused,
+                    ..Default::default()
+                };
+                show(vms.restore(ctx(), &req).await.map_err(from_ttrpc)?);
+            }
+            SnapshotCmd::Delete { id, name } => {
+                let req = pb::SnapshotRef {
+                    id: id.clone(),
+                    name: name.clone(),
+                    ..Default::default()
+                };
+                vms.delete_snapshot(ctx(), &req).await.map_err(from_ttrpc)?;
+                if json {
+                    println!("{}", json!({"deleted": name, "vm": id}));
+                } else {
+                    println!("deleted snapshot {name} of {id}");
+                }
+            }
+        },
         Cmd::Events { vm } => {
             let req = WatchRequest {
                 id: vm.unwrap_or_default(),
