@@ -283,3 +283,122 @@ async fn a_restored_guest_keeps_receiving_on_its_tap() {
     assert!(out.stdout.contains("PROBE net rx done got=2"), "{ctx}");
     assert_eq!(out.status.code(), Some(0), "{ctx}");
 }
+
+async fn snap(
+    c: &VmmServiceClient,
+    dir: &Path,
+    kind: &str,
+    live: bool,
+    resume: bool,
+) -> berth_tests::contract::vmm::SnapshotReply {
+    let req = SnapshotRequest {
+        dir: dir.display().to_string(),
+        kind: kind.into(),
+        live,
+        resume,
+        ..Default::default()
+    };
+    c.snapshot(ctx(), &req)
+        .await
+        .unwrap_or_else(|e| panic!("{kind} snapshot: {e:?}"))
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_chain_of_three_diffs_restores_the_latest_state() {
+    report_mode("diff snapshots");
+    let dir = scratch_dir("snapshot-diff");
+    let socket = dir.join("vmm.sock");
+    let mut cmd = vmm_command(&probe_elf(), 1, 64, "probe.mode=tick");
+    cmd.arg("--api-socket").arg(&socket);
+    let mut vm = Running::spawn(cmd);
+    vm.wait_for_output("PROBE tick 3", TIMEOUT);
+    let c = client(&socket).await;
+    snap(&c, &dir.join("base"), "full", false, true).await;
+    for (i, at) in [(1, 6), (2, 9)] {
+        vm.wait_for_output(&format!("PROBE tick {at}"), TIMEOUT);
+        let r = snap(&c, &dir.join(format!("d{i}")), "diff", false, true).await;
+        assert!(
+            r.pages_written > 0 && r.pages_written < 1000,
+            "a diff holds few pages: {r:?}"
+        );
+    }
+    vm.wait_for_output("PROBE tick 12", TIMEOUT);
+    snap(&c, &dir.join("d3"), "diff", false, false).await;
+    c.stop(ctx(), &Empty::default()).await.unwrap();
+    let out = vm.wait(TIMEOUT);
+    let last = *ticks(&out.stdout).last().unwrap();
+    let on_disk = std::fs::metadata(dir.join("d3/memory.img"))
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+        .unwrap();
+    assert!(
+        on_disk < 1 << 20,
+        "a diff's memory file is small: {on_disk} bytes"
+    );
+
+    let mut vm = restore(&dir.join("d3"));
+    vm.wait_for_output(&format!("PROBE tick {}", last + 2), TIMEOUT);
+    vm.write_stdin(b"q");
+    let out = vm.wait(TIMEOUT);
+    assert_eq!(
+        ticks(&out.stdout).first(),
+        Some(&(last + 1)),
+        "{}",
+        out.describe()
+    );
+
+    // Without its base the chain cannot be restored.
+    std::fs::rename(dir.join("base"), dir.join("gone")).unwrap();
+    let out = restore(&dir.join("d3")).wait(TIMEOUT);
+    assert_eq!(out.status.code(), Some(1), "{}", out.describe());
+    assert!(
+        out.stderr.contains("parent snapshot") && out.stderr.contains("is missing"),
+        "{}",
+        out.describe()
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_live_snapshot_pauses_briefly_and_restores_a_consistent_guest() {
+    report_mode("live snapshot");
+    let dir = scratch_dir("snapshot-live");
+    let socket = dir.join("vmm.sock");
+    let mut cmd = vmm_command(&probe_elf(), 2, 256, "probe.mode=tick");
+    cmd.arg("--api-socket").arg(&socket);
+    let mut vm = Running::spawn(cmd);
+    vm.wait_for_output("PROBE tick 3", TIMEOUT);
+    let c = client(&socket).await;
+    let r = snap(&c, &dir.join("live"), "full", true, true).await;
+    eprintln!(
+        "live snapshot: {} passes, {} pages, paused {} ms",
+        r.iterations, r.pages_written, r.pages_written
+    );
+    assert!(r.iterations >= 2, "{r:?}");
+    let info = c.info(ctx(), &Empty::default()).await.unwrap();
+    assert_eq!(
+        info.state, "running",
+        "the guest runs on after a live snapshot"
+    );
+    let before = ticks(&vm.stdout_so_far()).last().copied().unwrap();
+    vm.wait_for_output(&format!("PROBE tick {}", before + 2), TIMEOUT);
+    c.stop(ctx(), &Empty::default()).await.unwrap();
+    let original = ticks(&vm.wait(TIMEOUT).stdout);
+
+    let mut restored = restore(&dir.join("live"));
+    restored.wait_for_output("PROBE tick", TIMEOUT);
+    std::thread::sleep(Duration::from_millis(300));
+    restored.write_stdin(b"q");
+    let out = restored.wait(TIMEOUT);
+    let after = ticks(&out.stdout);
+    let first = after[0];
+    assert!(
+        original.contains(&(first - 1)),
+        "it continues from a point the guest reached: {first}\n{}",
+        out.describe()
+    );
+    assert!(
+        after.windows(2).all(|w| w[1] == w[0] + 1),
+        "{}",
+        out.describe()
+    );
+    assert!(out.stdout.contains("PROBE done"), "{}", out.describe());
+}

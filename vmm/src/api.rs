@@ -15,6 +15,7 @@ use berth_proto::vmm::{
 };
 use berth_proto::vmm_ttrpc::{create_vmm_service, VmmService};
 use ttrpc::r#async::TtrpcContext;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::devices::bus::lock;
 use crate::devices::legacy::i8042::I8042;
@@ -23,6 +24,14 @@ use crate::exit::{ExitNotifier, ExitReason};
 use crate::vstate::vcpu::VcpuSet;
 
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A live snapshot pauses once a pass leaves at most this many pages dirty
+/// (4 MiB), or after this many passes.
+const LIVE_DONE_PAGES: u64 = 1024;
+const LIVE_MAX_PASSES: u32 = 10;
+
+fn absolute(path: &Path) -> std::path::PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
+}
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -56,6 +65,9 @@ pub struct VmmApi {
     pub config: crate::config::VmConfig,
     pub flavour: String,
     pub transports: crate::builder::Transports,
+    /// The parent of the next diff snapshot: the last snapshot this VMM
+    /// took or was restored from.
+    pub last_snapshot: Mutex<Option<std::path::PathBuf>>,
     pub vcpus: Arc<VcpuSet>,
     pub i8042: Arc<Mutex<I8042>>,
     pub console_in: ConsoleInput,
@@ -81,12 +93,45 @@ fn thread_sched_ns(tid: i32) -> (u64, u64) {
 }
 
 impl VmmApi {
-    /// Pauses (if running), saves every vCPU, the VM and the devices, writes
-    /// the snapshot directory, and resumes if asked to.
-    fn snapshot(&self, dir: &Path, resume: bool) -> Result<SnapshotReply, String> {
-        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-        let started = std::time::Instant::now();
+    /// Takes a snapshot: full (optionally live: memory copied while the
+    /// guest runs, then a short pause for the rest) or diff (the pages
+    /// written since the last snapshot). Resumes if asked to.
+    fn snapshot(&self, dir: &Path, req: &SnapshotRequest) -> Result<SnapshotReply, String> {
+        use crate::snapshot::{count_dirty, Writer};
+        let err = |e: crate::snapshot::SnapshotError| e.to_string();
+        let vm_err = |e: crate::vstate::vm::VmError| e.to_string();
+        let diff = match req.kind.as_str() {
+            "" | "full" => false,
+            "diff" => true,
+            other => return Err(format!("unknown snapshot kind {other:?} (full, diff)")),
+        };
+        let parent = lock(&self.last_snapshot).clone();
+        if diff && parent.is_none() {
+            return Err("a diff snapshot needs a parent: take a full snapshot first".into());
+        }
+        if diff && req.live {
+            return Err("live diff snapshots are not supported; take a live full one".into());
+        }
+        let memory = self.vm.memory();
+        let mut writer = Writer::begin(dir, memory).map_err(err)?;
+        let mut iterations = 0u32;
         let was_paused = self.vcpus.is_paused();
+        if req.live && !was_paused {
+            // Copy while running; each pass re-copies what the last dirtied.
+            self.vm.start_dirty_log().map_err(vm_err)?;
+            writer.copy_all(memory).map_err(err)?;
+            iterations = 1;
+            loop {
+                let dirty = self.vm.take_dirty().map_err(vm_err)?;
+                let pending = count_dirty(&dirty);
+                writer.copy_dirty(memory, &dirty).map_err(err)?;
+                iterations += 1;
+                if pending <= LIVE_DONE_PAGES || iterations >= LIVE_MAX_PASSES {
+                    break;
+                }
+            }
+        }
+        let paused_at = std::time::Instant::now();
         if !was_paused {
             self.vcpus.pause(PAUSE_TIMEOUT).map_err(|e| e.to_string())?;
         }
@@ -97,10 +142,20 @@ impl VmmApi {
             .map(|t| lock(t).quiesce_for_snapshot())
             .collect();
         let result = (|| {
+            let dirty_pages = if diff || (req.live && !was_paused) {
+                let dirty = self.vm.take_dirty().map_err(vm_err)?;
+                writer.copy_dirty(memory, &dirty).map_err(err)?;
+                Some(dirty)
+            } else {
+                writer.copy_all(memory).map_err(err)?;
+                None
+            };
             let vcpus = self.vcpus.save_states(PAUSE_TIMEOUT)?;
             let vm = crate::vstate::vcpu_state::save_vm(self.vm.fd()).map_err(|e| e.to_string())?;
-            let memory = self.vm.memory();
             let snapshot = crate::snapshot::VmSnapshot {
+                kind: if diff { "diff" } else { "full" }.into(),
+                parent: if diff { parent.clone() } else { None },
+                dirty: if diff { dirty_pages } else { None },
                 cpu_vendor: crate::snapshot::host_cpu_vendor(),
                 kvm_flavour: self.flavour.clone(),
                 config: self.config.clone(),
@@ -110,18 +165,25 @@ impl VmmApi {
                 serial: lock(&self.serial).state().into(),
                 virtio,
             };
-            crate::snapshot::write(dir, &snapshot, memory).map_err(|e| e.to_string())
+            let pages = writer.pages_written;
+            writer.finish(&snapshot).map_err(err)?;
+            // From here on, "dirty" means "since this snapshot".
+            self.vm.start_dirty_log().map_err(vm_err)?;
+            *lock(&self.last_snapshot) = Some(absolute(dir));
+            Ok::<u64, String>(pages)
         })();
         for t in &self.transports {
             lock(t).resume_device();
         }
-        let pause_ms = started.elapsed().as_millis() as u64;
-        if resume && !was_paused {
+        let pause_ms = paused_at.elapsed().as_millis() as u64;
+        if req.resume && !was_paused {
             self.vcpus.resume();
         }
         Ok(SnapshotReply {
             pause_ms,
-            memory_bytes: result?,
+            memory_bytes: memory.iter().map(|r| r.len()).sum(),
+            pages_written: result?,
+            iterations,
             ..Default::default()
         })
     }
@@ -202,7 +264,7 @@ impl VmmService for VmmApi {
                 "snapshot: no directory given",
             )));
         }
-        VmmApi::snapshot(self, Path::new(&req.dir), req.resume).map_err(|message| {
+        VmmApi::snapshot(self, Path::new(&req.dir), &req).map_err(|message| {
             ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::FAILED_PRECONDITION, message))
         })
     }

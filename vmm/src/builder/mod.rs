@@ -108,6 +108,7 @@ pub struct Vmm {
     vm: Arc<Vm>,
     config: VmConfig,
     transports: virtio::Transports,
+    restored_from: Option<PathBuf>,
     vcpus: Vec<Vcpu>,
     control: Arc<VcpuControl>,
     serial: Arc<Mutex<SerialDevice>>,
@@ -133,8 +134,12 @@ pub fn restore(
     config: &VmConfig,
     kvm_device: &Path,
 ) -> Result<Vmm, BuildError> {
-    let memory = crate::snapshot::map_memory(dir, &snapshot.regions)?;
-    build_vm(config, kvm_device, Some((snapshot, memory)))
+    let memory = crate::snapshot::load_memory(dir, &snapshot)?;
+    let mut vmm = build_vm(config, kvm_device, Some((snapshot, memory)))?;
+    // Diffs taken from here are relative to this snapshot.
+    vmm.vm.start_dirty_log()?;
+    vmm.restored_from = Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned()));
+    Ok(vmm)
 }
 
 fn build_vm(
@@ -320,6 +325,7 @@ fn build_vm(
         vm: Arc::new(vm),
         config: config.clone(),
         transports,
+        restored_from: None,
         vcpus,
         control,
         serial,
@@ -378,6 +384,7 @@ impl Vmm {
                 config: self.config.clone(),
                 flavour: self.flavour.to_string(),
                 transports: self.transports.clone(),
+                last_snapshot: Mutex::new(self.restored_from.clone()),
             };
             crate::api::serve(path, api).map_err(|source| BuildError::ApiSocket {
                 path: path.to_owned(),

@@ -61,6 +61,8 @@ pub enum SnapshotError {
         found: u64,
         expected: u64,
     },
+    #[error("parent snapshot {0} is missing")]
+    MissingParent(PathBuf),
     #[error("cannot map the memory file: {0}")]
     Map(String),
     #[error("cannot read guest memory: {0}")]
@@ -89,62 +91,137 @@ pub fn host_cpu_vendor() -> String {
         .unwrap_or_default()
 }
 
-/// Writes guest RAM, regions back to back, skipping all-zero pages.
-fn write_memory(mem: &GuestMemory, path: &Path) -> Result<u64, SnapshotError> {
-    let file = File::create(path).map_err(io("create", path))?;
-    let total: u64 = mem.iter().map(|r| r.len()).sum();
-    file.set_len(total).map_err(io("size", path))?;
-    let mut offset = 0u64;
-    let mut buf = vec![0u8; 1 << 20];
-    let zero = [0u8; PAGE];
-    for region in mem.iter() {
-        let base = region.start_addr().0;
-        let mut done = 0u64;
-        while done < region.len() {
-            let n = (region.len() - done).min(buf.len() as u64) as usize;
-            mem.read_slice(&mut buf[..n], GuestAddress(base + done))?;
-            for (i, page) in buf[..n].chunks(PAGE).enumerate() {
-                if page != &zero[..page.len()] {
-                    let at = offset + done + (i * PAGE) as u64;
-                    file.write_all_at(page, at).map_err(io("write", path))?;
-                }
-            }
-            done += n as u64;
-        }
-        offset += region.len();
-    }
-    file.sync_all().map_err(io("sync", path))?;
-    Ok(total)
+/// A snapshot being written: its temporary directory and memory file.
+pub struct Writer {
+    dir: PathBuf,
+    tmp: PathBuf,
+    memory: File,
+    /// Offset of each region in the memory file.
+    offsets: Vec<u64>,
+    pub pages_written: u64,
 }
 
-/// Writes a snapshot directory atomically: everything goes to `<dir>.tmp`,
-/// which is renamed to `dir` last.
-pub fn write(dir: &Path, state: &VmSnapshot, mem: &GuestMemory) -> Result<u64, SnapshotError> {
-    let tmp = dir.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io("create", &tmp))?;
-    let bytes = write_memory(mem, &tmp.join(MEMORY_FILE))?;
-    let body = serde_json::to_vec(state).expect("plain data serialises");
-    let header = format!(
-        "{MAGIC} {FORMAT_VERSION} berth={} vendor={} kvm={} checksum={:016x}\n",
-        env!("CARGO_PKG_VERSION"),
-        state.cpu_vendor,
-        state.kvm_flavour,
-        fnv1a(&body)
-    );
-    let mut text = header.into_bytes();
-    text.extend_from_slice(&body);
-    crate::fsutil::write_atomic(&tmp.join(STATE_FILE), &text).map_err(io("write", &tmp))?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(io("replace", dir))?;
+impl Writer {
+    /// Starts `<dir>.tmp` with a memory file as large as guest RAM (sparse).
+    pub fn begin(dir: &Path, mem: &GuestMemory) -> Result<Writer, SnapshotError> {
+        let tmp = dir.with_extension("tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io("create", &tmp))?;
+        let path = tmp.join(MEMORY_FILE);
+        let memory = File::create(&path).map_err(io("create", &path))?;
+        let mut offsets = Vec::new();
+        let mut total = 0u64;
+        for region in mem.iter() {
+            offsets.push(total);
+            total += region.len();
+        }
+        memory.set_len(total).map_err(io("size", &path))?;
+        Ok(Writer {
+            dir: dir.to_owned(),
+            tmp,
+            memory,
+            offsets,
+            pages_written: 0,
+        })
     }
-    std::fs::rename(&tmp, dir).map_err(io("rename into", dir))?;
-    if let Some(parent) = dir.parent() {
-        File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(io("sync", parent))?;
+
+    fn put(&mut self, at: u64, page: &[u8]) -> Result<(), SnapshotError> {
+        let path = self.tmp.join(MEMORY_FILE);
+        self.memory
+            .write_all_at(page, at)
+            .map_err(io("write", &path))?;
+        self.pages_written += 1;
+        Ok(())
     }
-    Ok(bytes)
+
+    /// Copies all of guest RAM, leaving all-zero pages as holes.
+    pub fn copy_all(&mut self, mem: &GuestMemory) -> Result<(), SnapshotError> {
+        let mut buf = vec![0u8; 1 << 20];
+        let zero = [0u8; PAGE];
+        for (r, region) in mem.iter().enumerate() {
+            let base = region.start_addr().0;
+            let mut done = 0u64;
+            while done < region.len() {
+                let n = (region.len() - done).min(buf.len() as u64) as usize;
+                mem.read_slice(&mut buf[..n], GuestAddress(base + done))?;
+                for (i, page) in buf[..n].chunks(PAGE).enumerate() {
+                    if page != &zero[..page.len()] {
+                        let at = self.offsets[r] + done + (i * PAGE) as u64;
+                        let page = page.to_vec();
+                        self.put(at, &page)?;
+                    }
+                }
+                done += n as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the pages set in `dirty` (zero pages too: they may have been
+    /// written over with zeros since an earlier pass).
+    pub fn copy_dirty(
+        &mut self,
+        mem: &GuestMemory,
+        dirty: &[Vec<u64>],
+    ) -> Result<(), SnapshotError> {
+        let mut page = vec![0u8; PAGE];
+        for ((r, region), bits) in mem.iter().enumerate().zip(dirty) {
+            for (w, word) in bits.iter().enumerate() {
+                let mut word = *word;
+                while word != 0 {
+                    let bit = word.trailing_zeros() as u64;
+                    word &= word - 1;
+                    let index = w as u64 * 64 + bit;
+                    let offset = index * PAGE as u64;
+                    if offset >= region.len() {
+                        continue;
+                    }
+                    mem.read_slice(&mut page, GuestAddress(region.start_addr().0 + offset))?;
+                    let at = self.offsets[r] + offset;
+                    let data = page.clone();
+                    self.put(at, &data)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the state file and moves the snapshot into place.
+    pub fn finish(self, state: &VmSnapshot) -> Result<(), SnapshotError> {
+        let memory_path = self.tmp.join(MEMORY_FILE);
+        self.memory.sync_all().map_err(io("sync", &memory_path))?;
+        let body = serde_json::to_vec(state).expect("plain data serialises");
+        let header = format!(
+            "{MAGIC} {FORMAT_VERSION} berth={} vendor={} kvm={} checksum={:016x}\n",
+            env!("CARGO_PKG_VERSION"),
+            state.cpu_vendor,
+            state.kvm_flavour,
+            fnv1a(&body)
+        );
+        let mut text = header.into_bytes();
+        text.extend_from_slice(&body);
+        crate::fsutil::write_atomic(&self.tmp.join(STATE_FILE), &text)
+            .map_err(io("write", &self.tmp))?;
+        if self.dir.exists() {
+            std::fs::remove_dir_all(&self.dir).map_err(io("replace", &self.dir))?;
+        }
+        std::fs::rename(&self.tmp, &self.dir).map_err(io("rename into", &self.dir))?;
+        if let Some(parent) = self.dir.parent() {
+            File::open(parent)
+                .and_then(|d| d.sync_all())
+                .map_err(io("sync", parent))?;
+        }
+        Ok(())
+    }
+}
+
+/// Number of pages set in per-region dirty bitmaps.
+pub fn count_dirty(dirty: &[Vec<u64>]) -> u64 {
+    dirty
+        .iter()
+        .flatten()
+        .map(|w| u64::from(w.count_ones()))
+        .sum()
 }
 
 /// Reads and checks a snapshot's state: magic, version, checksum, CPU vendor.
@@ -187,6 +264,68 @@ pub fn read_state(dir: &Path) -> Result<VmSnapshot, SnapshotError> {
         });
     }
     Ok(state)
+}
+
+/// Guest memory for restoring `target` (in `dir`): the full snapshot at the
+/// root of its chain mapped privately, then each diff's pages on top.
+pub fn load_memory(dir: &Path, target: &VmSnapshot) -> Result<GuestMemory, SnapshotError> {
+    let mut diffs: Vec<(PathBuf, Vec<Vec<u64>>)> = Vec::new();
+    let (mut base_dir, mut base_regions) = (dir.to_owned(), target.regions.clone());
+    let mut next = target.parent.clone().filter(|_| target.kind == "diff");
+    if let Some(dirty) = &target.dirty {
+        diffs.push((dir.to_owned(), dirty.clone()));
+    }
+    while let Some(parent) = next {
+        if diffs.len() > 64 {
+            return Err(SnapshotError::Decode {
+                path: parent,
+                message: "diff chain longer than 64 (a loop?)".into(),
+            });
+        }
+        if !parent.join(STATE_FILE).exists() {
+            return Err(SnapshotError::MissingParent(parent));
+        }
+        let state = read_state(&parent)?;
+        if state.kind == "diff" {
+            diffs.push((parent.clone(), state.dirty.clone().unwrap_or_default()));
+            next = state.parent.clone();
+        } else {
+            base_dir = parent;
+            base_regions = state.regions;
+            next = None;
+        }
+    }
+    if base_regions != target.regions {
+        return Err(SnapshotError::Map(
+            "the chain's snapshots disagree on the memory layout".into(),
+        ));
+    }
+    let mem = map_memory(&base_dir, &base_regions)?;
+    // Oldest diff first.
+    for (diff_dir, dirty) in diffs.iter().rev() {
+        let path = diff_dir.join(MEMORY_FILE);
+        let file = File::open(&path).map_err(io("open", &path))?;
+        let mut page = vec![0u8; PAGE];
+        let mut offset = 0u64;
+        for (region, bits) in mem.iter().zip(dirty) {
+            for (w, word) in bits.iter().enumerate() {
+                let mut word = *word;
+                while word != 0 {
+                    let index = w as u64 * 64 + u64::from(word.trailing_zeros());
+                    word &= word - 1;
+                    let at = index * PAGE as u64;
+                    if at >= region.len() {
+                        continue;
+                    }
+                    file.read_exact_at(&mut page, offset + at)
+                        .map_err(io("read", &path))?;
+                    mem.write_slice(&page, GuestAddress(region.start_addr().0 + at))?;
+                }
+            }
+            offset += region.len();
+        }
+    }
+    Ok(mem)
 }
 
 /// Maps the memory file privately: pages are read when the guest touches

@@ -10,6 +10,12 @@ use crate::config::VmConfig;
 
 #[derive(Serialize, Deserialize)]
 pub struct VmSnapshot {
+    /// "full", or "diff": only the pages in `dirty` are in this memory file,
+    /// the rest come from `parent` (a snapshot directory).
+    pub kind: String,
+    pub parent: Option<std::path::PathBuf>,
+    /// For a diff: per region, one bit per 4 KiB page present here.
+    pub dirty: Option<Vec<Vec<u64>>>,
     pub cpu_vendor: String,
     pub kvm_flavour: String,
     /// The VM description it was booted from (paths, vCPUs, memory).

@@ -66,6 +66,53 @@ impl Vm {
         &self.memory
     }
 
+    fn register_slots(&self, flags: u32) -> Result<(), VmError> {
+        for (slot, region) in self.memory.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .expect("an mmap region has a host address");
+            let slot_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags,
+            };
+            // SAFETY: the same live mapping as at creation, owned by
+            // `self.memory` for as long as the VM exists; only flags change.
+            unsafe { self.fd.set_user_memory_region(slot_region) }
+                .map_err(kvm("change a memory slot's dirty logging"))?;
+        }
+        Ok(())
+    }
+
+    /// Turns KVM's dirty page logging on, and forgets what was dirty so far
+    /// (in KVM's log and in the bitmap our devices write).
+    pub fn start_dirty_log(&self) -> Result<(), VmError> {
+        self.register_slots(kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES)?;
+        self.take_dirty()?;
+        Ok(())
+    }
+
+    /// Pages written since the last call, per region, one bit per 4 KiB
+    /// page: what vCPUs wrote (KVM's log) and what devices wrote (our
+    /// bitmap). Both are cleared.
+    pub fn take_dirty(&self) -> Result<Vec<Vec<u64>>, VmError> {
+        let mut all = Vec::new();
+        for (slot, region) in self.memory.iter().enumerate() {
+            let mut bits = self
+                .fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(kvm("read the dirty log"))?;
+            let mapping: &vm_memory::MmapRegion<vm_memory::bitmap::AtomicBitmap> = region;
+            for (word, dev) in bits.iter_mut().zip(mapping.bitmap().get_and_reset()) {
+                *word |= dev;
+            }
+            all.push(bits);
+        }
+        Ok(all)
+    }
+
     /// Routes writes to `evt` into interrupt line `gsi` without a VM exit.
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
         self.fd
