@@ -402,3 +402,81 @@ async fn a_live_snapshot_pauses_briefly_and_restores_a_consistent_guest() {
     );
     assert!(out.stdout.contains("PROBE done"), "{}", out.describe());
 }
+
+fn counts(stdout: &str) -> Vec<u64> {
+    stdout
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("PROBE dirty count="))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_guest_dirtying_50_mib_s_survives_a_live_snapshot_and_a_diff_intact() {
+    report_mode("live snapshot under dirtying");
+    let dir = scratch_dir("snapshot-dirty");
+    let socket = dir.join("vmm.sock");
+    let mut cmd = vmm_command(
+        &probe_elf(),
+        1,
+        256,
+        "probe.mode=dirty probe.dirty_mib=64 probe.dirty_rate=50 probe.report_ms=200",
+    );
+    cmd.args(["--console-in", "stdin", "--api-socket"])
+        .arg(&socket);
+    let mut vm = Running::spawn(cmd);
+    vm.wait_for_output("PROBE dirty ready", TIMEOUT);
+    std::thread::sleep(Duration::from_millis(800));
+    let c = client(&socket).await;
+    let before = *counts(&vm.stdout_so_far())
+        .last()
+        .expect("reports before the snapshot");
+    let r = snap(&c, &dir.join("live"), "full", true, true).await;
+    eprintln!(
+        "live snapshot at 50 MiB/s: {} passes, {} pages, paused {} ms",
+        r.iterations, r.pages_written, r.pause_ms
+    );
+    assert!(r.iterations >= 2, "{r:?}");
+    std::thread::sleep(Duration::from_millis(600));
+    let r = snap(&c, &dir.join("diff"), "diff", false, true).await;
+    assert!(
+        r.pages_written > 0,
+        "the dirtier changed pages since the live snapshot: {r:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    c.stop(ctx(), &Empty::default()).await.unwrap();
+    let original = vm.wait(TIMEOUT);
+    assert!(
+        !original.stdout.contains("verify fail"),
+        "{}",
+        original.describe()
+    );
+
+    for snapshot in ["live", "diff"] {
+        let mut vm = restore(&dir.join(snapshot));
+        vm.wait_for_output("PROBE dirty count=", TIMEOUT);
+        vm.write_stdin(b"v");
+        vm.wait_for_output("PROBE dirty verify", TIMEOUT);
+        vm.write_stdin(b"q");
+        let out = vm.wait(TIMEOUT);
+        let ctx = out.describe();
+        assert!(
+            out.stdout.contains("PROBE dirty verify ok pages=16384"),
+            "{snapshot}: memory intact\n{ctx}"
+        );
+        assert!(!out.stdout.contains("verify fail"), "{snapshot}\n{ctx}");
+        let after = counts(&out.stdout);
+        assert!(
+            after[0] > before,
+            "{snapshot}: the count continues past {before}: {after:?}"
+        );
+        assert!(
+            after.windows(2).all(|w| w[1] >= w[0]),
+            "{snapshot}: {after:?}"
+        );
+        assert!(
+            out.stdout.contains("PROBE dirty stopped"),
+            "{snapshot}\n{ctx}"
+        );
+    }
+}

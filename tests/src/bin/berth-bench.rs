@@ -409,6 +409,140 @@ fn bench_api() {
     });
 }
 
+/// Snapshot write speed against dd, restore → first guest output, and the
+/// pause of live snapshots with the guest idle and dirtying 50 MiB/s.
+fn bench_snapshot() {
+    use berth_tests::contract::vmm::SnapshotRequest;
+    use berth_tests::contract::vmm_ttrpc::VmmServiceClient;
+    let vmm = release_vmm();
+    let probe = probe_elf();
+    let dir = std::env::temp_dir().join(format!("berth-bench-snap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let rt = runtime();
+    let client = |socket: &Path| {
+        let address = format!("unix://{}", socket.display());
+        rt.block_on(async move {
+            VmmServiceClient::new(ttrpc::r#async::Client::connect(&address).await.unwrap())
+        })
+    };
+    let ctx = || ttrpc::context::with_timeout(600_000_000_000);
+    let boot = |mib: u64, cmdline: &str, socket: &Path| {
+        let mut c = Command::new(&vmm);
+        c.arg("--kernel")
+            .arg(&probe)
+            .args([
+                "--vcpus",
+                "1",
+                "--memory-mib",
+                &mib.to_string(),
+                "--cmdline",
+                cmdline,
+            ])
+            .args(["--console-stdout", "--console-in", "stdin", "--api-socket"])
+            .arg(socket);
+        Timed::spawn(c)
+    };
+    let mut restore_ms = Vec::new();
+    let mut write_ratio = Vec::new();
+    for mib in [256u64, 1024] {
+        // Fill most of RAM so the snapshot has real data to write.
+        let fill = mib - 64;
+        let socket = dir.join(format!("vmm-{mib}.sock"));
+        let vm = boot(
+            mib,
+            &format!(
+                "probe.mode=dirty probe.dirty_mib={fill} probe.dirty_rate=0 probe.report_ms=50"
+            ),
+            &socket,
+        );
+        vm.line("PROBE dirty ready");
+        let c = client(&socket);
+        let snap = dir.join(format!("snap-{mib}"));
+        let req = SnapshotRequest {
+            dir: snap.display().to_string(),
+            resume: false,
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        rt.block_on(c.snapshot(ctx(), &req)).expect("snapshot");
+        let secs = t0.elapsed().as_secs_f64();
+        let _ = rt.block_on(c.stop(ctx(), &berth_tests::contract::common::Empty::default()));
+        vm.finish();
+        let snap_mib_s = mib as f64 / secs;
+        // dd of the same size to the same disk, synced like the snapshot.
+        let dd_target = dir.join("dd.img");
+        let t0 = Instant::now();
+        let ok = Command::new("dd")
+            .args(["if=/dev/zero", "bs=1M", "conv=fsync", "status=none"])
+            .arg(format!("of={}", dd_target.display()))
+            .arg(format!("count={mib}"))
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "dd failed");
+        let dd_mib_s = mib as f64 / t0.elapsed().as_secs_f64();
+        let _ = std::fs::remove_file(&dd_target);
+        println!("{mib} MiB guest: snapshot written in {secs:.2} s ({snap_mib_s:.0} MiB/s), dd {dd_mib_s:.0} MiB/s");
+        write_ratio.push(snap_mib_s / dd_mib_s);
+
+        // Restore → first byte from the guest, several times.
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let mut c = Command::new(&vmm);
+            c.arg("--restore")
+                .arg(&snap)
+                .args(["--console-stdout", "--console-in", "stdin"]);
+            let t0 = Instant::now();
+            let vm = Timed::spawn(c);
+            let (t1, _) = vm.line("PROBE dirty");
+            times.push((t1 - t0).as_secs_f64() * 1e3);
+            vm.finish();
+        }
+        let (_, med, _) = stats(times);
+        println!("{mib} MiB guest: restore -> first guest output {med:.1} ms (median of 5)");
+        restore_ms.push(med);
+    }
+
+    let mut live = Vec::new();
+    for rate in [0u32, 50] {
+        let socket = dir.join(format!("vmm-live-{rate}.sock"));
+        let vm = boot(
+            512,
+            &format!("probe.mode=dirty probe.dirty_mib=256 probe.dirty_rate={rate}"),
+            &socket,
+        );
+        vm.line("PROBE dirty count=");
+        std::thread::sleep(Duration::from_secs(1));
+        let c = client(&socket);
+        let mut pauses = Vec::new();
+        for i in 0..3 {
+            let req = SnapshotRequest {
+                dir: dir.join(format!("live-{rate}-{i}")).display().to_string(),
+                live: true,
+                resume: true,
+                ..Default::default()
+            };
+            let r = rt.block_on(c.snapshot(ctx(), &req)).expect("live snapshot");
+            println!(
+                "live snapshot at {rate} MiB/s: {} passes, {} pages, paused {} ms",
+                r.iterations, r.pages_written, r.pause_ms
+            );
+            pauses.push(r.pause_ms as f64);
+        }
+        let _ = rt.block_on(c.stop(ctx(), &berth_tests::contract::common::Empty::default()));
+        vm.finish();
+        live.push(stats(pauses).1);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let ratio = write_ratio.iter().sum::<f64>() / write_ratio.len() as f64;
+    println!("METRIC snapshot.restore_ms_256m {:.2}", restore_ms[0]);
+    println!("METRIC snapshot.restore_ms_1g {:.2}", restore_ms[1]);
+    println!("METRIC snapshot.write_vs_dd_ratio {ratio:.3}");
+    println!("METRIC snapshot.live_pause_ms_idle {:.1}", live[0]);
+    println!("METRIC snapshot.live_pause_ms_dirty50 {:.1}", live[1]);
+}
+
 /// Measured CPU split of two burning VMs pinned to one host CPU, against
 /// their weights; and what one Stats call costs the agent.
 fn bench_shares() {
@@ -589,8 +723,9 @@ fn main() {
         Some("net") => bench_net(),
         Some("api") => bench_api(),
         Some("shares") => bench_shares(),
+        Some("snapshot") => bench_snapshot(),
         other => {
-            eprintln!("usage: berth-bench boot|blk|net|api|shares   (got {other:?})");
+            eprintln!("usage: berth-bench boot|blk|net|api|shares|snapshot   (got {other:?})");
             std::process::exit(2);
         }
     }
