@@ -565,7 +565,14 @@ impl Manager {
     }
 
     /// Captures a Running or Paused VM into snapshots/<name>.
-    pub async fn snapshot(&self, id: &str, name: &str, hibernate: bool) -> ApiResult<SnapshotView> {
+    pub async fn snapshot(
+        &self,
+        id: &str,
+        name: &str,
+        hibernate: bool,
+        kind: &str,
+        live: bool,
+    ) -> ApiResult<SnapshotView> {
         crate::spec::check_name("name", name)
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
         let entry = self.entry(id)?;
@@ -585,6 +592,8 @@ impl Manager {
         let req = berth_proto::vmm::SnapshotRequest {
             dir: path.display().to_string(),
             resume: state == VmState::Running && !hibernate,
+            kind: kind.to_string(),
+            live,
             ..Default::default()
         };
         let ctx = ttrpc::context::with_timeout(300_000_000_000);

@@ -327,7 +327,7 @@ impl vm_ttrpc::VmService for VmApi {
         req: pb::SnapshotVmRequest,
     ) -> ttrpc::Result<pb::SnapshotInfo> {
         self.0
-            .snapshot(&req.id, &req.name, req.hibernate)
+            .snapshot(&req.id, &req.name, req.hibernate, &req.kind, req.live)
             .await
             .map(snapshot_to_pb)
             .map_err(status)

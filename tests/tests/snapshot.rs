@@ -480,3 +480,48 @@ async fn a_guest_dirtying_50_mib_s_survives_a_live_snapshot_and_a_diff_intact() 
         );
     }
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_vmm_killed_while_writing_leaves_no_snapshot_that_looks_valid() {
+    report_mode("snapshot crash");
+    let dir = scratch_dir("snapshot-crash");
+    let socket = dir.join("vmm.sock");
+    // A lot of non-zero memory, so writing it takes a while.
+    let mut cmd = vmm_command(&probe_elf(), 1, 768, "probe.mode=dirty probe.dirty_mib=640");
+    cmd.args(["--console-in", "stdin", "--api-socket"])
+        .arg(&socket);
+    let mut vm = Running::spawn(cmd);
+    vm.wait_for_output("PROBE dirty ready", TIMEOUT);
+    let c = client(&socket).await;
+    let snap_dir = dir.join("snap");
+    let req = SnapshotRequest {
+        dir: snap_dir.display().to_string(),
+        ..Default::default()
+    };
+    let call = c.snapshot(ctx(), &req);
+    let kill = async {
+        // Kill as soon as the snapshot's memory file is being written.
+        let tmp = dir.join("snap.tmp/memory.img");
+        while !tmp.exists() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        Command::new("kill")
+            .args(["-9", &vm.pid().to_string()])
+            .status()
+            .unwrap();
+    };
+    let (result, _) = tokio::join!(call, kill);
+    assert!(
+        result.is_err(),
+        "the snapshot cannot have finished: {result:?}"
+    );
+    let _ = vm.wait(TIMEOUT);
+    assert!(
+        !snap_dir.exists(),
+        "no snapshot directory under the real name"
+    );
+    let out = restore(&snap_dir).wait(TIMEOUT);
+    assert_eq!(out.status.code(), Some(1), "{}", out.describe());
+    assert!(out.stderr.contains("cannot read"), "{}", out.describe());
+}

@@ -66,7 +66,7 @@ pub struct VmmApi {
     pub flavour: String,
     pub transports: crate::builder::Transports,
     /// The parent of the next diff snapshot: the last snapshot this VMM
-    /// took or was restored from.
+    /// took (dirty logging starts with the first).
     pub last_snapshot: Mutex<Option<std::path::PathBuf>>,
     pub vcpus: Arc<VcpuSet>,
     pub i8042: Arc<Mutex<I8042>>,
@@ -130,6 +130,10 @@ impl VmmApi {
                     break;
                 }
             }
+            writer.sync().map_err(err)?;
+            // What the sync let the guest dirty meanwhile, still running.
+            let dirty = self.vm.take_dirty().map_err(vm_err)?;
+            writer.copy_dirty(memory, &dirty).map_err(err)?;
         }
         let paused_at = std::time::Instant::now();
         if !was_paused {

@@ -219,6 +219,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> (i32, String) {
+    let started = std::time::Instant::now();
     let (config, built) = match &args.restore {
         Some(dir) => match berth_vmm::snapshot::read_state(dir) {
             Ok(snapshot) => {
@@ -250,6 +251,14 @@ fn run(args: &Args) -> (i32, String) {
             return (1, format!("error: {e}"));
         }
     };
+    if let Some(dir) = &args.restore {
+        // From process start to the vCPUs about to run: what a restore costs.
+        eprintln!(
+            "berth-vmm: restored from {} in {:.2} ms",
+            dir.display(),
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    }
     eprintln!(
         "berth-vmm: KVM {}; {} vCPU(s), {} MiB; kernel {}",
         vmm.flavour,

@@ -136,6 +136,12 @@ enum SnapshotCmd {
         name: String,
         #[arg(long)]
         hibernate: bool,
+        /// Only the pages written since the VM's last snapshot.
+        #[arg(long)]
+        diff: bool,
+        /// Copy memory while the guest runs; pause it only briefly.
+        #[arg(long)]
+        live: bool,
     },
     List {
         id: String,
@@ -491,11 +497,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 id,
                 name,
                 hibernate,
+                diff,
+                live,
             } => {
                 let req = pb::SnapshotVmRequest {
                     id,
                     name,
                     hibernate,
+                    kind: if diff { "diff" } else { "full" }.into(),
+                    live,
                     ..Default::default()
                 };
                 let info = vms.snapshot(ctx(), &req).await.map_err(from_ttrpc)?;

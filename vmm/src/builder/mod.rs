@@ -108,7 +108,6 @@ pub struct Vmm {
     vm: Arc<Vm>,
     config: VmConfig,
     transports: virtio::Transports,
-    restored_from: Option<PathBuf>,
     vcpus: Vec<Vcpu>,
     control: Arc<VcpuControl>,
     serial: Arc<Mutex<SerialDevice>>,
@@ -135,11 +134,10 @@ pub fn restore(
     kvm_device: &Path,
 ) -> Result<Vmm, BuildError> {
     let memory = crate::snapshot::load_memory(dir, &snapshot)?;
-    let mut vmm = build_vm(config, kvm_device, Some((snapshot, memory)))?;
-    // Diffs taken from here are relative to this snapshot.
-    vmm.vm.start_dirty_log()?;
-    vmm.restored_from = Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned()));
-    Ok(vmm)
+    // Dirty logging (and so a diff's baseline) starts with this VMM's first
+    // full snapshot: turning it on here would cost every restore time that
+    // grows with guest size.
+    build_vm(config, kvm_device, Some((snapshot, memory)))
 }
 
 fn build_vm(
@@ -325,7 +323,6 @@ fn build_vm(
         vm: Arc::new(vm),
         config: config.clone(),
         transports,
-        restored_from: None,
         vcpus,
         control,
         serial,
@@ -384,7 +381,7 @@ impl Vmm {
                 config: self.config.clone(),
                 flavour: self.flavour.to_string(),
                 transports: self.transports.clone(),
-                last_snapshot: Mutex::new(self.restored_from.clone()),
+                last_snapshot: Mutex::new(None),
             };
             crate::api::serve(path, api).map_err(|source| BuildError::ApiSocket {
                 path: path.to_owned(),

@@ -186,6 +186,13 @@ impl Writer {
         Ok(())
     }
 
+    /// Flushes what is written so far, so the final (paused) part of a live
+    /// snapshot only waits for its own few pages.
+    pub fn sync(&self) -> Result<(), SnapshotError> {
+        let path = self.tmp.join(MEMORY_FILE);
+        self.memory.sync_data().map_err(io("sync", &path))
+    }
+
     /// Writes the state file and moves the snapshot into place.
     pub fn finish(self, state: &VmSnapshot) -> Result<(), SnapshotError> {
         let memory_path = self.tmp.join(MEMORY_FILE);
