@@ -123,6 +123,11 @@ fn inputs(scenarios: &[Scenario]) -> Vec<Input> {
             perm: 0o755,
             source: Source::Stripped(vmm.clone()),
         },
+        Input {
+            dest: "usr/bin/vmmctl".into(),
+            perm: 0o755,
+            source: Source::Stripped(crate::binary("vmmctl")),
+        },
         file("guest/vmlinux", 0o644, linux.join("vmlinux")),
         file("guest/bzImage", 0o644, linux.join("bzImage")),
         file(

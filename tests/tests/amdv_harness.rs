@@ -114,8 +114,40 @@ fn boot_2_vcpus() {
 /// in the image file.
 const DISK_MARKER: &str = "berth-disk-write-4242";
 
+/// Boots Linux from its root disk with a shell on the console (fed from a
+/// FIFO), snapshots it, restores it into a new berth-vmm, and talks to the
+/// same shell, which then writes a file onto the disk.
+const SNAPSHOT_SCRIPT: &str = r#"
+gunzip -c /guest/rootfs.ext4.gz > /tmp/rootfs.ext4
+mkfifo /tmp/in1 /tmp/in2
+exec 3<>/tmp/in1 4<>/tmp/in2
+waitfor() { for i in $(seq 600); do grep -q "$2" "$1" && return 0; sleep 0.1; done; echo "timeout waiting for $2"; return 1; }
+berth-vmm --kernel /guest/bzImage --vcpus 2 --memory-mib 256 --disk /tmp/rootfs.ext4   --api-socket /tmp/v.sock --console-log /tmp/c1.log --console-in /tmp/in1   --cmdline 'console=ttyS0 reboot=k panic=-1 quiet root=/dev/vda rw' 2>/tmp/e1.log &
+waitfor /tmp/c1.log BERTH-GUEST-READY
+sleep 1
+echo 'echo before-snapshot-$((40+2))' >&3
+waitfor /tmp/c1.log before-snapshot-42
+vmmctl --socket /tmp/v.sock snapshot --dir /tmp/snap
+vmmctl --socket /tmp/v.sock stop
+wait
+berth-vmm --restore /tmp/snap --console-log /tmp/c2.log --console-in /tmp/in2 2>/tmp/e2.log &
+vmm=$!
+sleep 1
+echo 'echo after-restore-$((50+5)); echo restored-file-7 > /after.txt; sync; reboot -f' >&4
+wait $vmm
+rc=$?
+echo "--- first VMM console"; cat /tmp/c1.log; cat /tmp/e1.log
+echo "--- restored VMM console"; cat /tmp/c2.log; cat /tmp/e2.log
+echo "host-finds-file=$(grep -a -c restored-file-7 /tmp/rootfs.ext4)"
+exit $rc
+"#;
+
 fn virtio_scenarios() -> Vec<Scenario> {
     vec![
+        Scenario {
+            name: "snapshot_linux",
+            script: SNAPSHOT_SCRIPT.to_string(),
+        },
         Scenario {
             name: "virtio_blk_root",
             script: format!(
@@ -216,4 +248,37 @@ fn virtio_net_ping_and_tcp_over_the_tap() {
         "2 MiB over TCP (HTTP) arrived intact\n{ctx}"
     );
     assert_eq!(r.exit, 0, "berth-vmm exit status\n{ctx}");
+}
+
+#[test]
+fn a_snapshotted_linux_guest_restores_and_keeps_its_shell_and_disk() {
+    let r = harness().scenario("snapshot_linux");
+    let ctx = format!("scenario {} ({} ms):\n{}", r.name, r.ms, r.output);
+    eprintln!("[amdv_harness] {} took {} ms", r.name, r.ms);
+    let (first, restored) = r
+        .output
+        .split_once("--- restored VMM console")
+        .unwrap_or_else(|| panic!("{ctx}"));
+    assert!(
+        first.contains("before-snapshot-42"),
+        "the shell answered before\n{ctx}"
+    );
+    assert!(
+        restored.contains("berth-vmm: restored from /tmp/snap"),
+        "{ctx}"
+    );
+    assert!(
+        !restored.contains("Linux version"),
+        "the restored guest did not boot again\n{ctx}"
+    );
+    assert!(
+        restored.contains("after-restore-55"),
+        "the same shell answers after the restore\n{ctx}"
+    );
+    assert!(restored.contains("guest requested reset"), "{ctx}");
+    assert!(
+        r.output.contains("host-finds-file=1"),
+        "the file written after the restore is on the disk\n{ctx}"
+    );
+    assert_eq!(r.exit, 0, "{ctx}");
 }

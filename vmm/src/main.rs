@@ -64,6 +64,9 @@ struct Args {
     /// With --restore: keep the guest paused until the API resumes it.
     #[arg(long)]
     paused: bool,
+    /// With --restore: attach the NIC whose tap was OLD to NEW instead.
+    #[arg(long = "tap", value_name = "OLD=NEW")]
+    tap_overrides: Vec<String>,
     /// KVM device to open.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
@@ -117,6 +120,23 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
         config.nics.push(parse_nic(spec)?);
     }
     Ok(config)
+}
+
+/// `OLD=NEW` tap renames for a restore on another host or beside the
+/// original.
+fn apply_tap_overrides(overrides: &[String], config: &mut VmConfig) -> Result<(), String> {
+    for o in overrides {
+        let (old, new) = o
+            .split_once('=')
+            .ok_or_else(|| format!("--tap {o:?} is not OLD=NEW"))?;
+        let nic = config
+            .nics
+            .iter_mut()
+            .find(|n| n.tap.as_deref() == Some(old))
+            .ok_or_else(|| format!("--tap {o:?}: the snapshot has no NIC on tap {old}"))?;
+        nic.tap = Some(new.to_string());
+    }
+    Ok(())
 }
 
 /// The console flags, on top of whatever config they refine.
@@ -225,6 +245,10 @@ fn run(args: &Args) -> (i32, String) {
             Ok(snapshot) => {
                 let mut config = snapshot.config.clone();
                 apply_console_flags(args, &mut config);
+                if let Err(e) = apply_tap_overrides(&args.tap_overrides, &mut config) {
+                    eprintln!("berth-vmm: error: {e}");
+                    return (1, format!("error: {e}"));
+                }
                 let built = builder::restore(dir, snapshot, &config, &args.kvm_device);
                 (config, built)
             }
