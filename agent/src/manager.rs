@@ -16,7 +16,7 @@ use crate::config::AgentConfig;
 use crate::entitlement::{self, Report, Sample};
 use crate::spec::{Limits, RestartKind, VmSpec};
 use crate::store::{Store, VmDir, VmRecord, VmState};
-use crate::vmm_proc::{self, VmmExit, VmmProcess};
+use crate::vmm_proc::{self, RestoreFrom, VmmExit, VmmProcess};
 
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -550,7 +550,11 @@ impl Manager {
                 self.launch_from(
                     &entry,
                     &format!("woke from snapshot {name}"),
-                    Some((&path, false)),
+                    Some(RestoreFrom {
+                        snapshot: &path,
+                        paused: false,
+                        taps: &[],
+                    }),
                 )
                 .await?;
                 let mut inner = lock(&entry.inner);
@@ -667,6 +671,7 @@ impl Manager {
         new_id: &str,
         new_name: &str,
         paused: bool,
+        taps: &[(String, String)],
     ) -> ApiResult<VmView> {
         let source = self.entry(id)?;
         let path = source.dir.snapshots().join(snapshot);
@@ -681,10 +686,32 @@ impl Manager {
         // Refuse a snapshot this host cannot run before anything changes.
         berth_vmm::snapshot::read_state(&path)
             .map_err(|e| ApiError::FailedPrecondition(e.to_string()))?;
+        let rename = |spec: &mut VmSpec| -> ApiResult<()> {
+            for (old, new) in taps {
+                let nic = spec
+                    .nics
+                    .iter_mut()
+                    .find(|n| &n.tap == old)
+                    .ok_or_else(|| {
+                        ApiError::InvalidArgument(format!(
+                            "tap_overrides: VM {} has no NIC on tap {old}",
+                            spec.id
+                        ))
+                    })?;
+                nic.tap = new.clone();
+            }
+            Ok(())
+        };
         let target = if new_id.is_empty() {
+            if !taps.is_empty() {
+                let mut spec = lock(&source.inner).spec.clone();
+                rename(&mut spec)?;
+                self.update(spec).await?;
+            }
             source
         } else {
             let mut spec = lock(&source.inner).spec.clone();
+            rename(&mut spec)?;
             spec.id = new_id.to_string();
             spec.name = if new_name.is_empty() {
                 new_id.to_string()
@@ -727,7 +754,11 @@ impl Manager {
         self.launch_from(
             &target,
             &format!("restored from {id}/{snapshot}"),
-            Some((&path, paused)),
+            Some(RestoreFrom {
+                snapshot: &path,
+                paused,
+                taps,
+            }),
         )
         .await?;
         Ok(Self::view(&target))
@@ -864,13 +895,12 @@ impl Manager {
         self.launch_from(entry, why, None).await
     }
 
-    /// Spawns the VMM (booting, or restoring `restore` = (snapshot dir,
-    /// paused)) and waits until its control socket answers.
+    /// Spawns the VMM (booting, or restoring from a snapshot) and waits until its control socket answers.
     async fn launch_from(
         &self,
         entry: &Arc<VmEntry>,
         why: &str,
-        restore: Option<(&std::path::Path, bool)>,
+        restore: Option<RestoreFrom<'_>>,
     ) -> ApiResult<()> {
         let (config, spec) = {
             let mut inner = lock(&entry.inner);
@@ -963,7 +993,7 @@ impl Manager {
         inner.record.started_at_ms = now_ms();
         inner.process = Some(process);
         let state = match restore {
-            Some((_, true)) => VmState::Paused,
+            Some(RestoreFrom { paused: true, .. }) => VmState::Paused,
             _ => VmState::Running,
         };
         self.transition(entry, &mut inner, state, why)

@@ -341,6 +341,10 @@ impl vm_ttrpc::VmService for VmApi {
                 &req.new_id,
                 &req.new_name,
                 req.paused,
+                &req.tap_overrides
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<Vec<_>>(),
             )
             .await
             .map(vm_to_pb)

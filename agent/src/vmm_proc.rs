@@ -54,15 +54,26 @@ struct ExitRecord {
     reason: String,
 }
 
+/// Boot a VMM from a snapshot instead of from its config.
+#[derive(Clone, Copy)]
+pub struct RestoreFrom<'a> {
+    pub snapshot: &'a Path,
+    /// Leave the vCPUs stopped after restoring.
+    pub paused: bool,
+    /// (tap in the snapshot, tap to open instead) pairs.
+    pub taps: &'a [(String, String)],
+}
+
 impl VmmProcess {
     /// Starts berth-vmm for `config` in `dir`, detached.
-    /// `restore`: boot from that snapshot directory instead (paused or not).
+    /// `restore`: boot from that snapshot directory instead (paused or
+    /// not, with tap renames).
     pub fn spawn(
         binary: &Path,
         dir: &VmDir,
         config: &VmConfig,
         cgroups: &[std::path::PathBuf],
-        restore: Option<(&Path, bool)>,
+        restore: Option<RestoreFrom<'_>>,
     ) -> std::io::Result<VmmProcess> {
         let json = serde_json::to_vec_pretty(config).expect("plain data serialises");
         write_atomic(&dir.vmm_config(), &json)?;
@@ -82,13 +93,20 @@ impl VmmProcess {
         }
         match restore {
             // The snapshot carries the VM's config; only the console moves.
-            Some((snapshot, paused)) => {
+            Some(RestoreFrom {
+                snapshot,
+                paused,
+                taps,
+            }) => {
                 cmd.arg("--restore")
                     .arg(snapshot)
                     .arg("--console-log")
                     .arg(dir.console_log());
                 if paused {
                     cmd.arg("--paused");
+                }
+                for (old, new) in taps {
+                    cmd.arg("--tap").arg(format!("{old}={new}"));
                 }
             }
             None => {

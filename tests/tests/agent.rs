@@ -661,3 +661,55 @@ async fn snapshot_restore_into_a_new_vm_and_hibernate() {
     );
     assert_eq!(code, Code::NOT_FOUND);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_restored_clone_can_move_to_another_tap() {
+    report_mode("restore with a tap override");
+    let agent = TestAgent::new("agent-snapshot-tap");
+    let c = agent.clients().await;
+    let (old, new) = (
+        format!("bt{}so", std::process::id()),
+        format!("bt{}sn", std::process::id()),
+    );
+    let mut spec = probe_spec("withnic", 1, "probe.mode=tick");
+    spec.nics.push(pb::Nic {
+        tap: old.clone(),
+        ..Default::default()
+    });
+    create_and_start(&c, spec).await;
+    wait_console(&agent, "withnic", "PROBE tick 2", BOOT);
+    let req = pb::SnapshotVmRequest {
+        id: "withnic".into(),
+        name: "n1".into(),
+        ..Default::default()
+    };
+    c.vms.snapshot(ctx(), &req).await.unwrap();
+    let mut req = pb::RestoreVmRequest {
+        id: "withnic".into(),
+        snapshot: "n1".into(),
+        new_id: "twin".into(),
+        ..Default::default()
+    };
+    req.tap_overrides.insert(old.clone(), new.clone());
+    let vm = c.vms.restore(ctx(), &req).await.unwrap();
+    assert_eq!(state_of(&vm), pb::VmState::RUNNING);
+    assert_eq!(vm.spec.nics[0].tap, new, "the clone's spec records its tap");
+    assert!(
+        std::path::Path::new("/sys/class/net").join(&new).exists(),
+        "the clone is on {new}"
+    );
+    assert!(
+        std::path::Path::new("/sys/class/net").join(&old).exists(),
+        "the original keeps {old}"
+    );
+    wait_console(&agent, "twin", "PROBE tick", BOOT);
+    let mut bad = pb::RestoreVmRequest {
+        id: "withnic".into(),
+        snapshot: "n1".into(),
+        new_id: "twin2".into(),
+        ..Default::default()
+    };
+    bad.tap_overrides.insert("nosuchtap".into(), "x".into());
+    let (code, msg) = code_of(c.vms.restore(ctx(), &bad).await);
+    assert_eq!(code, Code::INVALID_ARGUMENT, "{msg}");
+}

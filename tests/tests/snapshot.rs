@@ -172,13 +172,33 @@ async fn a_damaged_snapshot_is_refused_with_a_clear_error() {
     );
 }
 
-/// Snapshots `vm` (whose API socket is `socket`) into `snap`, paused, and
-/// stops it.
-async fn snapshot_and_stop(vm: Running, socket: &Path, snap: &Path) {
+/// Snapshots `vm` (whose API socket is `socket`) into `snap` as `kind`
+/// ("full", "diff" after a full one, or "live"), leaves it paused and stops
+/// it.
+async fn snapshot_and_stop(vm: Running, socket: &Path, snap: &Path, kind: &str) {
     let c = client(socket).await;
+    let (kind, live) = match kind {
+        "diff" => {
+            let base = snap.with_file_name(format!(
+                "{}-base",
+                snap.file_name().unwrap().to_string_lossy()
+            ));
+            let req = SnapshotRequest {
+                dir: base.display().to_string(),
+                resume: true,
+                ..Default::default()
+            };
+            c.snapshot(ctx(), &req).await.expect("base snapshot");
+            ("diff", false)
+        }
+        "live" => ("full", true),
+        _ => ("full", false),
+    };
     let req = SnapshotRequest {
         dir: snap.display().to_string(),
         resume: false,
+        kind: kind.into(),
+        live,
         ..Default::default()
     };
     c.snapshot(ctx(), &req).await.expect("snapshot");
@@ -190,7 +210,13 @@ async fn snapshot_and_stop(vm: Running, socket: &Path, snap: &Path) {
 #[tokio::test(flavor = "current_thread")]
 async fn a_restored_guest_keeps_using_its_disk() {
     report_mode("snapshot with a disk");
-    let dir = scratch_dir("snapshot-disk");
+    for kind in ["full", "diff", "live"] {
+        disk_after_restore(kind).await;
+    }
+}
+
+async fn disk_after_restore(kind: &str) {
+    let dir = scratch_dir(&format!("snapshot-disk-{kind}"));
     let disk = dir.join("disk.img");
     let host: Vec<u8> = (0..512 * 128).map(|i| (i % 253) as u8).collect();
     std::fs::write(&disk, &host).unwrap();
@@ -207,7 +233,7 @@ async fn a_restored_guest_keeps_using_its_disk() {
     let mut vm = Running::spawn(cmd);
     vm.wait_for_output("PROBE blk dev=0 holding", TIMEOUT);
     let snap = dir.join("snap");
-    snapshot_and_stop(vm, &socket, &snap).await;
+    snapshot_and_stop(vm, &socket, &snap, kind).await;
 
     // The guest set the device up before the snapshot; it resumes using it.
     let mut vm = restore(&snap);
@@ -246,10 +272,16 @@ async fn a_restored_guest_keeps_using_its_disk() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_restored_guest_keeps_receiving_on_its_tap() {
-    use berth_tests::net::{net_peer, TestTap};
     report_mode("snapshot with a tap");
-    let dir = scratch_dir("snapshot-net");
-    let tap = TestTap::create("s");
+    for (i, kind) in ["full", "diff", "live"].into_iter().enumerate() {
+        tap_after_restore(kind, i).await;
+    }
+}
+
+async fn tap_after_restore(kind: &str, i: usize) {
+    use berth_tests::net::{net_peer, TestTap};
+    let dir = scratch_dir(&format!("snapshot-net-{kind}"));
+    let tap = TestTap::create(&format!("s{i}"));
     let mut peer = net_peer(&tap.0);
     let socket = dir.join("vmm.sock");
     let mac = "52:54:00:00:5a:01";
@@ -259,7 +291,7 @@ async fn a_restored_guest_keeps_receiving_on_its_tap() {
     let mut vm = Running::spawn(cmd);
     vm.wait_for_output("PROBE net rx ready", TIMEOUT);
     let snap = dir.join("snap");
-    snapshot_and_stop(vm, &socket, &snap).await;
+    snapshot_and_stop(vm, &socket, &snap, kind).await;
 
     // Its receive buffers were posted before the snapshot; frames sent now
     // land in them.

@@ -161,12 +161,14 @@ impl VmmApi {
                 parent: if diff { parent.clone() } else { None },
                 dirty: if diff { dirty_pages } else { None },
                 cpu_vendor: crate::snapshot::host_cpu_vendor(),
+                cpu_model: crate::snapshot::host_cpu_model(),
                 kvm_flavour: self.flavour.clone(),
                 config: self.config.clone(),
                 regions: memory.iter().map(|r| (r.start_addr().0, r.len())).collect(),
                 vcpus,
                 vm,
                 serial: lock(&self.serial).state().into(),
+                i8042: lock(&self.i8042).state(),
                 virtio,
             };
             let pages = writer.pages_written;

@@ -157,6 +157,9 @@ enum SnapshotCmd {
         /// Leave the restored guest paused.
         #[arg(long)]
         paused: bool,
+        /// Attach the NIC on tap OLD to tap NEW instead (repeatable).
+        #[arg(long = "tap", value_name = "OLD=NEW")]
+        taps: Vec<String>,
     },
     Delete {
         id: String,
@@ -553,13 +556,22 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 new_id,
                 new_name,
                 paused,
+                taps,
             } => {
+                let mut tap_overrides = HashMap::new();
+                for t in &taps {
+                    let (old, new) = t
+                        .split_once('=')
+                        .ok_or_else(|| fail(2, format!("--tap {t:?} is not OLD=NEW")))?;
+                    tap_overrides.insert(old.to_string(), new.to_string());
+                }
                 let req = pb::RestoreVmRequest {
                     id,
                     snapshot: name,
                     new_id: new_id.unwrap_or_default(),
                     new_name: new_name.unwrap_or_default(),
                     paused,
+                    tap_overrides,
                     ..Default::default()
                 };
                 show(vms.restore(ctx(), &req).await.map_err(from_ttrpc)?);

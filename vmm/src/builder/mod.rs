@@ -232,6 +232,9 @@ fn build_vm(
         crate::devices::bus::lock(&i8042).irq_eventfd(),
         KEYBOARD_GSI,
     )?;
+    if let Some(s) = &snapshot {
+        crate::devices::bus::lock(&i8042).restore(&s.i8042);
+    }
     pio.insert(COM1_PORT_BASE, COM1_PORT_LEN, serial.clone())
         .and_then(|_| pio.insert(I8042_PORT_BASE, I8042_PORT_LEN, i8042.clone()))
         .map_err(|e| io_err("the port I/O bus")(std::io::Error::other(e)))?;

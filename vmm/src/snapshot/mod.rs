@@ -80,15 +80,24 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// The host CPU's vendor string (GenuineIntel, AuthenticAMD).
-pub fn host_cpu_vendor() -> String {
+fn cpuinfo_field(key: &str) -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("vendor_id"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(|v| v.trim().to_string())
+        .find(|l| l.split(':').next().map(str::trim) == Some(key))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
         .unwrap_or_default()
+}
+
+/// The host CPU's vendor string (GenuineIntel, AuthenticAMD).
+pub fn host_cpu_vendor() -> String {
+    cpuinfo_field("vendor_id")
+}
+
+/// The host CPU's model name.
+pub fn host_cpu_model() -> String {
+    cpuinfo_field("model name")
 }
 
 /// A snapshot being written: its temporary directory and memory file.
@@ -199,10 +208,11 @@ impl Writer {
         self.memory.sync_all().map_err(io("sync", &memory_path))?;
         let body = serde_json::to_vec(state).expect("plain data serialises");
         let header = format!(
-            "{MAGIC} {FORMAT_VERSION} berth={} vendor={} kvm={} checksum={:016x}\n",
+            "{MAGIC} {FORMAT_VERSION} berth={} vendor={} model={:?} kvm={:?} checksum={:016x}\n",
             env!("CARGO_PKG_VERSION"),
             state.cpu_vendor,
-            state.kvm_flavour,
+            state.cpu_model.replace(' ', "_"),
+            state.kvm_flavour.replace(' ', "_"),
             fnv1a(&body)
         );
         let mut text = header.into_bytes();

@@ -17,6 +17,9 @@ pub struct VmSnapshot {
     /// For a diff: per region, one bit per 4 KiB page present here.
     pub dirty: Option<Vec<Vec<u64>>>,
     pub cpu_vendor: String,
+    /// The host CPU's model name (informational: only the vendor must match).
+    #[serde(default)]
+    pub cpu_model: String,
     pub kvm_flavour: String,
     /// The VM description it was booted from (paths, vCPUs, memory).
     pub config: VmConfig,
@@ -25,6 +28,8 @@ pub struct VmSnapshot {
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
     pub serial: SerialSnapshot,
+    #[serde(default)]
+    pub i8042: crate::devices::legacy::i8042::I8042State,
     /// Each virtio-mmio transport, in the order the config lists devices.
     pub virtio: Vec<crate::devices::virtio::mmio::TransportSnapshot>,
 }

@@ -55,7 +55,35 @@ pub struct I8042 {
     out: VecDeque<u8>,
 }
 
+/// The controller's registers and queued bytes, as a snapshot keeps them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    pub ctr: u8,
+    pub output_port: u8,
+    pub status: u8,
+    pub pending: Option<u8>,
+    pub out: Vec<u8>,
+}
+
 impl I8042 {
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            ctr: self.ctr,
+            output_port: self.output_port,
+            status: self.status,
+            pending: self.pending,
+            out: self.out.iter().copied().collect(),
+        }
+    }
+
+    pub fn restore(&mut self, s: &I8042State) {
+        self.ctr = s.ctr;
+        self.output_port = s.output_port;
+        self.status = s.status;
+        self.pending = s.pending;
+        self.out = s.out.iter().copied().collect();
+    }
+
     pub fn new(exit: ExitNotifier, irq: EventFd) -> Self {
         I8042 {
             exit,
