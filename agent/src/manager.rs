@@ -513,36 +513,11 @@ impl Manager {
         let _op = entry.op.lock().await;
         {
             let inner = lock(&entry.inner);
-            if !matches!(
-                inner.record.state,
-                VmState::Defined | VmState::Stopped | VmState::Crashed
-            ) {
-                return Err(Self::wrong_state(
-                    &inner.spec,
-                    inner.record.state,
-                    "it must be Defined, Stopped or Crashed to start",
-                ));
-            }
+            Self::ensure_not_running(&inner, "it must be Defined, Stopped or Crashed to start")?;
             // Paths are checked again now: files may have moved since Create.
             self.validate(&inner.spec)?;
         }
-        {
-            // Admit and mark Starting under one lock: parallel starts that
-            // together exceed capacity admit exactly as many as fit.
-            let _admission = self.admission.lock().await;
-            if self.drained.load(Ordering::SeqCst) {
-                return Err(ApiError::FailedPrecondition(
-                    "the node is drained: no new VM starts until Undrain".into(),
-                ));
-            }
-            if !self.config.reserve_on_define {
-                let spec = lock(&entry.inner).spec.clone();
-                self.check_fits(&spec)?;
-            }
-            let mut inner = lock(&entry.inner);
-            inner.record.restarts = 0;
-            self.transition(&entry, &mut inner, VmState::Starting, "started")?;
-        }
+        self.admit(&entry, "started", |_| {}).await?;
         let hibernated = lock(&entry.inner).record.hibernated.clone();
         match hibernated {
             Some(name) => {
@@ -724,33 +699,11 @@ impl Manager {
         let _op = target.op.lock().await;
         {
             let inner = lock(&target.inner);
-            if !matches!(
-                inner.record.state,
-                VmState::Defined | VmState::Stopped | VmState::Crashed
-            ) {
-                return Err(Self::wrong_state(
-                    &inner.spec,
-                    inner.record.state,
-                    "stop it to restore a snapshot into it",
-                ));
-            }
+            Self::ensure_not_running(&inner, "stop it to restore a snapshot into it")?;
         }
-        {
-            let _admission = self.admission.lock().await;
-            if self.drained.load(Ordering::SeqCst) {
-                return Err(ApiError::FailedPrecondition(
-                    "the node is drained: no new VM starts until Undrain".into(),
-                ));
-            }
-            if !self.config.reserve_on_define {
-                let spec = lock(&target.inner).spec.clone();
-                self.check_fits(&spec)?;
-            }
-            let mut inner = lock(&target.inner);
-            inner.record.restarts = 0;
-            inner.record.hibernated = None;
-            self.transition(&target, &mut inner, VmState::Starting, "restoring")?;
-        }
+        // A restore replaces whatever hibernation the target held.
+        self.admit(&target, "restoring", |r| r.hibernated = None)
+            .await?;
         self.launch_from(
             &target,
             &format!("restored from {id}/{snapshot}"),
@@ -762,6 +715,43 @@ impl Manager {
         )
         .await?;
         Ok(Self::view(&target))
+    }
+
+    /// Only a VM with no VMM can be started or restored into.
+    fn ensure_not_running(inner: &VmInner, hint: &str) -> ApiResult<()> {
+        if matches!(
+            inner.record.state,
+            VmState::Defined | VmState::Stopped | VmState::Crashed
+        ) {
+            Ok(())
+        } else {
+            Err(Self::wrong_state(&inner.spec, inner.record.state, hint))
+        }
+    }
+
+    /// Admits `entry` and marks it Starting under one lock: parallel starts
+    /// that together exceed capacity admit exactly as many as fit. `also`
+    /// edits the record saved with that transition.
+    async fn admit(
+        &self,
+        entry: &Arc<VmEntry>,
+        why: &str,
+        also: impl FnOnce(&mut VmRecord),
+    ) -> ApiResult<()> {
+        let _admission = self.admission.lock().await;
+        if self.drained.load(Ordering::SeqCst) {
+            return Err(ApiError::FailedPrecondition(
+                "the node is drained: no new VM starts until Undrain".into(),
+            ));
+        }
+        if !self.config.reserve_on_define {
+            let spec = lock(&entry.inner).spec.clone();
+            self.check_fits(&spec)?;
+        }
+        let mut inner = lock(&entry.inner);
+        inner.record.restarts = 0;
+        also(&mut inner.record);
+        self.transition(entry, &mut inner, VmState::Starting, why)
     }
 
     /// The host's numbers and what admission holds.

@@ -608,14 +608,7 @@ async fn snapshot_restore_into_a_new_vm_and_hibernate() {
     let slept_at = last_tick(&agent, "orig").unwrap();
     let (code, _) = code_of(
         c.vms
-            .delete_snapshot(
-                ctx(),
-                &pb::SnapshotRef {
-                    id: "orig".into(),
-                    name: "sleep".into(),
-                    ..Default::default()
-                },
-            )
+            .delete_snapshot(ctx(), &snap_ref("orig", "sleep"))
             .await,
     );
     assert_eq!(
@@ -637,29 +630,19 @@ async fn snapshot_restore_into_a_new_vm_and_hibernate() {
     let names: Vec<&str> = list.snapshots.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["s1", "sleep"]);
     c.vms
-        .delete_snapshot(
-            ctx(),
-            &pb::SnapshotRef {
-                id: "orig".into(),
-                name: "s1".into(),
-                ..Default::default()
-            },
-        )
+        .delete_snapshot(ctx(), &snap_ref("orig", "s1"))
         .await
         .unwrap();
-    let (code, _) = code_of(
-        c.vms
-            .delete_snapshot(
-                ctx(),
-                &pb::SnapshotRef {
-                    id: "orig".into(),
-                    name: "s1".into(),
-                    ..Default::default()
-                },
-            )
-            .await,
-    );
+    let (code, _) = code_of(c.vms.delete_snapshot(ctx(), &snap_ref("orig", "s1")).await);
     assert_eq!(code, Code::NOT_FOUND);
+}
+
+fn snap_ref(id: &str, name: &str) -> pb::SnapshotRef {
+    pb::SnapshotRef {
+        id: id.into(),
+        name: name.into(),
+        ..Default::default()
+    }
 }
 
 #[tokio::test(flavor = "current_thread")]
