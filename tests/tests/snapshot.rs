@@ -444,7 +444,7 @@ fn counts(stdout: &str) -> Vec<u64> {
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn a_guest_dirtying_50_mib_s_survives_a_live_snapshot_and_a_diff_intact() {
+async fn a_guest_dirtying_50_mib_s_survives_full_live_and_diff_chain_snapshots_intact() {
     report_mode("live snapshot under dirtying");
     let dir = scratch_dir("snapshot-dirty");
     let socket = dir.join("vmm.sock");
@@ -463,18 +463,23 @@ async fn a_guest_dirtying_50_mib_s_survives_a_live_snapshot_and_a_diff_intact() 
     let before = *counts(&vm.stdout_so_far())
         .last()
         .expect("reports before the snapshot");
+    snap(&c, &dir.join("full"), "full", false, true).await;
+    std::thread::sleep(Duration::from_millis(300));
     let r = snap(&c, &dir.join("live"), "full", true, true).await;
     eprintln!(
         "live snapshot at 50 MiB/s: {} passes, {} pages, paused {} ms",
         r.iterations, r.pages_written, r.pause_ms
     );
     assert!(r.iterations >= 2, "{r:?}");
-    std::thread::sleep(Duration::from_millis(600));
-    let r = snap(&c, &dir.join("diff"), "diff", false, true).await;
-    assert!(
-        r.pages_written > 0,
-        "the dirtier changed pages since the live snapshot: {r:?}"
-    );
+    // A chain of three diffs on top of the live snapshot.
+    for name in ["diff1", "diff2", "diff3"] {
+        std::thread::sleep(Duration::from_millis(400));
+        let r = snap(&c, &dir.join(name), "diff", false, true).await;
+        assert!(
+            r.pages_written > 0,
+            "{name}: the dirtier changed pages since the last snapshot: {r:?}"
+        );
+    }
     std::thread::sleep(Duration::from_millis(300));
     c.stop(ctx(), &Empty::default()).await.unwrap();
     let original = vm.wait(TIMEOUT);
@@ -484,7 +489,7 @@ async fn a_guest_dirtying_50_mib_s_survives_a_live_snapshot_and_a_diff_intact() 
         original.describe()
     );
 
-    for snapshot in ["live", "diff"] {
+    for snapshot in ["full", "live", "diff3"] {
         let mut vm = restore(&dir.join(snapshot));
         vm.wait_for_output("PROBE dirty count=", TIMEOUT);
         vm.write_stdin(b"v");
