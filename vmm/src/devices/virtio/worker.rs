@@ -95,3 +95,48 @@ impl<H: EventHandler> Drop for Worker<H> {
         self.stop_and_join();
     }
 }
+
+/// A device's worker over its life: not started, running, or stopped for a
+/// snapshot with its state kept so that it can run again.
+pub struct DeviceWorker<H: EventHandler> {
+    running: Option<Worker<H>>,
+    quiesced: Option<H>,
+}
+
+impl<H: EventHandler> Default for DeviceWorker<H> {
+    fn default() -> Self {
+        DeviceWorker {
+            running: None,
+            quiesced: None,
+        }
+    }
+}
+
+impl<H: EventHandler> DeviceWorker<H> {
+    pub fn start(&mut self, name: &str, handler: H) -> io::Result<()> {
+        self.running = Some(Worker::spawn(name, handler)?);
+        Ok(())
+    }
+
+    pub fn reset(&mut self) {
+        // Dropping the worker stops its thread and waits for it.
+        self.running = None;
+        self.quiesced = None;
+    }
+
+    /// Stops the worker and keeps its state, which the snapshot reads.
+    pub fn quiesce(&mut self) -> Option<&H> {
+        self.quiesced = self.running.take().and_then(Worker::stop);
+        self.quiesced.as_ref()
+    }
+
+    /// Runs a quiesced worker again; a device that was not running stays so.
+    pub fn resume(&mut self, name: &str) {
+        if let Some(handler) = self.quiesced.take() {
+            match Worker::spawn(name, handler) {
+                Ok(w) => self.running = Some(w),
+                Err(e) => eprintln!("berth-vmm: cannot resume {name}: {e}"),
+            }
+        }
+    }
+}

@@ -12,7 +12,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::{EventHandler, Worker};
+use super::worker::{DeviceWorker, EventHandler};
 use super::{read_config_bytes, ActivateError, ActiveQueue, DeviceSignals, VirtioDevice};
 use super::{TYPE_BLOCK, VIRTIO_F_VERSION_1};
 use crate::vstate::memory::GuestMemory;
@@ -44,9 +44,7 @@ pub struct Block {
     capacity: u64,
     id: [u8; ID_BYTES],
     config: Vec<u8>,
-    worker: Option<Worker<BlockQueue>>,
-    /// The worker's state while quiesced for a snapshot.
-    quiesced: Option<BlockQueue>,
+    worker: DeviceWorker<BlockQueue>,
     name: String,
 }
 
@@ -83,8 +81,7 @@ impl Block {
             capacity,
             id,
             config,
-            worker: None,
-            quiesced: None,
+            worker: DeviceWorker::default(),
             name: format!(
                 "blk-{}",
                 path.file_name().unwrap_or_default().to_string_lossy()
@@ -139,28 +136,24 @@ impl VirtioDevice for Block {
             },
             buf: Vec::new(),
         };
-        self.worker = Some(Worker::spawn(&self.name, handler)?);
+        self.worker.start(&self.name, handler)?;
         Ok(())
     }
 
     fn reset(&mut self) {
-        // Dropping the worker stops its thread and waits for it.
-        self.worker = None;
-        self.quiesced = None;
+        self.worker.reset();
     }
 
     fn quiesce(&mut self) -> Vec<virtio_queue::QueueState> {
-        self.quiesced = self.worker.take().and_then(Worker::stop);
-        self.quiesced.iter().map(|q| q.queue.state()).collect()
+        self.worker
+            .quiesce()
+            .iter()
+            .map(|q| q.queue.state())
+            .collect()
     }
 
     fn resume(&mut self) {
-        if let Some(handler) = self.quiesced.take() {
-            match Worker::spawn(&self.name, handler) {
-                Ok(w) => self.worker = Some(w),
-                Err(e) => eprintln!("berth-vmm: cannot resume {}: {e}", self.name),
-            }
-        }
+        self.worker.resume(&self.name);
     }
 }
 

@@ -20,7 +20,7 @@ use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::chain;
-use super::worker::{set_watching, EventHandler, Worker};
+use super::worker::{set_watching, DeviceWorker, EventHandler};
 use super::{read_config_bytes, ActivateError, ActiveQueue, DeviceSignals, VirtioDevice};
 use super::{TYPE_NET, VIRTIO_F_VERSION_1};
 use crate::vstate::memory::GuestMemory;
@@ -38,9 +38,7 @@ const TAP_TOKEN: u64 = 2;
 pub struct Net {
     tap: Tap,
     config: [u8; 6],
-    worker: Option<Worker<NetQueues>>,
-    /// The worker's state while quiesced for a snapshot.
-    quiesced: Option<NetQueues>,
+    worker: DeviceWorker<NetQueues>,
 }
 
 impl Net {
@@ -48,8 +46,7 @@ impl Net {
         Net {
             tap,
             config: mac,
-            worker: None,
-            quiesced: None,
+            worker: DeviceWorker::default(),
         }
     }
 }
@@ -97,32 +94,24 @@ impl VirtioDevice for Net {
             dropped: 0,
         };
         let name = format!("net-{}", self.tap.name());
-        self.worker = Some(Worker::spawn(&name, handler)?);
+        self.worker.start(&name, handler)?;
         Ok(())
     }
 
     fn reset(&mut self) {
-        // Dropping the worker stops its thread and waits for it.
-        self.worker = None;
-        self.quiesced = None;
+        self.worker.reset();
     }
 
     fn quiesce(&mut self) -> Vec<virtio_queue::QueueState> {
-        self.quiesced = self.worker.take().and_then(Worker::stop);
-        self.quiesced
+        self.worker
+            .quiesce()
             .iter()
             .flat_map(|q| [q.rx.state(), q.tx.state()])
             .collect()
     }
 
     fn resume(&mut self) {
-        if let Some(handler) = self.quiesced.take() {
-            let name = format!("net-{}", self.tap.name());
-            match Worker::spawn(&name, handler) {
-                Ok(w) => self.worker = Some(w),
-                Err(e) => eprintln!("berth-vmm: cannot resume {name}: {e}"),
-            }
-        }
+        self.worker.resume(&format!("net-{}", self.tap.name()));
     }
 }
 
