@@ -620,15 +620,7 @@ impl Manager {
     pub async fn delete_snapshot(&self, id: &str, name: &str) -> ApiResult<()> {
         let entry = self.entry(id)?;
         let _op = entry.op.lock().await;
-        let path = entry.dir.snapshots().join(name);
-        if name.is_empty()
-            || name.contains('/')
-            || !path.join(berth_vmm::snapshot::STATE_FILE).exists()
-        {
-            return Err(ApiError::NotFound(format!(
-                "VM {id} has no snapshot {name:?}"
-            )));
-        }
+        let path = Self::existing_snapshot(&entry, id, name)?;
         if lock(&entry.inner).record.hibernated.as_deref() == Some(name) {
             return Err(ApiError::FailedPrecondition(format!(
                 "snapshot {name} holds hibernated VM {id}; start the VM first"
@@ -636,6 +628,24 @@ impl Manager {
         }
         std::fs::remove_dir_all(&path).map_err(internal)?;
         Ok(())
+    }
+
+    /// The directory of `id`'s complete snapshot `name`.
+    fn existing_snapshot(
+        entry: &VmEntry,
+        id: &str,
+        snapshot: &str,
+    ) -> ApiResult<std::path::PathBuf> {
+        let path = entry.dir.snapshots().join(snapshot);
+        if snapshot.is_empty()
+            || snapshot.contains('/')
+            || !path.join(berth_vmm::snapshot::STATE_FILE).exists()
+        {
+            return Err(ApiError::NotFound(format!(
+                "VM {id} has no snapshot {snapshot:?}"
+            )));
+        }
+        Ok(path)
     }
 
     /// A VM from a snapshot: the stopped source VM itself, or a new VM.
@@ -649,15 +659,7 @@ impl Manager {
         taps: &[(String, String)],
     ) -> ApiResult<VmView> {
         let source = self.entry(id)?;
-        let path = source.dir.snapshots().join(snapshot);
-        if snapshot.is_empty()
-            || snapshot.contains('/')
-            || !path.join(berth_vmm::snapshot::STATE_FILE).exists()
-        {
-            return Err(ApiError::NotFound(format!(
-                "VM {id} has no snapshot {snapshot:?}"
-            )));
-        }
+        let path = Self::existing_snapshot(&source, id, snapshot)?;
         // Refuse a snapshot this host cannot run before anything changes.
         berth_vmm::snapshot::read_state(&path)
             .map_err(|e| ApiError::FailedPrecondition(e.to_string()))?;
