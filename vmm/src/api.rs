@@ -11,19 +11,17 @@ use std::time::Duration;
 
 use berth_proto::common::Empty;
 use berth_proto::vmm::{
-    ConsoleInput as ConsoleInputMsg, SnapshotReply, SnapshotRequest, VmmInfo, VmmStats,
+    ConsoleInput as ConsoleInputMsg, MigrateRequest, MigrationStatus, SnapshotReply,
+    SnapshotRequest, VmmInfo, VmmStats,
 };
 use berth_proto::vmm_ttrpc::{create_vmm_service, VmmService};
 use ttrpc::r#async::TtrpcContext;
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::devices::bus::lock;
-use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{pump_input, SerialDevice};
-use crate::exit::{ExitNotifier, ExitReason};
-use crate::vstate::vcpu::VcpuSet;
+use crate::exit::ExitReason;
 
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::machine::PAUSE_TIMEOUT;
 /// A live snapshot pauses once a pass leaves at most this many pages dirty
 /// (4 MiB), or after this many passes.
 const LIVE_DONE_PAGES: u64 = 1024;
@@ -60,21 +58,16 @@ impl ConsoleInput {
 }
 
 pub struct VmmApi {
-    pub vm: Arc<crate::vstate::vm::Vm>,
-    pub serial: Arc<Mutex<SerialDevice>>,
-    pub config: crate::config::VmConfig,
-    pub flavour: String,
-    pub transports: crate::builder::Transports,
+    pub machine: Arc<crate::machine::Machine>,
     /// The parent of the next diff snapshot: the last snapshot this VMM
     /// took (dirty logging starts with the first).
     pub last_snapshot: Mutex<Option<std::path::PathBuf>>,
-    pub vcpus: Arc<VcpuSet>,
-    pub i8042: Arc<Mutex<I8042>>,
     pub console_in: ConsoleInput,
-    pub exit: ExitNotifier,
     pub vcpu_count: u32,
     pub memory_mib: u64,
     pub started_at_ms: u64,
+    /// The outgoing migration, once one was asked for.
+    pub migration: Mutex<Option<Arc<crate::migration::source::Migration>>>,
 }
 
 fn unavailable(message: String) -> ttrpc::Error {
@@ -112,17 +105,18 @@ impl VmmApi {
         if diff && req.live {
             return Err("live diff snapshots are not supported; take a live full one".into());
         }
-        let memory = self.vm.memory();
+        let m = &self.machine;
+        let memory = m.vm.memory();
         let mut writer = Writer::begin(dir, memory).map_err(err)?;
         let mut iterations = 0u32;
-        let was_paused = self.vcpus.is_paused();
+        let was_paused = m.vcpus.is_paused();
         if req.live && !was_paused {
             // Copy while running; each pass re-copies what the last dirtied.
-            self.vm.start_dirty_log().map_err(vm_err)?;
+            m.vm.start_dirty_log().map_err(vm_err)?;
             writer.copy_all(memory).map_err(err)?;
             iterations = 1;
             loop {
-                let dirty = self.vm.take_dirty().map_err(vm_err)?;
+                let dirty = m.vm.take_dirty().map_err(vm_err)?;
                 let pending = count_dirty(&dirty);
                 writer.copy_dirty(memory, &dirty).map_err(err)?;
                 iterations += 1;
@@ -132,72 +126,114 @@ impl VmmApi {
             }
             writer.sync().map_err(err)?;
             // What the sync let the guest dirty meanwhile, still running.
-            let dirty = self.vm.take_dirty().map_err(vm_err)?;
+            let dirty = m.vm.take_dirty().map_err(vm_err)?;
             writer.copy_dirty(memory, &dirty).map_err(err)?;
         }
         let paused_at = std::time::Instant::now();
         if !was_paused {
-            self.vcpus.pause(PAUSE_TIMEOUT).map_err(|e| e.to_string())?;
+            m.vcpus.pause(PAUSE_TIMEOUT).map_err(|e| e.to_string())?;
         }
         // Devices stop too, so nothing writes guest memory while it is saved.
-        let virtio: Vec<_> = self
-            .transports
-            .iter()
-            .map(|t| lock(t).quiesce_for_snapshot())
-            .collect();
+        let virtio = m.quiesce_devices();
         let result = (|| {
             let dirty_pages = if diff || (req.live && !was_paused) {
-                let dirty = self.vm.take_dirty().map_err(vm_err)?;
+                let dirty = m.vm.take_dirty().map_err(vm_err)?;
                 writer.copy_dirty(memory, &dirty).map_err(err)?;
                 Some(dirty)
             } else {
                 writer.copy_all(memory).map_err(err)?;
                 None
             };
-            let vcpus = self.vcpus.save_states(PAUSE_TIMEOUT)?;
-            let vm = crate::vstate::vcpu_state::save_vm(self.vm.fd()).map_err(|e| e.to_string())?;
-            let snapshot = crate::snapshot::VmSnapshot {
-                kind: if diff { "diff" } else { "full" }.into(),
-                parent: if diff { parent.clone() } else { None },
-                dirty: if diff { dirty_pages } else { None },
-                cpu_vendor: crate::snapshot::host_cpu_vendor(),
-                cpu_model: crate::snapshot::host_cpu_model(),
-                kvm_flavour: self.flavour.clone(),
-                config: self.config.clone(),
-                regions: memory.iter().map(|r| (r.start_addr().0, r.len())).collect(),
-                vcpus,
-                vm,
-                serial: lock(&self.serial).state().into(),
-                i8042: lock(&self.i8042).state(),
-                virtio,
-            };
+            let mut snapshot = m.capture(virtio)?;
+            if diff {
+                snapshot.kind = "diff".into();
+                snapshot.parent = parent.clone();
+                snapshot.dirty = dirty_pages;
+            }
             let pages = writer.pages_written;
             writer.finish(&snapshot).map_err(err)?;
             // From here on, "dirty" means "since this snapshot".
-            self.vm.start_dirty_log().map_err(vm_err)?;
+            m.vm.start_dirty_log().map_err(vm_err)?;
             *lock(&self.last_snapshot) = Some(absolute(dir));
             Ok::<u64, String>(pages)
         })();
-        for t in &self.transports {
-            lock(t).resume_device();
-        }
+        m.resume_devices();
         let pause_ms = paused_at.elapsed().as_millis() as u64;
         if req.resume && !was_paused {
-            self.vcpus.resume();
+            m.vcpus.resume();
         }
         Ok(SnapshotReply {
             pause_ms,
-            memory_bytes: memory.iter().map(|r| r.len()).sum(),
+            memory_bytes: m.memory_bytes(),
             pages_written: result?,
             iterations,
             ..Default::default()
         })
     }
 
+    fn migrate_out(&self, req: &MigrateRequest) -> Result<MigrationStatus, ttrpc::Error> {
+        use crate::migration::source::{self, Params};
+        let invalid =
+            |m: &str| ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::INVALID_ARGUMENT, m));
+        if req.address.is_empty() || req.token.is_empty() {
+            return Err(invalid("migrate: address and token are required"));
+        }
+        let mut current = lock(&self.migration);
+        if let Some(m) = current.as_ref() {
+            let phase = m.progress().phase;
+            if !phase.is_final()
+                || phase == source::Phase::Completed
+                || phase == source::Phase::Unknown
+            {
+                return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                    ttrpc::Code::FAILED_PRECONDITION,
+                    format!("a migration is already {}", phase.name()),
+                )));
+            }
+        }
+        let or = |v: u64, d: u64| if v == 0 { d } else { v };
+        let params = Params {
+            address: req.address.clone(),
+            token: req.token.clone(),
+            downtime_target: Duration::from_millis(or(
+                req.downtime_ms,
+                Params::DEFAULT_DOWNTIME_MS,
+            )),
+            bandwidth: req.bandwidth_bytes_per_s,
+            timeout: Duration::from_millis(or(req.timeout_ms, Params::DEFAULT_TIMEOUT_MS)),
+            force_on_timeout: req.force_on_timeout,
+            max_iterations: if req.max_iterations == 0 {
+                Params::DEFAULT_MAX_ITERATIONS
+            } else {
+                req.max_iterations
+            },
+        };
+        // The migration reads (and so clears) the dirty log: the next diff
+        // snapshot would miss those pages, so it needs a new full one.
+        *lock(&self.last_snapshot) = None;
+        let m = source::start(self.machine.clone(), params)
+            .map_err(|e| unavailable(format!("cannot start the migration thread: {e}")))?;
+        let status = migration_status(&m.progress());
+        *current = Some(m);
+        Ok(status)
+    }
+
+    fn migration_report(&self, cancel: bool) -> MigrationStatus {
+        match lock(&self.migration).as_ref() {
+            Some(m) => {
+                if cancel {
+                    m.cancel();
+                }
+                migration_status(&m.report())
+            }
+            None => MigrationStatus::default(),
+        }
+    }
+
     fn info(&self) -> VmmInfo {
         VmmInfo {
             pid: std::process::id() as i32,
-            state: if self.vcpus.is_paused() {
+            state: if self.machine.vcpus.is_paused() {
                 "paused"
             } else {
                 "running"
@@ -211,36 +247,76 @@ impl VmmApi {
     }
 }
 
+fn migration_status(p: &crate::migration::source::Progress) -> MigrationStatus {
+    MigrationStatus {
+        phase: p.phase.name().into(),
+        destination: p.destination.clone(),
+        iteration: p.iteration,
+        bytes_sent: p.bytes_sent,
+        pages_sent: p.pages_sent,
+        dirty_rate_bytes_per_s: p.dirty_rate,
+        remaining_bytes: p.remaining_bytes,
+        expected_downtime_ms: p.expected_downtime_ms,
+        downtime_ms: p.downtime_ms,
+        total_ms: p.total_ms,
+        memory_bytes: p.memory_bytes,
+        error: p.error.clone(),
+        ..Default::default()
+    }
+}
+
 #[async_trait::async_trait]
 impl VmmService for VmmApi {
+    async fn migrate_out(
+        &self,
+        _ctx: &TtrpcContext,
+        req: MigrateRequest,
+    ) -> ttrpc::Result<MigrationStatus> {
+        VmmApi::migrate_out(self, &req)
+    }
+
+    async fn get_migration(&self, _ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<MigrationStatus> {
+        Ok(self.migration_report(false))
+    }
+
+    async fn cancel_migration(
+        &self,
+        _ctx: &TtrpcContext,
+        _: Empty,
+    ) -> ttrpc::Result<MigrationStatus> {
+        Ok(self.migration_report(true))
+    }
+
     async fn info(&self, _ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<VmmInfo> {
         Ok(self.info())
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<VmmInfo> {
-        self.vcpus
+        self.machine
+            .vcpus
             .pause(PAUSE_TIMEOUT)
             .map_err(|e| unavailable(e.to_string()))?;
         Ok(self.info())
     }
 
     async fn resume(&self, _ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<VmmInfo> {
-        self.vcpus.resume();
+        self.machine.vcpus.resume();
         Ok(self.info())
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<Empty> {
-        lock(&self.i8042).ctrl_alt_del();
+        lock(&self.machine.i8042).ctrl_alt_del();
         Ok(Empty::default())
     }
 
     async fn stop(&self, _ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<Empty> {
-        self.exit.notify(ExitReason::Stopped);
+        self.machine.exit.notify(ExitReason::Stopped);
         Ok(Empty::default())
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, _: Empty) -> ttrpc::Result<VmmStats> {
         let sched: Vec<(u64, u64)> = self
+            .machine
             .vcpus
             .control
             .tids()
@@ -251,6 +327,7 @@ impl VmmService for VmmApi {
             vcpu_run_ns: sched.iter().map(|s| s.0).collect(),
             vcpu_wait_ns: sched.iter().map(|s| s.1).collect(),
             exits: self
+                .machine
                 .vcpus
                 .control
                 .exits

@@ -15,6 +15,8 @@ pub enum ExitReason {
     Signal(i32),
     /// The VMM was told to stop through its control API.
     Stopped,
+    /// The VM now runs on the destination of a live migration.
+    Migrated(String),
     /// A vCPU hit something the VMM cannot continue from.
     VcpuFault { vcpu: u32, reason: String, rip: u64 },
 }
@@ -27,7 +29,8 @@ impl ExitReason {
             ExitReason::GuestReset
             | ExitReason::GuestShutdown
             | ExitReason::Signal(_)
-            | ExitReason::Stopped => 0,
+            | ExitReason::Stopped
+            | ExitReason::Migrated(_) => 0,
             ExitReason::VcpuFault { .. } => 2,
         }
     }
@@ -40,6 +43,7 @@ impl fmt::Display for ExitReason {
             ExitReason::GuestShutdown => f.write_str("guest requested shutdown"),
             ExitReason::Signal(sig) => write!(f, "stopped by signal {sig}"),
             ExitReason::Stopped => f.write_str("stopped by request"),
+            ExitReason::Migrated(to) => write!(f, "migrated to {to}"),
             ExitReason::VcpuFault { vcpu, reason, rip } => {
                 write!(f, "vCPU {vcpu} stopped: {reason} at RIP {rip:#x}")
             }

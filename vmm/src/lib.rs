@@ -3,7 +3,8 @@
 //! Where things live: `config` (the VM description), `arch` (boot protocol
 //! and CPU setup), `vstate` (KVM VM, memory and vCPU threads), `devices`
 //! (emulated hardware), `builder` (wires a VM from its config), `exit` (why
-//! a VM ended).
+//! a VM ended), `machine` (a running VM's parts), `snapshot` and
+//! `migration` (the live-migration protocol, both ends).
 
 pub mod api;
 pub mod arch;
@@ -12,5 +13,7 @@ pub mod config;
 pub mod devices;
 pub mod exit;
 pub mod fsutil;
+pub mod machine;
+pub mod migration;
 pub mod snapshot;
 pub mod vstate;

@@ -67,6 +67,19 @@ struct Args {
     /// With --restore: attach the NIC whose tap was OLD to NEW instead.
     #[arg(long = "tap", value_name = "OLD=NEW")]
     tap_overrides: Vec<String>,
+    /// Receive a live migration on this address (host:port; port 0 picks
+    /// one) instead of booting; the console, tap and API flags still apply.
+    #[arg(long, value_name = "ADDR")]
+    migrate_listen: Option<String>,
+    /// With --migrate-listen: the token the source must present (at least 16 characters).
+    #[arg(long, env = "BERTH_MIGRATE_TOKEN", hide_env_values = true)]
+    migrate_token: Option<String>,
+    /// With --migrate-listen: give up if no source arrived by this time (Unix ms).
+    #[arg(long, value_name = "UNIX_MS")]
+    migrate_expires_at_ms: Option<u64>,
+    /// With --migrate-listen: write the address actually bound here (atomically).
+    #[arg(long)]
+    migrate_address_file: Option<PathBuf>,
     /// KVM device to open.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
@@ -238,7 +251,86 @@ fn main() -> ExitCode {
     ExitCode::from(code as u8)
 }
 
+fn fail(message: String) -> (i32, String) {
+    eprintln!("berth-vmm: error: {message}");
+    (1, format!("error: {message}"))
+}
+
+/// Receive mode: wait for the source, build the VM from what it sends,
+/// take the handover, then run.
+fn run_incoming(args: &Args, address: &str) -> (i32, String) {
+    use berth_vmm::migration::destination::Incoming;
+    let Some(token) = &args.migrate_token else {
+        return fail("--migrate-listen needs --migrate-token".into());
+    };
+    let expires = std::time::UNIX_EPOCH
+        + std::time::Duration::from_millis(
+            args.migrate_expires_at_ms
+                .unwrap_or_else(|| berth_vmm::api::now_ms() + 600_000),
+        );
+    let incoming = match Incoming::listen(address, token, expires) {
+        Ok(i) => i,
+        Err(e) => return fail(format!("cannot listen for a migration on {address}: {e}")),
+    };
+    let bound = match incoming.local_addr() {
+        Ok(a) => a.to_string(),
+        Err(e) => return fail(format!("cannot read the bound address: {e}")),
+    };
+    if let Some(path) = &args.migrate_address_file {
+        if let Err(e) = berth_vmm::fsutil::write_atomic(path, bound.as_bytes()) {
+            return fail(format!("cannot write {}: {e}", path.display()));
+        }
+    }
+    eprintln!("berth-vmm: waiting for a migration on {bound}");
+    let received = match incoming.receive(&args.kvm_device) {
+        Ok(r) => r,
+        Err(e) => return fail(format!("incoming migration failed: {e}")),
+    };
+    let berth_vmm::migration::destination::Received {
+        mut snapshot,
+        memory,
+        mut config,
+        link,
+    } = received;
+    apply_console_flags(args, &mut config);
+    if let Err(e) = apply_tap_overrides(&args.tap_overrides, &mut config) {
+        link.refuse(e.clone());
+        return fail(e);
+    }
+    snapshot.config = config.clone();
+    let vmm = match builder::restore_migrated(snapshot, memory, &config, &args.kvm_device) {
+        Ok(vmm) => vmm,
+        Err(e) => {
+            link.refuse(format!("the destination cannot build the VM: {e}"));
+            return fail(e.to_string());
+        }
+    };
+    let handover = match link.handover() {
+        Ok(h) => h,
+        Err(e) => return fail(format!("incoming migration failed before Go: {e}")),
+    };
+    handover.ack();
+    eprintln!(
+        "berth-vmm: migration received; {} vCPU(s), {} MiB running",
+        config.vcpus, config.memory_mib
+    );
+    finish(vmm.run(args.api_socket.as_deref(), false))
+}
+
+fn finish(result: Result<berth_vmm::exit::ExitReason, builder::BuildError>) -> (i32, String) {
+    match result {
+        Ok(reason) => {
+            eprintln!("berth-vmm: {reason}");
+            (reason.exit_code(), reason.to_string())
+        }
+        Err(e) => fail(e.to_string()),
+    }
+}
+
 fn run(args: &Args) -> (i32, String) {
+    if let Some(address) = &args.migrate_listen {
+        return run_incoming(args, address);
+    }
     let started = std::time::Instant::now();
     let (config, built) = match &args.restore {
         Some(dir) => match berth_vmm::snapshot::read_state(dir) {
@@ -290,14 +382,5 @@ fn run(args: &Args) -> (i32, String) {
         config.memory_mib,
         config.kernel.path.display()
     );
-    match vmm.run(args.api_socket.as_deref(), args.paused) {
-        Ok(reason) => {
-            eprintln!("berth-vmm: {reason}");
-            (reason.exit_code(), reason.to_string())
-        }
-        Err(e) => {
-            eprintln!("berth-vmm: error: {e}");
-            (1, format!("error: {e}"))
-        }
-    }
+    finish(vmm.run(args.api_socket.as_deref(), args.paused))
 }

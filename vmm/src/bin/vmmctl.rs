@@ -1,12 +1,12 @@
 //! vmmctl: talks to one berth-vmm's control socket (the internal
 //! VmmService) for operators debugging a VM and for tests where no agent
-//! runs: info, pause, resume, shutdown, stop, snapshot.
+//! runs: info, pause, resume, shutdown, stop, snapshot, migrate.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use berth_proto::common::Empty;
-use berth_proto::vmm::SnapshotRequest;
+use berth_proto::vmm::{MigrateRequest, SnapshotRequest};
 use berth_proto::vmm_ttrpc::VmmServiceClient;
 use clap::{Parser, Subcommand};
 
@@ -46,6 +46,20 @@ enum Cmd {
         /// Let the guest run on afterwards.
         #[arg(long)]
         resume: bool,
+    },
+    /// Live-migrate to a berth-vmm started with --migrate-listen; waits
+    /// until it ends and prints the figures.
+    Migrate {
+        /// host:port the destination listens on.
+        #[arg(long)]
+        to: String,
+        #[arg(long, env = "BERTH_MIGRATE_TOKEN", hide_env_values = true)]
+        token: String,
+        #[arg(long, default_value_t = 0)]
+        downtime_ms: u64,
+        /// MiB/s; 0 is unlimited.
+        #[arg(long, default_value_t = 0)]
+        bandwidth: u64,
     },
 }
 
@@ -98,6 +112,41 @@ async fn run(args: Args) -> Result<String, String> {
                 r.iterations,
                 r.pause_ms
             )
+        }
+        Cmd::Migrate {
+            to,
+            token,
+            downtime_ms,
+            bandwidth,
+        } => {
+            let req = MigrateRequest {
+                address: to.clone(),
+                token,
+                downtime_ms,
+                bandwidth_bytes_per_s: bandwidth << 20,
+                ..Default::default()
+            };
+            c.migrate_out(ctx(), &req)
+                .await
+                .map_err(|e| e.to_string())?;
+            loop {
+                let s = c
+                    .get_migration(ctx(), &e)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match s.phase.as_str() {
+                    "completed" => {
+                        break format!(
+                        "migrated to {to} in {} ms: downtime {} ms, {} iterations, {} bytes sent",
+                        s.total_ms, s.downtime_ms, s.iteration, s.bytes_sent
+                    )
+                    }
+                    "failed" | "cancelled" | "unknown" => {
+                        return Err(format!("migration {}: {}", s.phase, s.error))
+                    }
+                    _ => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+                }
+            }
         }
     };
     Ok(out)

@@ -115,6 +115,7 @@ pub struct Vmm {
     input: SerialInput,
     exit: ExitNotifier,
     exit_rx: Receiver<ExitReason>,
+    guest_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
     pub flavour: Flavour,
     pub vcpu_count: u32,
     pub memory_mib: u64,
@@ -137,6 +138,16 @@ pub fn restore(
     // Dirty logging (and so a diff's baseline) starts with this VMM's first
     // full snapshot: turning it on here would cost every restore time that
     // grows with guest size.
+    build_vm(config, kvm_device, Some((snapshot, memory)))
+}
+
+/// A VM from state and memory that arrived over a migration connection.
+pub fn restore_migrated(
+    snapshot: crate::snapshot::VmSnapshot,
+    memory: crate::vstate::memory::GuestMemory,
+    config: &VmConfig,
+    kvm_device: &Path,
+) -> Result<Vmm, BuildError> {
     build_vm(config, kvm_device, Some((snapshot, memory)))
 }
 
@@ -284,6 +295,7 @@ fn build_vm(
         .map_err(kvm_err("report its supported CPUID"))?;
     let control = Arc::new(VcpuControl::default());
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    let mut guest_cpuid = Vec::new();
     for index in 0..config.vcpus {
         let fd = vm
             .fd()
@@ -293,6 +305,12 @@ fn build_vm(
         cpuid::normalize(&mut cpuid, index, config.vcpus);
         fd.set_cpuid2(&cpuid)
             .map_err(kvm_err("set a vCPU's CPUID"))?;
+        if index == 0 {
+            guest_cpuid = match &snapshot {
+                Some(s) => s.vcpus.first().map(|v| v.cpuid.clone()).unwrap_or_default(),
+                None => cpuid.as_slice().to_vec(),
+            };
+        }
         regs::setup_common(&fd)?;
         match &snapshot {
             Some(s) => {
@@ -333,6 +351,7 @@ fn build_vm(
         input: config.serial.input.clone(),
         exit,
         exit_rx,
+        guest_cpuid,
         flavour,
         vcpu_count: config.vcpus,
         memory_mib: config.memory_mib,
@@ -371,20 +390,25 @@ impl Vmm {
         if let Some(path) = api_socket {
             let console_in = crate::api::ConsoleInput::start(self.serial.clone())
                 .map_err(io_err("the console input queue"))?;
-            let api = crate::api::VmmApi {
+            let machine = crate::machine::Machine {
+                vm: self.vm.clone(),
                 vcpus: vcpus.clone(),
+                serial: self.serial.clone(),
                 i8042: self.i8042.clone(),
-                console_in,
+                transports: self.transports.clone(),
+                config: self.config.clone(),
+                flavour: self.flavour.to_string(),
                 exit: self.exit.clone(),
+                guest_cpuid: self.guest_cpuid.clone(),
+            };
+            let api = crate::api::VmmApi {
+                machine: Arc::new(machine),
+                last_snapshot: Mutex::new(None),
+                console_in,
                 vcpu_count: self.vcpu_count,
                 memory_mib: self.memory_mib,
                 started_at_ms: crate::api::now_ms(),
-                vm: self.vm.clone(),
-                serial: self.serial.clone(),
-                config: self.config.clone(),
-                flavour: self.flavour.to_string(),
-                transports: self.transports.clone(),
-                last_snapshot: Mutex::new(None),
+                migration: Mutex::new(None),
             };
             crate::api::serve(path, api).map_err(|source| BuildError::ApiSocket {
                 path: path.to_owned(),

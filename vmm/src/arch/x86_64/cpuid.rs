@@ -122,3 +122,104 @@ mod tests {
         assert_eq!([1, 2, 3, 4, 5, 64].map(bits_for), [0, 1, 2, 2, 3, 6]);
     }
 }
+
+/// One CPUID register of feature bits, as the migration hello carries it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FeatureWord {
+    pub leaf: u32,
+    pub subleaf: u32,
+    pub register: String,
+    pub bits: u32,
+}
+
+/// The registers whose bits tell what instructions a guest may use; a
+/// destination must have every bit the guest was given.
+const FEATURE_REGISTERS: [(u32, u32, &str); 8] = [
+    (LEAF_FEATURES, 0, "ecx"),
+    (LEAF_FEATURES, 0, "edx"),
+    (0x7, 0, "ebx"),
+    (0x7, 0, "ecx"),
+    (0x7, 0, "edx"),
+    (0xd, 1, "eax"),
+    (0x8000_0001, 0, "ecx"),
+    (0x8000_0001, 0, "edx"),
+];
+
+/// Bits `normalize` sets itself, so they say nothing about the host.
+fn synthesized(leaf: u32, register: &str) -> u32 {
+    match (leaf, register) {
+        (LEAF_FEATURES, "ecx") => ECX_HYPERVISOR,
+        (LEAF_FEATURES, "edx") => EDX_HTT,
+        _ => 0,
+    }
+}
+
+pub fn feature_words(entries: &[kvm_cpuid_entry2]) -> Vec<FeatureWord> {
+    FEATURE_REGISTERS
+        .iter()
+        .map(|&(leaf, subleaf, register)| {
+            let bits = entries
+                .iter()
+                .find(|e| e.function == leaf && e.index == subleaf)
+                .map(|e| match register {
+                    "eax" => e.eax,
+                    "ebx" => e.ebx,
+                    "ecx" => e.ecx,
+                    _ => e.edx,
+                })
+                .unwrap_or(0);
+            FeatureWord {
+                leaf,
+                subleaf,
+                register: register.to_string(),
+                bits: bits & !synthesized(leaf, register),
+            }
+        })
+        .collect()
+}
+
+/// What `wanted` has that `have` lacks, one entry per register, as text
+/// ("leaf 0x7.0 ebx bits 0x20"); empty when `have` covers it.
+pub fn missing_features(wanted: &[FeatureWord], have: &[FeatureWord]) -> Vec<String> {
+    wanted
+        .iter()
+        .filter_map(|w| {
+            let present = have
+                .iter()
+                .find(|h| h.leaf == w.leaf && h.subleaf == w.subleaf && h.register == w.register)
+                .map(|h| h.bits)
+                .unwrap_or(0);
+            let missing = w.bits & !present;
+            (missing != 0).then(|| {
+                format!(
+                    "leaf {:#x}.{} {} bits {missing:#x}",
+                    w.leaf, w.subleaf, w.register
+                )
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod feature_tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_bit_is_named_and_synthesized_bits_are_ignored() {
+        let guest = [kvm_cpuid_entry2 {
+            function: 1,
+            ecx: ECX_HYPERVISOR | 0b101,
+            edx: EDX_HTT | 1,
+            ..Default::default()
+        }];
+        let host = [kvm_cpuid_entry2 {
+            function: 1,
+            ecx: 0b001,
+            edx: 1,
+            ..Default::default()
+        }];
+        let missing = missing_features(&feature_words(&guest), &feature_words(&host));
+        assert_eq!(missing, vec!["leaf 0x1.0 ecx bits 0x4".to_string()]);
+        assert!(missing_features(&feature_words(&host), &feature_words(&guest)).is_empty());
+    }
+}

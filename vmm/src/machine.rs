@@ -1,0 +1,85 @@
+//! The parts of a running VM that the control API, snapshots and migration
+//! all reach: memory and the VM fd, the vCPU threads, the devices, and the
+//! exit channel. Capturing the VM's state (everything but memory) lives
+//! here, so a snapshot and a migration save exactly the same things.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_bindings::kvm_cpuid_entry2;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::devices::bus::lock;
+use crate::devices::legacy::i8042::I8042;
+use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::virtio::mmio::TransportSnapshot;
+use crate::exit::ExitNotifier;
+use crate::snapshot::VmSnapshot;
+use crate::vstate::vcpu::VcpuSet;
+use crate::vstate::vm::Vm;
+
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Machine {
+    pub vm: Arc<Vm>,
+    pub vcpus: Arc<VcpuSet>,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub i8042: Arc<Mutex<I8042>>,
+    pub transports: crate::builder::Transports,
+    pub config: crate::config::VmConfig,
+    pub flavour: String,
+    pub exit: ExitNotifier,
+    /// The CPUID the guest was given (vCPU 0's), for migration checks.
+    pub guest_cpuid: Vec<kvm_cpuid_entry2>,
+}
+
+impl Machine {
+    /// Stops every device worker so nothing writes guest memory; returns
+    /// each transport's state.
+    pub fn quiesce_devices(&self) -> Vec<TransportSnapshot> {
+        self.transports
+            .iter()
+            .map(|t| lock(t).quiesce_for_snapshot())
+            .collect()
+    }
+
+    pub fn resume_devices(&self) {
+        for t in &self.transports {
+            lock(t).resume_device();
+        }
+    }
+
+    pub fn regions(&self) -> Vec<(u64, u64)> {
+        self.vm
+            .memory()
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect()
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.vm.memory().iter().map(|r| r.len()).sum()
+    }
+
+    /// The VM's state apart from memory, as a full snapshot describes it.
+    /// The vCPUs must be paused and the devices quiesced (`virtio`).
+    pub fn capture(&self, virtio: Vec<TransportSnapshot>) -> Result<VmSnapshot, String> {
+        let vcpus = self.vcpus.save_states(PAUSE_TIMEOUT)?;
+        let vm = crate::vstate::vcpu_state::save_vm(self.vm.fd()).map_err(|e| e.to_string())?;
+        Ok(VmSnapshot {
+            kind: "full".into(),
+            parent: None,
+            dirty: None,
+            cpu_vendor: crate::snapshot::host_cpu_vendor(),
+            cpu_model: crate::snapshot::host_cpu_model(),
+            kvm_flavour: self.flavour.clone(),
+            config: self.config.clone(),
+            regions: self.regions(),
+            vcpus,
+            vm,
+            serial: lock(&self.serial).state().into(),
+            i8042: lock(&self.i8042).state(),
+            virtio,
+        })
+    }
+}

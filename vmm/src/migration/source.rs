@@ -1,0 +1,624 @@
+//! The sending end: pre-copy over the KVM dirty log, then a short pause for
+//! the last pages and the device and vCPU state, then the two-step
+//! handover (Ready from the destination, Go from us). Until we send Go the
+//! guest is ours, and any failure resumes it here.
+
+use std::io::{BufWriter, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::protocol::{
+    self, encode_zeros, read_frame, write_frame, write_json, DestinationState, FrameType,
+    PageBatch, ProtocolError, PAGE,
+};
+use crate::devices::bus::lock;
+use crate::exit::ExitReason;
+use crate::machine::{Machine, PAUSE_TIMEOUT};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a silent peer may keep us waiting for one frame.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a lost Ack, how long we keep asking the destination what it did.
+const RECONCILE_FOR: Duration = Duration::from_secs(30);
+/// After success, how long the VMM waits for its agent to read the final
+/// figures before it exits.
+const LINGER: Duration = Duration::from_secs(3);
+const ZEROS_PER_FRAME: usize = 4096;
+
+#[derive(Clone, Debug)]
+pub struct Params {
+    /// host:port of the destination berth-vmm.
+    pub address: String,
+    pub token: String,
+    /// Switch over once the remaining dirty memory would take this long to send.
+    pub downtime_target: Duration,
+    /// Bytes per second; 0 is unlimited.
+    pub bandwidth: u64,
+    /// The whole migration's limit.
+    pub timeout: Duration,
+    /// On timeout (or the iteration limit): switch over anyway instead of
+    /// giving up.
+    pub force_on_timeout: bool,
+    pub max_iterations: u32,
+}
+
+impl Params {
+    pub const DEFAULT_DOWNTIME_MS: u64 = 50;
+    pub const DEFAULT_TIMEOUT_MS: u64 = 300_000;
+    pub const DEFAULT_MAX_ITERATIONS: u32 = 30;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Connecting,
+    Precopy,
+    Switchover,
+    /// The destination runs the VM; this VMM is about to exit.
+    Completed,
+    /// Failed or cancelled before the handover: the VM runs here again.
+    Failed,
+    Cancelled,
+    /// Go was sent but the destination could not be asked whether it ran
+    /// the VM: the VM stays paused here until someone who knows decides.
+    Unknown,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Connecting => "connecting",
+            Phase::Precopy => "precopy",
+            Phase::Switchover => "switchover",
+            Phase::Completed => "completed",
+            Phase::Failed => "failed",
+            Phase::Cancelled => "cancelled",
+            Phase::Unknown => "unknown",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Phase::Completed | Phase::Failed | Phase::Cancelled | Phase::Unknown
+        )
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Progress {
+    pub phase: Phase,
+    pub destination: String,
+    pub iteration: u32,
+    pub bytes_sent: u64,
+    pub pages_sent: u64,
+    /// Bytes the guest dirtied per second in the last pass.
+    pub dirty_rate: u64,
+    /// Dirty bytes still to send.
+    pub remaining_bytes: u64,
+    pub expected_downtime_ms: u64,
+    /// Pause here → Ack from the destination (the destination resumed).
+    pub downtime_ms: u64,
+    pub total_ms: u64,
+    pub memory_bytes: u64,
+    pub error: String,
+}
+
+/// One outgoing migration, shared by its thread and the control API.
+pub struct Migration {
+    progress: Mutex<Progress>,
+    cancel: AtomicBool,
+    final_seen: AtomicBool,
+}
+
+impl Migration {
+    pub fn progress(&self) -> Progress {
+        lock(&self.progress).clone()
+    }
+
+    /// What the API returns; a final state read by the agent lets the VMM
+    /// exit without waiting out its linger.
+    pub fn report(&self) -> Progress {
+        let p = self.progress();
+        if p.phase.is_final() {
+            self.final_seen.store(true, Ordering::SeqCst);
+        }
+        p
+    }
+
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Progress)) {
+        f(&mut lock(&self.progress));
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("timed out after {0:?} ({1} iterations) with {2} dirty bytes left")]
+    Timeout(Duration, u32, u64),
+    #[error("{0}")]
+    Local(String),
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::Protocol(ProtocolError::Io(e))
+    }
+}
+
+/// Starts migrating `machine` on a thread of its own.
+pub fn start(machine: Arc<Machine>, params: Params) -> std::io::Result<Arc<Migration>> {
+    let migration = Arc::new(Migration {
+        progress: Mutex::new(Progress {
+            phase: Phase::Connecting,
+            destination: params.address.clone(),
+            iteration: 0,
+            bytes_sent: 0,
+            pages_sent: 0,
+            dirty_rate: 0,
+            remaining_bytes: machine.memory_bytes(),
+            expected_downtime_ms: 0,
+            downtime_ms: 0,
+            total_ms: 0,
+            memory_bytes: machine.memory_bytes(),
+            error: String::new(),
+        }),
+        cancel: AtomicBool::new(false),
+        final_seen: AtomicBool::new(false),
+    });
+    let m = migration.clone();
+    std::thread::Builder::new()
+        .name("migrate-out".into())
+        .spawn(move || run(machine, params, m))?;
+    Ok(migration)
+}
+
+fn run(machine: Arc<Machine>, params: Params, m: Arc<Migration>) {
+    let started = Instant::now();
+    let mut sender = Sender {
+        machine: &machine,
+        params: &params,
+        m: &m,
+        started,
+        bytes: 0,
+        pages: 0,
+        throttle_from: Instant::now(),
+        throttle_bytes: 0,
+    };
+    let outcome = sender.migrate();
+    let total_ms = started.elapsed().as_millis() as u64;
+    match outcome {
+        Ok(()) => {
+            m.update(|p| {
+                p.phase = Phase::Completed;
+                p.total_ms = total_ms;
+                p.remaining_bytes = 0;
+            });
+            eprintln!(
+                "berth-vmm: migrated to {} in {total_ms} ms (downtime {} ms)",
+                params.address,
+                m.progress().downtime_ms
+            );
+            let deadline = Instant::now() + LINGER;
+            while !m.final_seen.load(Ordering::SeqCst) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            machine
+                .exit
+                .notify(ExitReason::Migrated(params.address.clone()));
+        }
+        Err(Outcome::Resumed(failure)) => {
+            let cancelled = matches!(failure, Failure::Cancelled);
+            eprintln!(
+                "berth-vmm: migration to {} failed: {failure}; the VM runs here",
+                params.address
+            );
+            m.update(|p| {
+                p.phase = if cancelled {
+                    Phase::Cancelled
+                } else {
+                    Phase::Failed
+                };
+                p.error = failure.to_string();
+                p.total_ms = total_ms;
+            });
+        }
+        Err(Outcome::Unknown(why)) => {
+            eprintln!(
+                "berth-vmm: migration to {}: Go was sent but the outcome is unknown ({why}); the VM stays paused here",
+                params.address
+            );
+            m.update(|p| {
+                p.phase = Phase::Unknown;
+                p.error = why;
+                p.total_ms = total_ms;
+            });
+        }
+    }
+}
+
+enum Outcome {
+    /// Before the handover: the VM was resumed here.
+    Resumed(Failure),
+    /// After Go: the destination may run the VM; we do not resume.
+    Unknown(String),
+}
+
+struct Sender<'a> {
+    machine: &'a Machine,
+    params: &'a Params,
+    m: &'a Migration,
+    started: Instant,
+    bytes: u64,
+    pages: u64,
+    throttle_from: Instant,
+    throttle_bytes: u64,
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(16)
+        .all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
+}
+
+fn merge(into: &mut [Vec<u64>], from: &[Vec<u64>]) {
+    for (a, b) in into.iter_mut().zip(from) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x |= *y;
+        }
+    }
+}
+
+impl Sender<'_> {
+    fn migrate(&mut self) -> Result<(), Outcome> {
+        let stream = self.connect().map_err(Outcome::Resumed)?;
+        let mut w = BufWriter::with_capacity(
+            2 * protocol::PAGES_PER_FRAME * PAGE,
+            stream.try_clone().map_err(|e| Outcome::Resumed(e.into()))?,
+        );
+        let mut r = stream;
+        let pending = match self.precopy(&mut w, &mut r) {
+            Ok(pending) => pending,
+            Err(failure) => {
+                self.abort(&mut w, &failure);
+                return Err(Outcome::Resumed(failure));
+            }
+        };
+        self.switchover(&mut w, &mut r, pending)
+    }
+
+    fn connect(&mut self) -> Result<TcpStream, Failure> {
+        let address = self
+            .params
+            .address
+            .to_socket_addrs()
+            .map_err(|e| Failure::Local(format!("cannot resolve {}: {e}", self.params.address)))?
+            .next()
+            .ok_or_else(|| {
+                Failure::Local(format!("{} resolves to nothing", self.params.address))
+            })?;
+        let stream = TcpStream::connect_timeout(&address, CONNECT_TIMEOUT)
+            .map_err(|e| Failure::Local(format!("cannot connect to {address}: {e}")))?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(stream)
+    }
+
+    /// Hello, the first full pass and the dirty passes. Returns the dirty
+    /// pages not sent yet when it is time to switch over.
+    fn precopy(
+        &mut self,
+        w: &mut BufWriter<TcpStream>,
+        r: &mut TcpStream,
+    ) -> Result<Vec<Vec<u64>>, Failure> {
+        let machine = self.machine;
+        let hello = protocol::Hello {
+            token: self.params.token.clone(),
+            berth_version: env!("CARGO_PKG_VERSION").into(),
+            cpu_vendor: crate::snapshot::host_cpu_vendor(),
+            cpu_model: crate::snapshot::host_cpu_model(),
+            cpu_features: crate::arch::x86_64::cpuid::feature_words(&machine.guest_cpuid),
+            config: machine.config.clone(),
+            regions: machine.regions(),
+        };
+        self.bytes += write_json(w, FrameType::Hello, &hello)? as u64;
+        read_frame(r)?.expect::<protocol::Empty>(FrameType::Welcome)?;
+        self.m.update(|p| p.phase = Phase::Precopy);
+
+        let vm_err = |e: crate::vstate::vm::VmError| Failure::Local(e.to_string());
+        machine.vm.start_dirty_log().map_err(vm_err)?;
+        let precopy_from = Instant::now();
+        self.send_all(w)?;
+        let mut iteration = 1u32;
+        self.end_iteration(w, iteration)?;
+        let mut last_take = Instant::now();
+        loop {
+            self.check_cancel()?;
+            let dirty = machine.vm.take_dirty().map_err(vm_err)?;
+            let since = last_take.elapsed();
+            last_take = Instant::now();
+            let remaining = crate::snapshot::count_dirty(&dirty) * PAGE as u64;
+            // What the link has carried so far is the best guess of what it
+            // will carry during the pause.
+            let rate =
+                (self.bytes as f64 / precopy_from.elapsed().as_secs_f64().max(1e-3)).max(1.0);
+            let expected = Duration::from_secs_f64(remaining as f64 / rate);
+            self.m.update(|p| {
+                p.iteration = iteration;
+                p.remaining_bytes = remaining;
+                p.dirty_rate = (remaining as f64 / since.as_secs_f64().max(1e-3)) as u64;
+                p.expected_downtime_ms = expected.as_millis() as u64;
+            });
+            if expected <= self.params.downtime_target {
+                return Ok(dirty);
+            }
+            if iteration >= self.params.max_iterations || self.timed_out() {
+                if self.params.force_on_timeout {
+                    return Ok(dirty);
+                }
+                return Err(Failure::Timeout(
+                    self.started.elapsed(),
+                    iteration,
+                    remaining,
+                ));
+            }
+            self.send_dirty(w, &dirty)?;
+            iteration += 1;
+            self.end_iteration(w, iteration)?;
+        }
+    }
+
+    /// Pause, last pages, state, Ready, Go, Ack.
+    fn switchover(
+        &mut self,
+        w: &mut BufWriter<TcpStream>,
+        r: &mut TcpStream,
+        mut pending: Vec<Vec<u64>>,
+    ) -> Result<(), Outcome> {
+        let machine = self.machine;
+        self.m.update(|p| p.phase = Phase::Switchover);
+        let paused_at = Instant::now();
+        let was_paused = machine.vcpus.is_paused();
+        if let Err(e) = machine.vcpus.pause(PAUSE_TIMEOUT) {
+            let failure = Failure::Local(e.to_string());
+            self.abort(w, &failure);
+            return Err(Outcome::Resumed(failure));
+        }
+        let virtio = machine.quiesce_devices();
+        let handed = (|| -> Result<(), Failure> {
+            self.check_cancel()?;
+            let last = machine
+                .vm
+                .take_dirty()
+                .map_err(|e| Failure::Local(e.to_string()))?;
+            merge(&mut pending, &last);
+            self.send_dirty(w, &pending)?;
+            let state = machine.capture(virtio).map_err(Failure::Local)?;
+            self.bytes += write_json(w, FrameType::State, &state)? as u64;
+            read_frame(r)?.expect::<protocol::Empty>(FrameType::Ready)?;
+            Ok(())
+        })();
+        if let Err(failure) = handed {
+            self.abort(w, &failure);
+            machine.resume_devices();
+            if !was_paused {
+                machine.vcpus.resume();
+            }
+            return Err(Outcome::Resumed(failure));
+        }
+        // The handover: from this write on, the destination may run the VM,
+        // so whatever happens next we never resume it here.
+        let acked = write_json(w, FrameType::Go, &protocol::Empty::default())
+            .map_err(ProtocolError::from)
+            .and_then(|_| read_frame(r)?.expect::<protocol::Ack>(FrameType::Ack));
+        if let Err(e) = acked {
+            eprintln!("berth-vmm: no Ack after Go ({e}); asking the destination");
+            self.reconcile().map_err(Outcome::Unknown)?;
+        }
+        let downtime = paused_at.elapsed().as_millis() as u64;
+        let (bytes, pages) = (self.bytes, self.pages);
+        self.m.update(|p| {
+            p.downtime_ms = downtime;
+            p.bytes_sent = bytes;
+            p.pages_sent = pages;
+        });
+        Ok(())
+    }
+
+    /// Asks the destination, on new connections, whether it runs the VM;
+    /// repeats Go if it is still waiting for one.
+    fn reconcile(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + RECONCILE_FOR;
+        let mut last_error = String::new();
+        while Instant::now() < deadline {
+            match self.query_once() {
+                Ok(()) => return Ok(()),
+                Err(e) => last_error = e.to_string(),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Err(format!(
+            "the destination did not answer for {RECONCILE_FOR:?}: {last_error}"
+        ))
+    }
+
+    fn query_once(&mut self) -> Result<(), Failure> {
+        let mut stream = self.connect()?;
+        write_json(
+            &mut stream,
+            FrameType::Query,
+            &protocol::Query {
+                token: self.params.token.clone(),
+            },
+        )?;
+        let status: protocol::Status = read_frame(&mut stream)?.expect(FrameType::Status)?;
+        if status.state == DestinationState::Ready {
+            write_json(&mut stream, FrameType::Go, &protocol::Empty::default())?;
+            read_frame(&mut stream)?.expect::<protocol::Ack>(FrameType::Ack)?;
+        }
+        Ok(())
+    }
+
+    fn abort(&self, w: &mut BufWriter<TcpStream>, failure: &Failure) {
+        // Best effort: the destination may already be gone.
+        let _ = write_json(
+            w,
+            FrameType::Abort,
+            &protocol::Abort {
+                reason: failure.to_string(),
+            },
+        );
+    }
+
+    fn check_cancel(&self) -> Result<(), Failure> {
+        if self.m.cancel.load(Ordering::SeqCst) {
+            return Err(Failure::Cancelled);
+        }
+        Ok(())
+    }
+
+    fn timed_out(&self) -> bool {
+        self.started.elapsed() >= self.params.timeout
+    }
+
+    /// Counts a frame, keeps the progress current, honours the bandwidth
+    /// limit, and notices cancel and (unless forcing) timeout.
+    fn sent(&mut self, n: usize, pages: u64) -> Result<(), Failure> {
+        self.bytes += n as u64;
+        self.pages += pages;
+        let (bytes, total) = (self.bytes, self.pages);
+        self.m.update(|p| {
+            p.bytes_sent = bytes;
+            p.pages_sent = total;
+        });
+        if self.params.bandwidth > 0 {
+            self.throttle_bytes += n as u64;
+            let due = self.throttle_bytes as f64 / self.params.bandwidth as f64;
+            let elapsed = self.throttle_from.elapsed().as_secs_f64();
+            if due > elapsed {
+                std::thread::sleep(Duration::from_secs_f64(due - elapsed));
+            }
+        }
+        self.check_cancel()?;
+        if self.timed_out() && !self.params.force_on_timeout {
+            return Err(Failure::Timeout(
+                self.started.elapsed(),
+                self.m.progress().iteration,
+                self.m.progress().remaining_bytes,
+            ));
+        }
+        Ok(())
+    }
+
+    fn end_iteration(
+        &mut self,
+        w: &mut BufWriter<TcpStream>,
+        iteration: u32,
+    ) -> Result<(), Failure> {
+        let n = write_json(
+            w,
+            FrameType::IterationEnd,
+            &protocol::IterationEnd {
+                iteration,
+                pages: self.pages,
+            },
+        )?;
+        self.sent(n, 0)
+    }
+
+    /// The first pass: every page that is not all zeros (the destination's
+    /// memory starts zeroed).
+    fn send_all(&mut self, w: &mut BufWriter<TcpStream>) -> Result<(), Failure> {
+        let machine = self.machine;
+        let mem = machine.vm.memory();
+        let mut batch = PageBatch::default();
+        let mut buf = vec![0u8; 1 << 20];
+        for region in mem.iter() {
+            let base = region.start_addr().0;
+            let mut done = 0u64;
+            while done < region.len() {
+                let n = (region.len() - done).min(buf.len() as u64) as usize;
+                mem.read_slice(&mut buf[..n], GuestAddress(base + done))
+                    .map_err(|e| Failure::Local(e.to_string()))?;
+                for (i, page) in buf[..n].chunks(PAGE).enumerate() {
+                    if !is_zero(page) {
+                        batch.push(base + done + (i * PAGE) as u64, page);
+                        if batch.is_full() {
+                            let count = batch.addrs.len() as u64;
+                            let sent = batch.flush(w)?;
+                            self.sent(sent, count)?;
+                        }
+                    }
+                }
+                done += n as u64;
+            }
+        }
+        let count = batch.addrs.len() as u64;
+        let sent = batch.flush(w)?;
+        self.sent(sent, count)
+    }
+
+    /// The pages set in `dirty`; those that are all zeros now go as
+    /// addresses only.
+    fn send_dirty(
+        &mut self,
+        w: &mut BufWriter<TcpStream>,
+        dirty: &[Vec<u64>],
+    ) -> Result<(), Failure> {
+        let machine = self.machine;
+        let mem = machine.vm.memory();
+        let mut batch = PageBatch::default();
+        let mut zeros = Vec::new();
+        let mut page = vec![0u8; PAGE];
+        for (region, bits) in mem.iter().zip(dirty) {
+            for (word_index, word) in bits.iter().enumerate() {
+                let mut word = *word;
+                while word != 0 {
+                    let index = word_index as u64 * 64 + u64::from(word.trailing_zeros());
+                    word &= word - 1;
+                    let offset = index * PAGE as u64;
+                    if offset >= region.len() {
+                        continue;
+                    }
+                    let gpa = region.start_addr().0 + offset;
+                    mem.read_slice(&mut page, GuestAddress(gpa))
+                        .map_err(|e| Failure::Local(e.to_string()))?;
+                    if is_zero(&page) {
+                        zeros.push(gpa);
+                        if zeros.len() >= ZEROS_PER_FRAME {
+                            let n = write_frame(w, FrameType::Zeros, &[&encode_zeros(&zeros)])?;
+                            self.sent(n, zeros.len() as u64)?;
+                            zeros.clear();
+                        }
+                    } else {
+                        batch.push(gpa, &page);
+                        if batch.is_full() {
+                            let count = batch.addrs.len() as u64;
+                            let sent = batch.flush(w)?;
+                            self.sent(sent, count)?;
+                        }
+                    }
+                }
+            }
+        }
+        let count = batch.addrs.len() as u64;
+        let sent = batch.flush(w)?;
+        self.sent(sent, count)?;
+        if !zeros.is_empty() {
+            let n = write_frame(w, FrameType::Zeros, &[&encode_zeros(&zeros)])?;
+            self.sent(n, zeros.len() as u64)?;
+        }
+        w.flush()?;
+        Ok(())
+    }
+}
