@@ -43,6 +43,10 @@ pub struct AgentConfig {
     /// Count defined (not only running) VMs against capacity, so Create
     /// also refuses what would not fit.
     pub reserve_on_define: bool,
+    /// Where VMMs receiving a migration listen ("host" or "host:port"; a
+    /// missing port means any free one). It is also the address handed to
+    /// the source, so it must be one the source can reach.
+    pub migration_listen: String,
 }
 
 impl Default for AgentConfig {
@@ -68,6 +72,7 @@ impl Default for AgentConfig {
             cgroup_parent: "berth".into(),
             vmm_memory_overhead_mib: 64,
             reserve_on_define: false,
+            migration_listen: "127.0.0.1".into(),
         }
     }
 }

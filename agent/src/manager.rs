@@ -16,7 +16,10 @@ use crate::config::AgentConfig;
 use crate::entitlement::{self, Report, Sample};
 use crate::spec::{Limits, RestartKind, VmSpec};
 use crate::store::{Store, VmDir, VmRecord, VmState};
-use crate::vmm_proc::{self, RestoreFrom, VmmExit, VmmProcess};
+use crate::vmm_proc::{self, Launch, RestoreFrom, VmmExit, VmmProcess};
+
+mod migration;
+pub use migration::{MigrateParams, PreparedIn, DEFAULT_TOKEN_TTL};
 
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -663,32 +666,16 @@ impl Manager {
         // Refuse a snapshot this host cannot run before anything changes.
         berth_vmm::snapshot::read_state(&path)
             .map_err(|e| ApiError::FailedPrecondition(e.to_string()))?;
-        let rename = |spec: &mut VmSpec| -> ApiResult<()> {
-            for (old, new) in taps {
-                let nic = spec
-                    .nics
-                    .iter_mut()
-                    .find(|n| &n.tap == old)
-                    .ok_or_else(|| {
-                        ApiError::InvalidArgument(format!(
-                            "tap_overrides: VM {} has no NIC on tap {old}",
-                            spec.id
-                        ))
-                    })?;
-                nic.tap = new.clone();
-            }
-            Ok(())
-        };
         let target = if new_id.is_empty() {
             if !taps.is_empty() {
                 let mut spec = lock(&source.inner).spec.clone();
-                rename(&mut spec)?;
+                migration::rename_taps(&mut spec, taps)?;
                 self.update(spec).await?;
             }
             source
         } else {
             let mut spec = lock(&source.inner).spec.clone();
-            rename(&mut spec)?;
+            migration::rename_taps(&mut spec, taps)?;
             spec.id = new_id.to_string();
             spec.name = if new_name.is_empty() {
                 new_id.to_string()
@@ -920,7 +907,7 @@ impl Manager {
             &entry.dir,
             &config,
             &cgroup_dirs,
-            restore,
+            restore.map_or(Launch::Boot, Launch::Restore),
         );
         let mut process = match process {
             Ok(p) => p,

@@ -189,7 +189,33 @@ pub fn state_to_pb(s: VmState) -> pb::VmState {
         VmState::Stopping => pb::VmState::STOPPING,
         VmState::Stopped => pb::VmState::STOPPED,
         VmState::Crashed => pb::VmState::CRASHED,
+        VmState::Migrating => pb::VmState::MIGRATING,
+        VmState::Migrated => pb::VmState::MIGRATED,
     }
+}
+
+fn migration_to_pb(id: &str, m: crate::store::MigrationRecord) -> pb::MigrationInfo {
+    pb::MigrationInfo {
+        id: id.to_string(),
+        direction: m.direction,
+        phase: m.phase,
+        peer: m.peer,
+        started_at_ms: m.started_at_ms,
+        iteration: m.iteration,
+        bytes_sent: m.bytes_sent,
+        dirty_rate_bytes_per_s: m.dirty_rate_bytes_per_s,
+        remaining_bytes: m.remaining_bytes,
+        expected_downtime_ms: m.expected_downtime_ms,
+        downtime_ms: m.downtime_ms,
+        total_ms: m.total_ms,
+        memory_bytes: m.memory_bytes,
+        error: m.error,
+        ..Default::default()
+    }
+}
+
+fn pairs(map: &std::collections::HashMap<String, String>) -> Vec<(String, String)> {
+    map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 fn vm_to_pb(v: VmView) -> pb::Vm {
@@ -203,6 +229,11 @@ fn vm_to_pb(v: VmView) -> pb::Vm {
             last_exit: v.record.last_exit,
             console_log: v.console_log,
             state_changed_ms: v.record.state_changed_ms,
+            migration: v
+                .record
+                .migration
+                .map(|m| migration_to_pb(&v.spec.id, m))
+                .into(),
             ..Default::default()
         }),
         ..Default::default()
@@ -341,13 +372,77 @@ impl vm_ttrpc::VmService for VmApi {
                 &req.new_id,
                 &req.new_name,
                 req.paused,
-                &req.tap_overrides
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect::<Vec<_>>(),
+                &pairs(&req.tap_overrides),
             )
             .await
             .map(vm_to_pb)
+            .map_err(status)
+    }
+
+    async fn prepare_migrate_in(
+        &self,
+        _: &TtrpcContext,
+        req: pb::PrepareMigrateInRequest,
+    ) -> ttrpc::Result<pb::PrepareMigrateInResponse> {
+        let spec = spec_of("PrepareMigrateIn", &req.spec)?;
+        let ttl = match req.token_ttl_ms {
+            0 => crate::manager::DEFAULT_TOKEN_TTL,
+            ms => std::time::Duration::from_millis(ms),
+        };
+        let prepared = self
+            .0
+            .prepare_migrate_in(spec, &req.listen_address, ttl, &pairs(&req.tap_overrides))
+            .await
+            .map_err(status)?;
+        Ok(pb::PrepareMigrateInResponse {
+            address: prepared.address,
+            token: prepared.token,
+            expires_at_ms: prepared.expires_at_ms,
+            vm: MessageField::some(vm_to_pb(prepared.vm)),
+            ..Default::default()
+        })
+    }
+
+    async fn migrate_out(
+        &self,
+        _: &TtrpcContext,
+        req: pb::MigrateOutRequest,
+    ) -> ttrpc::Result<pb::MigrationInfo> {
+        let p = req.params.clone().unwrap_or_default();
+        let params = crate::manager::MigrateParams {
+            downtime_ms: p.downtime_ms,
+            bandwidth_mib_s: p.bandwidth_mib_s,
+            timeout_ms: p.timeout_ms,
+            force_on_timeout: p.force_on_timeout,
+            max_iterations: p.max_iterations,
+        };
+        self.0
+            .migrate_out(&req.id, &req.address, &req.token, &params)
+            .await
+            .map(|m| migration_to_pb(&req.id, m))
+            .map_err(status)
+    }
+
+    async fn get_migration(
+        &self,
+        _: &TtrpcContext,
+        req: pb::VmRef,
+    ) -> ttrpc::Result<pb::MigrationInfo> {
+        self.0
+            .get_migration(&req.id)
+            .map(|m| migration_to_pb(&req.id, m))
+            .map_err(status)
+    }
+
+    async fn cancel_migration(
+        &self,
+        _: &TtrpcContext,
+        req: pb::VmRef,
+    ) -> ttrpc::Result<pb::MigrationInfo> {
+        self.0
+            .cancel_migration(&req.id)
+            .await
+            .map(|m| migration_to_pb(&req.id, m))
             .map_err(status)
     }
 

@@ -21,6 +21,10 @@ pub enum VmState {
     Stopping,
     Stopped,
     Crashed,
+    /// Moving to or from another node (see `VmRecord::migration`).
+    Migrating,
+    /// Now runs on another node; kept as a record of where it went.
+    Migrated,
 }
 
 impl VmState {
@@ -28,7 +32,11 @@ impl VmState {
     pub fn has_vmm(self) -> bool {
         matches!(
             self,
-            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
+            VmState::Starting
+                | VmState::Running
+                | VmState::Paused
+                | VmState::Stopping
+                | VmState::Migrating
         )
     }
 
@@ -41,6 +49,8 @@ impl VmState {
             VmState::Stopping => "Stopping",
             VmState::Stopped => "Stopped",
             VmState::Crashed => "Crashed",
+            VmState::Migrating => "Migrating",
+            VmState::Migrated => "Migrated",
         }
     }
 }
@@ -60,6 +70,33 @@ pub struct VmRecord {
     pub state_changed_ms: u64,
     /// The snapshot a hibernated VM's next Start restores.
     pub hibernated: Option<String>,
+    /// The VM's last migration, in or out.
+    pub migration: Option<MigrationRecord>,
+}
+
+/// One migration as the agent saw it: the source VMM's figures for an
+/// outgoing one, the destination's view for an incoming one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationRecord {
+    /// "out" or "in".
+    pub direction: String,
+    /// The VMM's phase: connecting, precopy, switchover, completed, failed,
+    /// cancelled, unknown; "receiving" for an incoming one not yet handed over.
+    pub phase: String,
+    /// The other end: the destination VMM's address (out), or the address
+    /// this node listened on (in).
+    pub peer: String,
+    pub started_at_ms: u64,
+    pub iteration: u32,
+    pub bytes_sent: u64,
+    pub dirty_rate_bytes_per_s: u64,
+    pub remaining_bytes: u64,
+    pub expected_downtime_ms: u64,
+    pub downtime_ms: u64,
+    pub total_ms: u64,
+    pub memory_bytes: u64,
+    pub error: String,
 }
 
 /// One VM's files.
@@ -90,6 +127,10 @@ impl VmDir {
     }
     pub fn snapshots(&self) -> PathBuf {
         self.0.join("snapshots")
+    }
+    /// Where a VMM receiving a migration writes the address it listens on.
+    pub fn migration_address(&self) -> PathBuf {
+        self.0.join("migrate.addr")
     }
 }
 

@@ -64,20 +64,45 @@ pub struct RestoreFrom<'a> {
     pub taps: &'a [(String, String)],
 }
 
+/// Wait for a live migration instead of booting.
+#[derive(Clone, Copy)]
+pub struct IncomingFrom<'a> {
+    /// host:port to listen on (port 0: the VMM picks one and writes it to
+    /// `VmDir::migration_address`).
+    pub listen: &'a str,
+    pub token: &'a str,
+    pub expires_at_ms: u64,
+    pub taps: &'a [(String, String)],
+}
+
+/// How a VMM gets its guest.
+#[derive(Clone, Copy)]
+pub enum Launch<'a> {
+    Boot,
+    Restore(RestoreFrom<'a>),
+    Incoming(IncomingFrom<'a>),
+}
+
+fn tap_args(cmd: &mut Command, taps: &[(String, String)]) {
+    for (old, new) in taps {
+        cmd.arg("--tap").arg(format!("{old}={new}"));
+    }
+}
+
 impl VmmProcess {
-    /// Starts berth-vmm for `config` in `dir`, detached.
-    /// `restore`: boot from that snapshot directory instead (paused or
-    /// not, with tap renames).
+    /// Starts berth-vmm for `config` in `dir`, detached: booting it, from a
+    /// snapshot directory (paused or not, with tap renames), or waiting for
+    /// a migration.
     pub fn spawn(
         binary: &Path,
         dir: &VmDir,
         config: &VmConfig,
         cgroups: &[std::path::PathBuf],
-        restore: Option<RestoreFrom<'_>>,
+        how: Launch<'_>,
     ) -> std::io::Result<VmmProcess> {
         let json = serde_json::to_vec_pretty(config).expect("plain data serialises");
         write_atomic(&dir.vmm_config(), &json)?;
-        for stale in [dir.exit_file(), dir.socket()] {
+        for stale in [dir.exit_file(), dir.socket(), dir.migration_address()] {
             match std::fs::remove_file(&stale) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
                 _ => {}
@@ -91,9 +116,9 @@ impl VmmProcess {
         for group in cgroups {
             cmd.arg("--cgroup").arg(group);
         }
-        match restore {
+        match how {
             // The snapshot carries the VM's config; only the console moves.
-            Some(RestoreFrom {
+            Launch::Restore(RestoreFrom {
                 snapshot,
                 paused,
                 taps,
@@ -105,11 +130,23 @@ impl VmmProcess {
                 if paused {
                     cmd.arg("--paused");
                 }
-                for (old, new) in taps {
-                    cmd.arg("--tap").arg(format!("{old}={new}"));
-                }
+                tap_args(&mut cmd, taps);
             }
-            None => {
+            // The source sends the config; the console and taps are ours.
+            Launch::Incoming(incoming) => {
+                cmd.arg("--migrate-listen")
+                    .arg(incoming.listen)
+                    .arg("--migrate-expires-at-ms")
+                    .arg(incoming.expires_at_ms.to_string())
+                    .arg("--migrate-address-file")
+                    .arg(dir.migration_address())
+                    .arg("--console-log")
+                    .arg(dir.console_log())
+                    // Not on the command line, where any local user could read it.
+                    .env("BERTH_MIGRATE_TOKEN", incoming.token);
+                tap_args(&mut cmd, incoming.taps);
+            }
+            Launch::Boot => {
                 cmd.arg("--config").arg(dir.vmm_config());
             }
         }

@@ -16,6 +16,10 @@ pub struct TestAgent {
     pub dir: PathBuf,
     pub socket: PathBuf,
     pub config: PathBuf,
+    /// Extra environment for the agent (and so for its VMMs).
+    pub env: Vec<(String, String)>,
+    /// Run the agent (and so its VMMs) in this network namespace.
+    pub netns: Option<String>,
     process: Option<Running>,
 }
 
@@ -38,6 +42,22 @@ impl TestAgent {
     /// The same, with more config lines (reserved resources, overcommit).
     /// VM cgroups go under a parent of the test's own.
     pub fn with_config(test: &str, extra: &str) -> TestAgent {
+        Self::with_config_env(test, extra, &[])
+    }
+
+    /// The same, with environment variables for the agent (test hooks of
+    /// the VMMs it starts). `extra` may set its own `disk_roots`.
+    pub fn with_config_env(test: &str, extra: &str, env: &[(&str, &str)]) -> TestAgent {
+        Self::with_options(test, extra, env, None)
+    }
+
+    /// The same, inside network namespace `netns` if given.
+    pub fn with_options(
+        test: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+        netns: Option<&str>,
+    ) -> TestAgent {
         let dir = scratch_dir(test);
         let socket = dir.join("agent.sock");
         let config = dir.join("agent.toml");
@@ -45,11 +65,15 @@ impl TestAgent {
         std::fs::write(
             &config,
             format!(
-                "state_root = {:?}\nsocket = {:?}\nkernel_roots = [{:?}]\ndisk_roots = [{:?}]\nvmm_binary = {:?}\ncgroup_parent = {:?}\n{extra}\n",
+                "state_root = {:?}\nsocket = {:?}\nkernel_roots = [{:?}]\n{}vmm_binary = {:?}\ncgroup_parent = {:?}\n{extra}\n",
                 dir.join("state"),
                 socket,
                 probe_dir,
-                dir.join("disks"),
+                if extra.contains("disk_roots") {
+                    String::new()
+                } else {
+                    format!("disk_roots = [{:?}]\n", dir.join("disks"))
+                },
                 binary("berth-vmm"),
                 cgroup_parent(test),
             ),
@@ -60,6 +84,11 @@ impl TestAgent {
             dir,
             socket,
             config,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            netns: netns.map(str::to_string),
             process: None,
         };
         agent.start();
@@ -67,8 +96,16 @@ impl TestAgent {
     }
 
     pub fn start(&mut self) {
-        let mut cmd = Command::new(binary("berth-agent"));
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(binary("berth-agent"));
+                cmd
+            }
+            None => Command::new(binary("berth-agent")),
+        };
         cmd.arg("--config").arg(&self.config);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut agent = Running::spawn(cmd);
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {

@@ -29,8 +29,11 @@ pub struct Machine {
     pub config: crate::config::VmConfig,
     pub flavour: String,
     pub exit: ExitNotifier,
-    /// The CPUID the guest was given (vCPU 0's), for migration checks.
-    pub guest_cpuid: Vec<kvm_cpuid_entry2>,
+    /// The CPUID each vCPU was given. Saved state records these rather
+    /// than what KVM_GET_CPUID2 reports: the PVM flavour reports the host's
+    /// raw CPUID there, and restoring that would hand the guest features
+    /// KVM does not support.
+    pub guest_cpuids: Vec<Vec<kvm_cpuid_entry2>>,
 }
 
 impl Machine {
@@ -64,7 +67,10 @@ impl Machine {
     /// The VM's state apart from memory, as a full snapshot describes it.
     /// The vCPUs must be paused and the devices quiesced (`virtio`).
     pub fn capture(&self, virtio: Vec<TransportSnapshot>) -> Result<VmSnapshot, String> {
-        let vcpus = self.vcpus.save_states(PAUSE_TIMEOUT)?;
+        let mut vcpus = self.vcpus.save_states(PAUSE_TIMEOUT)?;
+        for (state, cpuid) in vcpus.iter_mut().zip(&self.guest_cpuids) {
+            state.cpuid = cpuid.clone();
+        }
         let vm = crate::vstate::vcpu_state::save_vm(self.vm.fd()).map_err(|e| e.to_string())?;
         Ok(VmSnapshot {
             kind: "full".into(),

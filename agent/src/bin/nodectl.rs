@@ -93,6 +93,59 @@ enum Cmd {
         #[command(subcommand)]
         action: SnapshotCmd,
     },
+    /// Live-migrate a running VM to another node. --to is either the
+    /// destination agent's socket (unix:///path or a path: nodectl prepares
+    /// the destination itself) or the address a destination's
+    /// `nodectl migrate-in` printed, with --token.
+    Migrate {
+        id: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long, env = "BERTH_MIGRATE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Downtime target in ms (default 50).
+        #[arg(long)]
+        downtime_ms: Option<u64>,
+        /// Bandwidth limit in MiB/s (default unlimited).
+        #[arg(long)]
+        bandwidth: Option<u64>,
+        /// Give up after this many seconds (default 300).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// At the timeout, switch over anyway instead of giving up.
+        #[arg(long)]
+        force: bool,
+        /// With a destination agent: where its VMM listens (host or host:port).
+        #[arg(long)]
+        listen: Option<String>,
+        /// With a destination agent: attach the NIC on tap OLD to tap NEW there.
+        #[arg(long = "tap", value_name = "OLD=NEW")]
+        taps: Vec<String>,
+        /// Return once the migration started instead of showing its progress.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Prepare this node to receive a VM (spec file as for create): prints
+    /// the address and one-time token to give `nodectl migrate` on the source.
+    MigrateIn {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[arg(long)]
+        listen: Option<String>,
+        /// Seconds the token stays valid (default 60).
+        #[arg(long)]
+        ttl: Option<u64>,
+        #[arg(long = "tap", value_name = "OLD=NEW")]
+        taps: Vec<String>,
+    },
+    /// Show a VM's last migration.
+    Migration {
+        id: String,
+    },
+    /// Cancel an outgoing migration before its handover.
+    MigrateCancel {
+        id: String,
+    },
     /// Stream the node's events.
     Events {
         /// Only this VM's events.
@@ -218,6 +271,7 @@ fn state_name(s: VmState) -> &'static str {
         VmState::STOPPED => "Stopped",
         VmState::MIGRATING => "Migrating",
         VmState::CRASHED => "Crashed",
+        VmState::MIGRATED => "Migrated",
         VmState::VM_STATE_UNSPECIFIED => "?",
     }
 }
@@ -243,7 +297,140 @@ fn vm_json(vm: &pb::Vm) -> Value {
         "restarts": status.restarts,
         "last_exit": status.last_exit,
         "console_log": status.console_log,
+        "migration": status.migration.as_ref().map(migration_json),
     })
+}
+
+fn migration_json(m: &pb::MigrationInfo) -> Value {
+    json!({
+        "id": m.id, "direction": m.direction, "phase": m.phase, "peer": m.peer,
+        "started_at_ms": m.started_at_ms, "iteration": m.iteration,
+        "bytes_sent": m.bytes_sent, "dirty_rate_bytes_per_s": m.dirty_rate_bytes_per_s,
+        "remaining_bytes": m.remaining_bytes, "expected_downtime_ms": m.expected_downtime_ms,
+        "downtime_ms": m.downtime_ms, "total_ms": m.total_ms,
+        "memory_bytes": m.memory_bytes, "error": m.error,
+    })
+}
+
+fn parse_taps(taps: &[String]) -> Result<HashMap<String, String>, Failure> {
+    let mut out = HashMap::new();
+    for t in taps {
+        let (old, new) = t
+            .split_once('=')
+            .ok_or_else(|| fail(2, format!("--tap {t:?} is not OLD=NEW")))?;
+        out.insert(old.to_string(), new.to_string());
+    }
+    Ok(out)
+}
+
+async fn connect_agent(socket: &std::path::Path) -> Result<ttrpc::r#async::Client, Failure> {
+    let address = format!("unix://{}", socket.display());
+    ttrpc::r#async::Client::connect(&address)
+        .await
+        .map_err(|e| {
+            fail(
+                7,
+                format!(
+                    "agent not running at {}: start berth-agent.service (or pass --socket) ({e})",
+                    socket.display()
+                ),
+            )
+        })
+}
+
+/// `--to` names a destination agent (its socket) rather than a VMM address.
+fn agent_socket(to: &str) -> Option<PathBuf> {
+    if let Some(path) = to.strip_prefix("unix://") {
+        return Some(path.into());
+    }
+    let path = std::path::Path::new(to);
+    (to.starts_with('/') || path.exists()).then(|| path.to_owned())
+}
+
+/// A one-line progress bar: the share of memory no longer dirty.
+fn progress_bar(m: &pb::MigrationInfo) -> String {
+    let done = if m.memory_bytes == 0 {
+        0.0
+    } else {
+        1.0 - (m.remaining_bytes as f64 / m.memory_bytes as f64).clamp(0.0, 1.0)
+    };
+    let filled = (done * 30.0).round() as usize;
+    format!(
+        "[{}{}] {:>3.0}% {:<10} pass {:<2} sent {:>6} MiB  left {:>5} MiB  dirty {:>4} MiB/s  est. downtime {} ms",
+        "#".repeat(filled),
+        ".".repeat(30 - filled),
+        done * 100.0,
+        m.phase,
+        m.iteration,
+        m.bytes_sent >> 20,
+        m.remaining_bytes >> 20,
+        m.dirty_rate_bytes_per_s >> 20,
+        m.expected_downtime_ms
+    )
+}
+
+/// Polls until the migration ends, drawing its progress on stderr.
+async fn follow_migration(vms: &VmServiceClient, id: &str, json: bool) -> Result<(), Failure> {
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_line = String::new();
+    let req = pb::VmRef {
+        id: id.to_string(),
+        ..Default::default()
+    };
+    loop {
+        let m = vms.get_migration(ctx(), &req).await.map_err(from_ttrpc)?;
+        let line = progress_bar(&m);
+        if line != last_line && !json {
+            if tty {
+                eprint!("\r{line}");
+            } else {
+                eprintln!("{line}");
+            }
+            last_line = line;
+        }
+        // The agent reports the end once its VM's state has settled.
+        let vm = vms.get(ctx(), &req).await.map_err(from_ttrpc)?;
+        let state = vm.status.state.enum_value_or_default();
+        let settled = matches!(
+            m.phase.as_str(),
+            "completed" | "failed" | "cancelled" | "unknown"
+        ) && state != VmState::MIGRATING;
+        if settled {
+            if tty && !json {
+                eprintln!();
+            }
+            if json {
+                println!("{}", migration_json(&m));
+            }
+            return match m.phase.as_str() {
+                "completed" => {
+                    if !json {
+                        println!(
+                            "migrated {id} to {}: downtime {} ms, total {} ms, {} passes, {} MiB sent",
+                            m.peer,
+                            m.downtime_ms,
+                            m.total_ms,
+                            m.iteration,
+                            m.bytes_sent >> 20
+                        );
+                    }
+                    Ok(())
+                }
+                "unknown" => Err(fail(
+                    1,
+                    format!(
+                        "migration of {id} to {}: outcome unknown ({}); {id} is paused here: check the destination before resuming it",
+                        m.peer, m.error
+                    ),
+                )),
+                phase => Err(fail(
+                    4,
+                    format!("migration of {id} to {} {phase}: {}; it runs here", m.peer, m.error),
+                )),
+            };
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 fn print_table(rows: Vec<Vec<String>>) {
@@ -407,18 +594,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         );
         return Ok(());
     }
-    let address = format!("unix://{}", cli.socket.display());
-    let client = ttrpc::r#async::Client::connect(&address)
-        .await
-        .map_err(|e| {
-            fail(
-                7,
-                format!(
-                    "agent not running at {}: start berth-agent.service (or pass --socket) ({e})",
-                    cli.socket.display()
-                ),
-            )
-        })?;
+    let client = connect_agent(&cli.socket).await?;
     let vms = VmServiceClient::new(client.clone());
     let node = NodeServiceClient::new(client);
     let vm_ref = |id: &str| pb::VmRef {
@@ -558,13 +734,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 paused,
                 taps,
             } => {
-                let mut tap_overrides = HashMap::new();
-                for t in &taps {
-                    let (old, new) = t
-                        .split_once('=')
-                        .ok_or_else(|| fail(2, format!("--tap {t:?} is not OLD=NEW")))?;
-                    tap_overrides.insert(old.to_string(), new.to_string());
-                }
+                let tap_overrides = parse_taps(&taps)?;
                 let req = pb::RestoreVmRequest {
                     id,
                     snapshot: name,
@@ -590,6 +760,129 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
         },
+        Cmd::Migrate {
+            id,
+            to,
+            token,
+            downtime_ms,
+            bandwidth,
+            timeout,
+            force,
+            listen,
+            taps,
+            no_wait,
+        } => {
+            let (address, token) = match (agent_socket(&to), token) {
+                (Some(socket), _) => {
+                    let vm = vms.get(ctx(), &vm_ref(&id)).await.map_err(from_ttrpc)?;
+                    let dest = VmServiceClient::new(connect_agent(&socket).await?);
+                    let req = pb::PrepareMigrateInRequest {
+                        spec: vm.spec.clone(),
+                        listen_address: listen.unwrap_or_default(),
+                        tap_overrides: parse_taps(&taps)?,
+                        ..Default::default()
+                    };
+                    let prepared = dest
+                        .prepare_migrate_in(ctx(), &req)
+                        .await
+                        .map_err(from_ttrpc)?;
+                    (prepared.address, prepared.token)
+                }
+                (None, Some(token)) => (to, token),
+                (None, None) => {
+                    return Err(fail(
+                        2,
+                        "--to is a VMM address: pass the --token the destination's `nodectl migrate-in` printed",
+                    ))
+                }
+            };
+            let req = pb::MigrateOutRequest {
+                id: id.clone(),
+                address,
+                token,
+                params: protobuf::MessageField::some(pb::MigrationParams {
+                    downtime_ms: downtime_ms.unwrap_or(0),
+                    bandwidth_mib_s: bandwidth.unwrap_or(0),
+                    timeout_ms: timeout.unwrap_or(0).saturating_mul(1000),
+                    force_on_timeout: force,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let started = vms.migrate_out(ctx(), &req).await.map_err(from_ttrpc)?;
+            if no_wait {
+                if json {
+                    println!("{}", migration_json(&started));
+                } else {
+                    println!("migrating {id} to {}", started.peer);
+                }
+            } else {
+                follow_migration(&vms, &id, json).await?;
+            }
+        }
+        Cmd::MigrateIn {
+            file,
+            listen,
+            ttl,
+            taps,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| fail(2, format!("cannot read {}: {e}", file.display())))?;
+            let spec: VmSpec =
+                toml::from_str(&text).map_err(|e| fail(2, format!("{}: {e}", file.display())))?;
+            let req = pb::PrepareMigrateInRequest {
+                spec: protobuf::MessageField::some(spec_to_pb(&spec)),
+                listen_address: listen.unwrap_or_default(),
+                token_ttl_ms: ttl.unwrap_or(0).saturating_mul(1000),
+                tap_overrides: parse_taps(&taps)?,
+                ..Default::default()
+            };
+            let p = vms
+                .prepare_migrate_in(ctx(), &req)
+                .await
+                .map_err(from_ttrpc)?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"id": spec.id, "address": p.address, "token": p.token, "expires_at_ms": p.expires_at_ms})
+                );
+            } else {
+                println!("address {}", p.address);
+                println!("token   {}", p.token);
+                println!(
+                    "on the source: nodectl migrate {} --to {} --token <token>",
+                    spec.id, p.address
+                );
+            }
+        }
+        Cmd::Migration { id } => {
+            let m = vms
+                .get_migration(ctx(), &vm_ref(&id))
+                .await
+                .map_err(from_ttrpc)?;
+            if json {
+                println!("{}", migration_json(&m));
+            } else {
+                println!("{} {} {}: {}", id, m.direction, m.peer, progress_bar(&m));
+                if !m.error.is_empty() {
+                    println!("error: {}", m.error);
+                }
+                if m.downtime_ms > 0 {
+                    println!("downtime {} ms, total {} ms", m.downtime_ms, m.total_ms);
+                }
+            }
+        }
+        Cmd::MigrateCancel { id } => {
+            let m = vms
+                .cancel_migration(ctx(), &vm_ref(&id))
+                .await
+                .map_err(from_ttrpc)?;
+            if json {
+                println!("{}", migration_json(&m));
+            } else {
+                println!("cancelling the migration of {id} ({})", m.phase);
+            }
+        }
         Cmd::Events { vm } => {
             let req = WatchRequest {
                 id: vm.unwrap_or_default(),

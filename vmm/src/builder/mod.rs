@@ -115,7 +115,7 @@ pub struct Vmm {
     input: SerialInput,
     exit: ExitNotifier,
     exit_rx: Receiver<ExitReason>,
-    guest_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    guest_cpuids: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
     pub flavour: Flavour,
     pub vcpu_count: u32,
     pub memory_mib: u64,
@@ -295,7 +295,7 @@ fn build_vm(
         .map_err(kvm_err("report its supported CPUID"))?;
     let control = Arc::new(VcpuControl::default());
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-    let mut guest_cpuid = Vec::new();
+    let mut guest_cpuids = Vec::new();
     for index in 0..config.vcpus {
         let fd = vm
             .fd()
@@ -305,12 +305,15 @@ fn build_vm(
         cpuid::normalize(&mut cpuid, index, config.vcpus);
         fd.set_cpuid2(&cpuid)
             .map_err(kvm_err("set a vCPU's CPUID"))?;
-        if index == 0 {
-            guest_cpuid = match &snapshot {
-                Some(s) => s.vcpus.first().map(|v| v.cpuid.clone()).unwrap_or_default(),
-                None => cpuid.as_slice().to_vec(),
-            };
-        }
+        // What the guest sees: ours, or the saved one restore sets below.
+        guest_cpuids.push(match &snapshot {
+            Some(s) => s
+                .vcpus
+                .get(index as usize)
+                .map(|v| v.cpuid.clone())
+                .unwrap_or_default(),
+            None => cpuid.as_slice().to_vec(),
+        });
         regs::setup_common(&fd)?;
         match &snapshot {
             Some(s) => {
@@ -351,7 +354,7 @@ fn build_vm(
         input: config.serial.input.clone(),
         exit,
         exit_rx,
-        guest_cpuid,
+        guest_cpuids,
         flavour,
         vcpu_count: config.vcpus,
         memory_mib: config.memory_mib,
@@ -399,7 +402,7 @@ impl Vmm {
                 config: self.config.clone(),
                 flavour: self.flavour.to_string(),
                 exit: self.exit.clone(),
-                guest_cpuid: self.guest_cpuid.clone(),
+                guest_cpuids: self.guest_cpuids.clone(),
             };
             let api = crate::api::VmmApi {
                 machine: Arc::new(machine),

@@ -144,7 +144,7 @@ enum Failure {
     Protocol(#[from] ProtocolError),
     #[error("cancelled")]
     Cancelled,
-    #[error("timed out after {0:?} ({1} iterations) with {2} dirty bytes left")]
+    #[error("timed out after {0:?} in pass {1} with {2} bytes left to send")]
     Timeout(Duration, u32, u64),
     #[error("{0}")]
     Local(String),
@@ -327,7 +327,12 @@ impl Sender<'_> {
             berth_version: env!("CARGO_PKG_VERSION").into(),
             cpu_vendor: crate::snapshot::host_cpu_vendor(),
             cpu_model: crate::snapshot::host_cpu_model(),
-            cpu_features: crate::arch::x86_64::cpuid::feature_words(&machine.guest_cpuid),
+            cpu_features: crate::arch::x86_64::cpuid::feature_words(
+                machine
+                    .guest_cpuids
+                    .first()
+                    .map_or(&[][..], |c| c.as_slice()),
+            ),
             config: machine.config.clone(),
             regions: machine.regions(),
         };
@@ -338,6 +343,7 @@ impl Sender<'_> {
         let vm_err = |e: crate::vstate::vm::VmError| Failure::Local(e.to_string());
         machine.vm.start_dirty_log().map_err(vm_err)?;
         let precopy_from = Instant::now();
+        self.m.update(|p| p.iteration = 1);
         self.send_all(w)?;
         let mut iteration = 1u32;
         self.end_iteration(w, iteration)?;
@@ -543,6 +549,7 @@ impl Sender<'_> {
         let mem = machine.vm.memory();
         let mut batch = PageBatch::default();
         let mut buf = vec![0u8; 1 << 20];
+        let mut scanned = 0u64;
         for region in mem.iter() {
             let base = region.start_addr().0;
             let mut done = 0u64;
@@ -561,6 +568,9 @@ impl Sender<'_> {
                     }
                 }
                 done += n as u64;
+                scanned += n as u64;
+                self.m
+                    .update(|p| p.remaining_bytes = p.memory_bytes.saturating_sub(scanned));
             }
         }
         let count = batch.addrs.len() as u64;

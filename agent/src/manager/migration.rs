@@ -1,0 +1,544 @@
+//! Live migration between agents: PrepareMigrateIn on the destination,
+//! MigrateOut on the source, each followed by a task that watches its own
+//! VMM until the migration ends. The VMMs decide who owns the guest (see
+//! vmm/src/migration/PROTOCOL.md); each agent follows its VMM, so the two
+//! agree without talking to each other.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_proto::common::Empty;
+
+use super::{internal, lock, now_ms, ApiError, ApiResult, Manager, VmEntry, VmInner, VmView};
+use crate::spec::VmSpec;
+use crate::store::{MigrationRecord, VmRecord, VmState};
+use crate::vmm_proc::{self, IncomingFrom, Launch, VmmProcess};
+
+const WATCH_EVERY: Duration = Duration::from_millis(100);
+/// How long a receiving VMM may take to bind and report its address.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a source VMM may take to exit after handing over.
+const EXIT_AFTER_HANDOVER: Duration = Duration::from_secs(10);
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(60);
+
+/// Options of an outgoing migration (0 means the VMM's default).
+#[derive(Clone, Debug, Default)]
+pub struct MigrateParams {
+    pub downtime_ms: u64,
+    pub bandwidth_mib_s: u64,
+    pub timeout_ms: u64,
+    pub force_on_timeout: bool,
+    pub max_iterations: u32,
+}
+
+/// What the destination hands to the source.
+pub struct PreparedIn {
+    pub address: String,
+    pub token: String,
+    pub expires_at_ms: u64,
+    pub vm: VmView,
+}
+
+/// 128 random bits as hex, from the kernel.
+fn new_token() -> ApiResult<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| ApiError::Internal(format!("cannot read /dev/urandom: {e}")))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// "host" → "host:0"; "host:port" and "[v6]:port" stay.
+fn with_port(listen: &str) -> String {
+    let has_port = match listen.rsplit_once(':') {
+        Some((host, port)) => {
+            port.parse::<u16>().is_ok() && (!host.contains(':') || host.ends_with(']'))
+        }
+        None => false,
+    };
+    if has_port {
+        listen.to_string()
+    } else if listen.contains(':') && !listen.starts_with('[') {
+        format!("[{listen}]:0")
+    } else {
+        format!("{listen}:0")
+    }
+}
+
+/// Renames the taps of `spec`'s NICs: (old, new) pairs.
+pub fn rename_taps(spec: &mut VmSpec, taps: &[(String, String)]) -> ApiResult<()> {
+    for (old, new) in taps {
+        let nic = spec
+            .nics
+            .iter_mut()
+            .find(|n| &n.tap == old)
+            .ok_or_else(|| {
+                ApiError::InvalidArgument(format!(
+                    "tap_overrides: VM {} has no NIC on tap {old}",
+                    spec.id
+                ))
+            })?;
+        nic.tap = new.clone();
+    }
+    Ok(())
+}
+
+fn record_from_vmm(r: &mut MigrationRecord, s: &berth_proto::vmm::MigrationStatus) {
+    r.phase = s.phase.clone();
+    r.iteration = s.iteration;
+    r.bytes_sent = s.bytes_sent;
+    r.dirty_rate_bytes_per_s = s.dirty_rate_bytes_per_s;
+    r.remaining_bytes = s.remaining_bytes;
+    r.expected_downtime_ms = s.expected_downtime_ms;
+    r.downtime_ms = s.downtime_ms;
+    r.total_ms = s.total_ms;
+    r.memory_bytes = s.memory_bytes;
+    r.error = s.error.clone();
+}
+
+/// One line for Watch: where an outgoing migration stands.
+fn progress_line(r: &MigrationRecord) -> String {
+    format!(
+        "{} to {}: pass {}, {} MiB sent, {} MiB left, dirtying {} MiB/s, expected downtime {} ms",
+        r.phase,
+        r.peer,
+        r.iteration,
+        r.bytes_sent >> 20,
+        r.remaining_bytes >> 20,
+        r.dirty_rate_bytes_per_s >> 20,
+        r.expected_downtime_ms
+    )
+}
+
+impl Manager {
+    /// Admits `spec` for an incoming migration and starts a VMM waiting for
+    /// it. A VM of the same id that migrated away from here earlier is
+    /// taken back (its record returns if this attempt fails).
+    pub async fn prepare_migrate_in(
+        self: &Arc<Self>,
+        mut spec: VmSpec,
+        listen: &str,
+        ttl: Duration,
+        taps: &[(String, String)],
+    ) -> ApiResult<PreparedIn> {
+        rename_taps(&mut spec, taps)?;
+        self.validate(&spec)?;
+        let id = spec.id.clone();
+        let previous = match self.entry(&id) {
+            Ok(entry) => {
+                let _op = entry.op.lock().await;
+                let mut inner = lock(&entry.inner);
+                if inner.record.state != VmState::Migrated {
+                    return Err(ApiError::AlreadyExists(format!(
+                        "VM {id} exists here ({}); only a VM that migrated away can come back",
+                        inner.record.state.name()
+                    )));
+                }
+                let previous = (inner.spec.clone(), inner.record.clone());
+                self.store.save_spec(&entry.dir, &spec).map_err(internal)?;
+                inner.spec = spec.clone();
+                Some(previous)
+            }
+            Err(_) => {
+                self.create(spec.clone()).await?;
+                None
+            }
+        };
+        let entry = self.entry(&id)?;
+        match self.launch_incoming(&entry, listen, ttl, taps).await {
+            Ok((address, token, expires_at_ms)) => {
+                let watcher = self.clone();
+                let watched = entry.clone();
+                tokio::spawn(async move { watcher.watch_incoming(watched, previous).await });
+                Ok(PreparedIn {
+                    address,
+                    token,
+                    expires_at_ms,
+                    vm: Self::view(&entry),
+                })
+            }
+            Err(e) => {
+                self.forget_incoming(&entry, previous, &e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    async fn launch_incoming(
+        &self,
+        entry: &Arc<VmEntry>,
+        listen: &str,
+        ttl: Duration,
+        taps: &[(String, String)],
+    ) -> ApiResult<(String, String, u64)> {
+        let _op = entry.op.lock().await;
+        let listen = with_port(if listen.is_empty() {
+            &self.config.migration_listen
+        } else {
+            listen
+        });
+        self.admit(entry, "incoming migration", |r| {
+            r.migration = Some(MigrationRecord {
+                direction: "in".into(),
+                phase: "receiving".into(),
+                started_at_ms: now_ms(),
+                ..Default::default()
+            })
+        })
+        .await?;
+        let spec = lock(&entry.inner).spec.clone();
+        let cgroup_dirs = self.prepare_cgroup(&spec)?;
+        let token = new_token()?;
+        let expires_at_ms = now_ms() + ttl.as_millis() as u64;
+        let config = spec.vmm_config(&entry.dir.console_log(), self.config.console_log_max_bytes);
+        let mut process = VmmProcess::spawn(
+            &self.config.vmm_binary(),
+            &entry.dir,
+            &config,
+            &cgroup_dirs,
+            Launch::Incoming(IncomingFrom {
+                listen: &listen,
+                token: &token,
+                expires_at_ms,
+                taps,
+            }),
+        )
+        .map_err(|e| {
+            ApiError::Unavailable(format!(
+                "cannot start {}: {e}",
+                self.config.vmm_binary().display()
+            ))
+        })?;
+        let deadline = tokio::time::Instant::now() + LISTEN_TIMEOUT;
+        let address = loop {
+            if let Ok(address) = std::fs::read_to_string(entry.dir.migration_address()) {
+                break address;
+            }
+            if let Some(exit) = process.exited(&entry.dir) {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "the receiving VMM exited: {}",
+                    exit.reason
+                )));
+            }
+            if tokio::time::Instant::now() > deadline {
+                process.kill();
+                let _ = process.wait_exit(&entry.dir, Duration::from_secs(3)).await;
+                return Err(ApiError::Unavailable(
+                    "the receiving VMM did not start listening in time; killed".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let mut inner = lock(&entry.inner);
+        inner.record.pid = process.pid;
+        inner.record.proc_start_ticks = process.start_ticks;
+        inner.record.started_at_ms = now_ms();
+        inner.process = Some(process);
+        if let Some(m) = inner.record.migration.as_mut() {
+            m.peer = address.clone();
+        }
+        self.transition(
+            entry,
+            &mut inner,
+            VmState::Migrating,
+            &format!("waiting for a migration on {address}"),
+        )?;
+        Ok((address, token, expires_at_ms))
+    }
+
+    /// Follows the receiving VMM until it serves its control socket (it
+    /// only does after the handover: the VM is ours) or exits (the attempt
+    /// failed: the VM is not ours).
+    async fn watch_incoming(
+        self: Arc<Self>,
+        entry: Arc<VmEntry>,
+        previous: Option<(VmSpec, VmRecord)>,
+    ) {
+        let _op = entry.op.lock().await;
+        loop {
+            tokio::time::sleep(WATCH_EVERY).await;
+            let exit = lock(&entry.inner)
+                .process
+                .as_mut()
+                .and_then(|p| p.exited(&entry.dir));
+            if let Some(exit) = exit {
+                self.forget_incoming(&entry, previous, &exit.reason);
+                return;
+            }
+            let Ok(client) = vmm_proc::connect(&entry.dir).await else {
+                continue;
+            };
+            let ctx = ttrpc::context::with_timeout(1_000_000_000);
+            if client.info(ctx, &Empty::default()).await.is_err() {
+                continue;
+            }
+            let spec = {
+                let mut inner = lock(&entry.inner);
+                let started = inner
+                    .record
+                    .migration
+                    .as_ref()
+                    .map(|m| m.started_at_ms)
+                    .unwrap_or_default();
+                if let Some(m) = inner.record.migration.as_mut() {
+                    m.phase = "completed".into();
+                    m.total_ms = now_ms().saturating_sub(started);
+                }
+                let _ = self.transition(&entry, &mut inner, VmState::Running, "migrated in");
+                inner.spec.clone()
+            };
+            if let Err(e) = super::attach_bridges(&spec) {
+                tracing::error!(vm = %spec.id, "after migrating in: {e}");
+            }
+            return;
+        }
+    }
+
+    /// An incoming migration that did not happen: no trace of the VM
+    /// remains, or the record of its earlier departure comes back.
+    fn forget_incoming(
+        &self,
+        entry: &Arc<VmEntry>,
+        previous: Option<(VmSpec, VmRecord)>,
+        why: &str,
+    ) {
+        let id = lock(&entry.inner).spec.id.clone();
+        self.release_cgroup(&id);
+        let message = format!("incoming migration failed: {why}");
+        tracing::warn!(vm = %id, "{message}");
+        match previous {
+            Some((spec, record)) => {
+                let mut inner = lock(&entry.inner);
+                inner.process = None;
+                let _ = self.store.save_spec(&entry.dir, &spec);
+                inner.spec = spec;
+                inner.record = record;
+                let _ = self.transition(entry, &mut inner, VmState::Migrated, &message);
+            }
+            None => {
+                if let Err(e) = self.store.remove(&entry.dir) {
+                    tracing::error!(vm = %id, "cannot remove the failed incoming VM: {e}");
+                }
+                self.vms.write().unwrap().remove(&id);
+                self.emit(&id, "deleted", VmState::Stopped, &message);
+            }
+        }
+        self.emit(&id, "migration", VmState::Stopped, &message);
+    }
+
+    /// Starts moving a Running VM to the destination VMM at `address`.
+    pub async fn migrate_out(
+        self: &Arc<Self>,
+        id: &str,
+        address: &str,
+        token: &str,
+        params: &MigrateParams,
+    ) -> ApiResult<MigrationRecord> {
+        if address.is_empty() || token.is_empty() {
+            return Err(ApiError::InvalidArgument(
+                "address and token (from the destination's PrepareMigrateIn) are required".into(),
+            ));
+        }
+        let entry = self.entry(id)?;
+        let op = entry.op.lock().await;
+        {
+            let inner = lock(&entry.inner);
+            if inner.record.state != VmState::Running {
+                return Err(Self::wrong_state(
+                    &inner.spec,
+                    inner.record.state,
+                    "only a Running VM can migrate",
+                ));
+            }
+        }
+        let req = berth_proto::vmm::MigrateRequest {
+            address: address.to_string(),
+            token: token.to_string(),
+            downtime_ms: params.downtime_ms,
+            bandwidth_bytes_per_s: params.bandwidth_mib_s << 20,
+            timeout_ms: params.timeout_ms,
+            force_on_timeout: params.force_on_timeout,
+            max_iterations: params.max_iterations,
+            ..Default::default()
+        };
+        let ctx = ttrpc::context::with_timeout(10_000_000_000);
+        let status = self
+            .vmm_call(&entry, |c| async move { c.migrate_out(ctx, &req).await })
+            .await?;
+        let record = {
+            let mut inner = lock(&entry.inner);
+            let mut record = MigrationRecord {
+                direction: "out".into(),
+                peer: address.to_string(),
+                started_at_ms: now_ms(),
+                ..Default::default()
+            };
+            record_from_vmm(&mut record, &status);
+            inner.record.migration = Some(record.clone());
+            self.transition(
+                &entry,
+                &mut inner,
+                VmState::Migrating,
+                &format!("migrating to {address}"),
+            )?;
+            record
+        };
+        drop(op);
+        let watcher = self.clone();
+        let watched = entry.clone();
+        tokio::spawn(async move { watcher.watch_outgoing(watched).await });
+        Ok(record)
+    }
+
+    /// Follows the source VMM's migration to its end, reporting progress.
+    async fn watch_outgoing(self: Arc<Self>, entry: Arc<VmEntry>) {
+        let op = entry.op.lock().await;
+        let mut reported = (String::new(), u32::MAX);
+        let mut last_event = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(WATCH_EVERY).await;
+            let ctx = ttrpc::context::with_timeout(2_000_000_000);
+            let status = self
+                .vmm_call(&entry, |c| async move {
+                    c.get_migration(ctx, &Empty::default()).await
+                })
+                .await;
+            let Ok(status) = status else {
+                // No answer: did the VMM die under the migration?
+                let exit = lock(&entry.inner)
+                    .process
+                    .as_mut()
+                    .and_then(|p| p.exited(&entry.dir));
+                if let Some(exit) = exit {
+                    drop(op);
+                    self.on_exit(&entry, exit).await;
+                    return;
+                }
+                continue;
+            };
+            let (record, id) = {
+                let mut inner = lock(&entry.inner);
+                let record = inner.record.migration.get_or_insert_with(Default::default);
+                record_from_vmm(record, &status);
+                (record.clone(), inner.spec.id.clone())
+            };
+            let now = (record.phase.clone(), record.iteration);
+            if now != reported || last_event.elapsed() >= Duration::from_millis(500) {
+                self.emit(
+                    &id,
+                    "migration",
+                    VmState::Migrating,
+                    &progress_line(&record),
+                );
+                reported = now;
+                last_event = std::time::Instant::now();
+            }
+            match record.phase.as_str() {
+                "completed" => {
+                    self.finish_outgoing(&entry, &record).await;
+                    return;
+                }
+                "failed" | "cancelled" => {
+                    let mut inner = lock(&entry.inner);
+                    let message = format!(
+                        "migration to {} {}: {}; the VM runs here",
+                        record.peer, record.phase, record.error
+                    );
+                    let _ = self.transition(&entry, &mut inner, VmState::Running, &message);
+                    return;
+                }
+                "unknown" => {
+                    let mut inner = lock(&entry.inner);
+                    let message = format!(
+                        "migration to {}: outcome unknown ({}); the VM is paused here and may run on the destination: check it before resuming or stopping this one",
+                        record.peer, record.error
+                    );
+                    let _ = self.transition(&entry, &mut inner, VmState::Paused, &message);
+                    return;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The destination runs the VM: our VMM exits on its own; what stays
+    /// here is the record of where the VM went.
+    async fn finish_outgoing(&self, entry: &Arc<VmEntry>, record: &MigrationRecord) {
+        let process = lock(&entry.inner).process.take();
+        if let Some(mut process) = process {
+            if process
+                .wait_exit(&entry.dir, EXIT_AFTER_HANDOVER)
+                .await
+                .is_none()
+            {
+                process.kill();
+                let _ = process.wait_exit(&entry.dir, Duration::from_secs(3)).await;
+            }
+        }
+        let mut inner: std::sync::MutexGuard<'_, VmInner> = lock(&entry.inner);
+        self.release_cgroup(&inner.spec.id);
+        inner.record.pid = 0;
+        inner.record.last_exit = format!("migrated to {}", record.peer);
+        let message = format!(
+            "migrated to {}: downtime {} ms, total {} ms, {} passes",
+            record.peer, record.downtime_ms, record.total_ms, record.iteration
+        );
+        let _ = self.transition(entry, &mut inner, VmState::Migrated, &message);
+    }
+
+    pub fn get_migration(&self, id: &str) -> ApiResult<MigrationRecord> {
+        let entry = self.entry(id)?;
+        let inner = lock(&entry.inner);
+        inner
+            .record
+            .migration
+            .clone()
+            .ok_or_else(|| ApiError::NotFound(format!("VM {id} has never migrated")))
+    }
+
+    /// Asks the source VMM to stop before the handover. Refused on the
+    /// destination: once its VMM said Ready only the source may decide.
+    pub async fn cancel_migration(&self, id: &str) -> ApiResult<MigrationRecord> {
+        let entry = self.entry(id)?;
+        {
+            let inner = lock(&entry.inner);
+            let outgoing = inner
+                .record
+                .migration
+                .as_ref()
+                .is_some_and(|m| m.direction == "out");
+            if inner.record.state != VmState::Migrating || !outgoing {
+                return Err(Self::wrong_state(
+                    &inner.spec,
+                    inner.record.state,
+                    "only an outgoing migration in progress can be cancelled (cancel on the source node)",
+                ));
+            }
+        }
+        let ctx = ttrpc::context::with_timeout(5_000_000_000);
+        let status = self
+            .vmm_call(&entry, |c| async move {
+                c.cancel_migration(ctx, &Empty::default()).await
+            })
+            .await?;
+        let mut inner = lock(&entry.inner);
+        let record = inner.record.migration.get_or_insert_with(Default::default);
+        record_from_vmm(record, &status);
+        Ok(record.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_get_a_port_when_they_have_none() {
+        assert_eq!(with_port("127.0.0.1"), "127.0.0.1:0");
+        assert_eq!(with_port("10.0.0.2:7100"), "10.0.0.2:7100");
+        assert_eq!(with_port("::1"), "[::1]:0");
+        assert_eq!(with_port("[::1]:9"), "[::1]:9");
+        assert_eq!(with_port("node-2"), "node-2:0");
+    }
+}
