@@ -263,7 +263,10 @@ impl Manager {
             });
             manager.reconcile_loaded(&entry).await;
             let id = lock(&entry.inner).spec.id.clone();
-            manager.vms.write().unwrap().insert(id, entry);
+            manager.vms.write().unwrap().insert(id, entry.clone());
+            if lock(&entry.inner).record.state == VmState::Migrating {
+                manager.rewatch_migration(entry);
+            }
         }
         if let Ok(layout) = &manager.cgroups {
             let running: Vec<String> = manager
@@ -286,7 +289,8 @@ impl Manager {
             let inner = lock(&entry.inner);
             (inner.record.state, inner.process.is_some())
         };
-        if !state.has_vmm() {
+        // A migration's VMM is its watcher's business (rewatch_migration).
+        if !state.has_vmm() || state == VmState::Migrating {
             return;
         }
         if adopted {

@@ -142,8 +142,67 @@ echo "host-finds-file=$(grep -a -c restored-file-7 /tmp/rootfs.ext4)"
 exit $rc
 "#;
 
+/// Boots Linux from its root disk with a NIC and a shell on the console,
+/// starts a loop printing a counter, and live-migrates it to a second
+/// berth-vmm (its NIC moved to tap1). On the destination the counter goes
+/// on, the network works (ping, a download) and the disk takes a write.
+const MIGRATE_SCRIPT: &str = r#"
+ip link set lo up
+gunzip -c /guest/rootfs.ext4.gz > /tmp/rootfs.ext4
+mkdir -p /www && dd if=/dev/urandom of=/www/blob bs=1024 count=512 2>/dev/null
+echo "host-blob-md5=$(md5sum /www/blob | cut -d' ' -f1)"
+httpd -p 8080 -h /www
+mkfifo /tmp/in1 /tmp/in2
+exec 3<>/tmp/in1 4<>/tmp/in2
+waitfor() { for i in $(seq 600); do grep -q "$2" "$1" && return 0; sleep 0.1; done; echo "timeout waiting for $2"; return 1; }
+waitdev() { for i in $(seq 200); do [ -e /sys/class/net/$1 ] && return 0; sleep 0.05; done; return 1; }
+token=harness-migration-token-42
+expires=$(( $(date +%s) * 1000 + 180000 ))
+timeout 240 berth-vmm --migrate-listen 127.0.0.1:0 --migrate-token $token --migrate-expires-at-ms $expires   --migrate-address-file /tmp/addr --console-log /tmp/c2.log --console-in /tmp/in2 --tap tap0=tap1 2>/tmp/e2.log &
+dst=$!
+timeout 240 berth-vmm --kernel /guest/bzImage --vcpus 2 --memory-mib 256 --disk /tmp/rootfs.ext4   --nic tap=tap0,mac=52:54:00:12:34:56 --api-socket /tmp/v1.sock --console-log /tmp/c1.log   --console-in /tmp/in1 --cmdline 'console=ttyS0 reboot=k panic=-1 quiet root=/dev/vda rw' 2>/tmp/e1.log &
+src=$!
+waitdev tap0 && ip link set tap0 up && ip addr add 10.0.2.1/24 dev tap0
+waitfor /tmp/c1.log BERTH-GUEST-READY
+sleep 1
+echo 'ip link set eth0 up; ip addr add 10.0.2.2/24 dev eth0; (i=0; while true; do echo counter-$i; i=$((i+1)); sleep 0.2; done) &' >&3
+waitfor /tmp/c1.log counter-5
+# First a refused attempt (wrong token): the source must carry on.
+berth-vmm --migrate-listen 127.0.0.1:0 --migrate-token other-token-0123456789 --migrate-address-file /tmp/addr0 2>/tmp/e0.log &
+for i in $(seq 100); do [ -s /tmp/addr0 ] && break; sleep 0.05; done
+vmmctl --socket /tmp/v1.sock migrate --to "$(cat /tmp/addr0)" --token $token
+n=$(grep -c counter- /tmp/c1.log)
+for i in $(seq 100); do [ "$(grep -c counter- /tmp/c1.log)" -gt $((n + 3)) ] && break; sleep 0.1; done
+[ "$(grep -c counter- /tmp/c1.log)" -gt $((n + 3)) ] && echo "source-runs-after-refused-migration"
+vmmctl --socket /tmp/v1.sock migrate --to "$(cat /tmp/addr)" --token $token
+wait $src
+echo "source-exit=$?"
+tail -3 /tmp/e1.log
+waitdev tap1 && ip link set tap1 up && ip addr add 10.0.2.1/24 dev tap1
+sleep 1
+echo 'ping -c 3 10.0.2.1; wget -q -O /tmp/blob http://10.0.2.1:8080/blob && echo guest-blob-md5=$(md5sum /tmp/blob); echo migrated-file-9 > /after.txt; sync; reboot -f' >&4
+wait $dst
+rc=$?
+echo "--- source console"; cat /tmp/c1.log; cat /tmp/e1.log
+echo "--- destination console"; cat /tmp/c2.log; cat /tmp/e2.log
+echo "host-finds-file=$(grep -a -c migrated-file-9 /tmp/rootfs.ext4)"
+exit $rc
+"#;
+
+/// The counter values a console shows, in order.
+fn counters(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("counter-"))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
 fn virtio_scenarios() -> Vec<Scenario> {
     vec![
+        Scenario {
+            name: "migrate_linux",
+            script: MIGRATE_SCRIPT.to_string(),
+        },
         Scenario {
             name: "snapshot_linux",
             script: SNAPSHOT_SCRIPT.to_string(),
@@ -279,6 +338,75 @@ fn a_snapshotted_linux_guest_restores_and_keeps_its_shell_and_disk() {
     assert!(
         r.output.contains("host-finds-file=1"),
         "the file written after the restore is on the disk\n{ctx}"
+    );
+    assert_eq!(r.exit, 0, "{ctx}");
+}
+
+#[test]
+fn a_linux_guest_live_migrates_with_its_counter_disk_and_network() {
+    let r = harness().scenario("migrate_linux");
+    let ctx = format!("scenario {} ({} ms):\n{}", r.name, r.ms, r.output);
+    eprintln!("[amdv_harness] {} took {} ms", r.name, r.ms);
+    if std::env::var_os("BERTH_HARNESS_SHOW").is_some() {
+        eprintln!("{ctx}");
+    }
+    assert!(
+        r.output
+            .contains("vmmctl: migration failed: the peer aborted: wrong migration token"),
+        "the refused attempt was reported\n{ctx}"
+    );
+    assert!(
+        r.output.contains("source-runs-after-refused-migration"),
+        "the source guest carried on after the refused attempt\n{ctx}"
+    );
+    let (before, after) = r
+        .output
+        .split_once("--- destination console")
+        .unwrap_or_else(|| panic!("{ctx}"));
+    assert!(
+        before.contains("migrated to 127.0.0.1:"),
+        "vmmctl reported the migration\n{ctx}"
+    );
+    assert!(before.contains("source-exit=0"), "{ctx}");
+    let (src, dst) = (counters(before), counters(after));
+    let (last, first) = (
+        *src.last()
+            .unwrap_or_else(|| panic!("no counter on the source\n{ctx}")),
+        *dst.first()
+            .unwrap_or_else(|| panic!("no counter on the destination\n{ctx}")),
+    );
+    assert!(
+        first == last + 1,
+        "the counter goes on where it stopped ({last} then {first})\n{ctx}"
+    );
+    assert!(
+        dst.windows(2).all(|w| w[1] == w[0] + 1),
+        "no value lost or repeated on the destination\n{ctx}"
+    );
+    assert!(
+        !after.contains("Linux version"),
+        "the destination did not boot the guest again\n{ctx}"
+    );
+    assert!(
+        after.contains("3 packets transmitted, 3 packets received"),
+        "the network works after the move\n{ctx}"
+    );
+    let host = r
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("host-blob-md5="))
+        .unwrap_or_else(|| panic!("no host md5\n{ctx}"))
+        .trim()
+        .to_string();
+    assert!(
+        after
+            .lines()
+            .any(|l| l.starts_with("guest-blob-md5=") && l.contains(&host)),
+        "a download over TCP after the move arrived intact\n{ctx}"
+    );
+    assert!(
+        r.output.contains("host-finds-file=1"),
+        "the disk took a write after the move\n{ctx}"
     );
     assert_eq!(r.exit, 0, "{ctx}");
 }

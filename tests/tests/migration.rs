@@ -651,3 +651,37 @@ async fn migration_crosses_a_veth_between_two_network_namespaces() {
         info.bytes_sent
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn agents_restarted_mid_migration_follow_it_to_the_end() {
+    report_mode("migration across agent restarts");
+    let mut p = pair("mig-restart", &[]);
+    let (src, dst) = (p.src.clients().await, p.dst.clients().await);
+    create_and_start(&src, dirty_spec("vm", 20)).await;
+    let before = wait_count_above(&p.src, "vm", 0);
+    let spec = get(&src, "vm").await.spec.unwrap();
+    let prep = prepare(&dst, spec, 0).await;
+    // Slow enough to kill the agents mid-transfer; at 4 MiB/s a guest
+    // dirtying 20 MiB/s never converges, so it switches over after pass 2.
+    let params = pb::MigrationParams {
+        bandwidth_mib_s: 4,
+        max_iterations: 2,
+        force_on_timeout: true,
+        ..Default::default()
+    };
+    start_out(&src, "vm", &prep.address, &prep.token, params).await;
+    wait_bytes_sent(&src, "vm", 1 << 20).await;
+    // Both agents die mid-transfer; the VMMs carry on by themselves.
+    p.src.kill9();
+    p.dst.kill9();
+    drop((src, dst));
+    p.src.start();
+    p.dst.start();
+    let (src, dst) = (p.src.clients().await, p.dst.clients().await);
+    let vm = settle(&src, "vm").await;
+    let info = vm.status.migration.clone().unwrap();
+    assert_eq!(state_of(&vm), pb::VmState::MIGRATED, "{info:?}");
+    wait_running(&dst, "vm").await;
+    wait_count_above(&p.dst, "vm", before);
+    assert!(vmm_pids(&p.src.dir).is_empty(), "the source VMM is gone");
+}

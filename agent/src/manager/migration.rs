@@ -487,6 +487,49 @@ impl Manager {
         let _ = self.transition(entry, &mut inner, VmState::Migrated, &message);
     }
 
+    /// After an agent restart, a VM recorded as Migrating: follow its
+    /// adopted VMM again, or settle what happened while no agent watched.
+    pub(super) fn rewatch_migration(self: &Arc<Self>, entry: Arc<VmEntry>) {
+        let (outgoing, adopted) = {
+            let inner = lock(&entry.inner);
+            let outgoing = inner
+                .record
+                .migration
+                .as_ref()
+                .is_some_and(|m| m.direction == "out");
+            (outgoing, inner.process.is_some())
+        };
+        let watcher = self.clone();
+        if adopted {
+            tracing::info!("re-adopted a VMM in the middle of a migration");
+            if outgoing {
+                tokio::spawn(async move { watcher.watch_outgoing(entry).await });
+            } else {
+                tokio::spawn(async move { watcher.watch_incoming(entry, None).await });
+            }
+            return;
+        }
+        let exit = vmm_proc::read_exit(&entry.dir, None);
+        if !outgoing {
+            self.forget_incoming(&entry, None, &exit.reason);
+            return;
+        }
+        let mut inner = lock(&entry.inner);
+        inner.record.pid = 0;
+        inner.record.last_exit = exit.reason.clone();
+        if let Some(peer) = exit.reason.strip_prefix("migrated to ") {
+            let peer = peer.to_string();
+            if let Some(m) = inner.record.migration.as_mut() {
+                m.phase = "completed".into();
+            }
+            self.release_cgroup(&inner.spec.id);
+            let message = format!("migrated to {peer} while the agent was away");
+            let _ = self.transition(&entry, &mut inner, VmState::Migrated, &message);
+        } else {
+            let _ = self.transition(&entry, &mut inner, VmState::Crashed, &exit.reason);
+        }
+    }
+
     pub fn get_migration(&self, id: &str) -> ApiResult<MigrationRecord> {
         let entry = self.entry(id)?;
         let inner = lock(&entry.inner);

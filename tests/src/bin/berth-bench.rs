@@ -8,6 +8,8 @@
 //! probe's blkbench mode on a raw file (virtio-blk, page cache on both).
 //! net: guest→host and host→guest frame throughput over a tap (virtio-net,
 //! no vhost), with a Python AF_PACKET peer on the host end.
+//! migrate: live migration over loopback of 512 MiB and 2 GiB guests, idle
+//! and dirtying 50 MiB/s, against QEMU's own migration of the same guest.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -553,6 +555,296 @@ fn bench_snapshot() {
     println!("METRIC snapshot.live_pause_ms_dirty50 {:.1}", live[1]);
 }
 
+/// Loopback TCP throughput in bytes/s: the link both migrations use.
+fn loopback_bytes_per_s(total: usize) -> f64 {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let reader = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0usize;
+        while got < total {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    });
+    let mut w = std::net::TcpStream::connect(address).unwrap();
+    let buf = vec![0x5au8; 1 << 20];
+    let t0 = Instant::now();
+    for _ in 0..total / buf.len() {
+        w.write_all(&buf).unwrap();
+    }
+    drop(w);
+    reader.join().unwrap();
+    total as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// One migration's figures.
+#[derive(Debug, Default, Clone, Copy)]
+struct MigrationRun {
+    total_ms: f64,
+    downtime_ms: f64,
+    gap_ms: f64,
+    bytes: f64,
+    iterations: f64,
+}
+
+/// The largest gap between the last report on the source and the first on
+/// the destination, as the host saw the console lines arrive.
+fn console_gap_ms(src: &Timed, dst: &Timed) -> f64 {
+    let (first_dst, _) = dst.line("PROBE dirty count=");
+    let last_src = src
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, l)| l.starts_with("PROBE dirty count="))
+        .map(|(t, _)| *t)
+        .max()
+        .expect("source reports");
+    first_dst.saturating_duration_since(last_src).as_secs_f64() * 1e3
+}
+
+fn dirty_cmdline(mib: u64, rate: u32) -> String {
+    // Half of RAM (at most the probe's 1 GiB region) holds written data.
+    format!(
+        "probe.mode=dirty probe.dirty_mib={} probe.dirty_rate={rate} probe.report_ms=5",
+        (mib / 2).min(1024)
+    )
+}
+
+fn migrate_berth(vmm: &Path, dir: &Path, mib: u64, rate: u32) -> MigrationRun {
+    use berth_tests::contract::common::Empty;
+    use berth_tests::contract::vmm::MigrateRequest;
+    use berth_tests::contract::vmm_ttrpc::VmmServiceClient;
+    let probe = probe_elf();
+    let socket = dir.join(format!("mig-{mib}-{rate}.sock"));
+    let addr_file = dir.join(format!("mig-{mib}-{rate}.addr"));
+    let token = "bench-migration-token-0123456789";
+    let mut src_cmd = Command::new(vmm);
+    src_cmd
+        .arg("--kernel")
+        .arg(&probe)
+        .args(["--vcpus", "1", "--memory-mib", &mib.to_string()])
+        .args(["--cmdline", &dirty_cmdline(mib, rate), "--console-stdout"])
+        .arg("--api-socket")
+        .arg(&socket);
+    let src = Timed::spawn(src_cmd);
+    let mut dst_cmd = Command::new(vmm);
+    dst_cmd
+        .args(["--migrate-listen", "127.0.0.1:0", "--migrate-token", token])
+        .arg("--migrate-address-file")
+        .arg(&addr_file)
+        .arg("--console-stdout");
+    let dst = Timed::spawn(dst_cmd);
+    src.line("PROBE dirty count=");
+    std::thread::sleep(Duration::from_secs(1));
+    let address = std::fs::read_to_string(&addr_file).expect("the destination listens");
+    let rt = runtime();
+    let ctx = || ttrpc::context::with_timeout(600_000_000_000);
+    let run = rt.block_on(async {
+        let c = VmmServiceClient::new(
+            ttrpc::r#async::Client::connect(&format!("unix://{}", socket.display()))
+                .await
+                .unwrap(),
+        );
+        let req = MigrateRequest {
+            address,
+            token: token.into(),
+            downtime_ms: 50,
+            ..Default::default()
+        };
+        c.migrate_out(ctx(), &req).await.expect("migrate");
+        loop {
+            let s = c.get_migration(ctx(), &Empty::default()).await.unwrap();
+            match s.phase.as_str() {
+                "completed" => {
+                    break MigrationRun {
+                        total_ms: s.total_ms as f64,
+                        downtime_ms: s.downtime_ms as f64,
+                        gap_ms: 0.0,
+                        bytes: s.bytes_sent as f64,
+                        iterations: f64::from(s.iteration),
+                    }
+                }
+                "failed" | "cancelled" | "unknown" => panic!("migration {}: {}", s.phase, s.error),
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    });
+    let gap_ms = console_gap_ms(&src, &dst);
+    src.finish();
+    dst.finish();
+    MigrationRun { gap_ms, ..run }
+}
+
+/// A QMP command's reply (events skipped).
+fn qmp(stream: &mut std::os::unix::net::UnixStream, command: &str) -> serde_json::Value {
+    use std::io::{BufRead, Write};
+    stream.write_all(command.as_bytes()).unwrap();
+    stream.write_all(b"\n").unwrap();
+    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v.get("return").is_some() || v.get("error").is_some() {
+            return v;
+        }
+    }
+}
+
+/// The same guest moved by QEMU between two microvm processes.
+fn migrate_qemu(dir: &Path, mib: u64, rate: u32) -> Option<MigrationRun> {
+    let probe = probe_elf();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let qmp_path = dir.join(format!("qmp-{mib}-{rate}.sock"));
+    let base = |extra: &[&str]| {
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args(["-enable-kvm", "-cpu", "host,-arch-capabilities"])
+            .args(["-M", "microvm,acpi=off", "-nodefaults", "-no-user-config"])
+            .args(["-nographic", "-serial", "stdio"])
+            .args(["-m", &mib.to_string(), "-smp", "1"])
+            .arg("-kernel")
+            .arg(&probe)
+            .args(["-append", &dirty_cmdline(mib, rate)])
+            .args(extra);
+        c
+    };
+    let src = Timed::spawn(base(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", qmp_path.display()),
+    ]));
+    let dst = Timed::spawn(base(&["-incoming", &format!("tcp:127.0.0.1:{port}")]));
+    src.line("PROBE dirty count=");
+    std::thread::sleep(Duration::from_secs(1));
+    let mut q = std::os::unix::net::UnixStream::connect(&qmp_path).ok()?;
+    {
+        use std::io::BufRead;
+        let mut greeting = String::new();
+        std::io::BufReader::new(q.try_clone().unwrap())
+            .read_line(&mut greeting)
+            .unwrap();
+    }
+    qmp(&mut q, r#"{"execute":"qmp_capabilities"}"#);
+    qmp(
+        &mut q,
+        r#"{"execute":"migrate-set-parameters","arguments":{"downtime-limit":50}}"#,
+    );
+    let started = qmp(
+        &mut q,
+        &format!(r#"{{"execute":"migrate","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#),
+    );
+    if started.get("error").is_some() {
+        println!("qemu: migrate refused: {started}");
+        src.finish();
+        dst.finish();
+        return None;
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let info = loop {
+        let v = qmp(&mut q, r#"{"execute":"query-migrate"}"#);
+        let r = &v["return"];
+        match r["status"].as_str() {
+            Some("completed") => break r.clone(),
+            Some("failed") | Some("cancelled") => {
+                println!("qemu: migration {}: {r}", r["status"]);
+                src.finish();
+                dst.finish();
+                return None;
+            }
+            _ if Instant::now() > deadline => {
+                println!("qemu: migration did not finish: {r}");
+                src.finish();
+                dst.finish();
+                return None;
+            }
+            _ => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    let gap_ms = console_gap_ms(&src, &dst);
+    src.finish();
+    dst.finish();
+    Some(MigrationRun {
+        total_ms: info["total-time"].as_f64().unwrap_or(0.0),
+        downtime_ms: info["downtime"].as_f64().unwrap_or(0.0),
+        gap_ms,
+        bytes: info["ram"]["transferred"].as_f64().unwrap_or(0.0),
+        iterations: info["ram"]["dirty-sync-count"].as_f64().unwrap_or(0.0),
+    })
+}
+
+/// Live migration over loopback, berth-vmm to berth-vmm and QEMU to QEMU:
+/// total time, downtime (pause → resume, and the gap the guest's console
+/// shows), bytes sent over guest memory, iterations.
+fn bench_migrate() {
+    let vmm = release_vmm();
+    let dir = std::env::temp_dir().join(format!("berth-bench-mig-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let bw = loopback_bytes_per_s(1 << 30);
+    println!("loopback TCP: {:.0} MiB/s", bw / f64::from(1 << 20));
+    let mut metrics = Vec::new();
+    for mib in [512u64, 2048] {
+        for rate in [0u32, 50] {
+            let b = migrate_berth(&vmm, &dir, mib, rate);
+            let memory = (mib << 20) as f64;
+            let ideal_ms = memory / bw * 1e3;
+            println!(
+                "berth {mib:>4} MiB, dirty {rate:>2} MiB/s: total {:7.1} ms ({:.2}x memory/bandwidth), \
+                 downtime {:5.1} ms, guest gap {:5.1} ms, sent/memory {:.3}, {} passes",
+                b.total_ms,
+                b.total_ms / ideal_ms,
+                b.downtime_ms,
+                b.gap_ms,
+                b.bytes / memory,
+                b.iterations
+            );
+            match migrate_qemu(&dir, mib, rate) {
+                Some(q) => println!(
+                    "qemu  {mib:>4} MiB, dirty {rate:>2} MiB/s: total {:7.1} ms ({:.2}x memory/bandwidth), \
+                     downtime {:5.1} ms, guest gap {:5.1} ms, sent/memory {:.3}, {} syncs   \
+                     ratio berth/qemu: total {:.3}, downtime {:.3}",
+                    q.total_ms,
+                    q.total_ms / ideal_ms,
+                    q.downtime_ms,
+                    q.gap_ms,
+                    q.bytes / memory,
+                    q.iterations,
+                    b.total_ms / q.total_ms,
+                    b.downtime_ms / q.downtime_ms.max(1.0)
+                ),
+                None => println!("qemu  {mib:>4} MiB, dirty {rate:>2} MiB/s: no figure"),
+            }
+            if mib == 512 {
+                metrics.push((rate, b, ideal_ms));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    for (rate, b, ideal_ms) in metrics {
+        if rate == 0 {
+            println!("METRIC migrate.downtime_ms_idle_512m {:.1}", b.downtime_ms);
+            println!("METRIC migrate.guest_gap_ms_idle_512m {:.1}", b.gap_ms);
+            println!(
+                "METRIC migrate.total_vs_ideal_ratio_idle_512m {:.3}",
+                b.total_ms / ideal_ms
+            );
+        } else {
+            println!(
+                "METRIC migrate.downtime_ms_dirty50_512m {:.1}",
+                b.downtime_ms
+            );
+        }
+    }
+}
+
 /// Measured CPU split of two burning VMs pinned to one host CPU, against
 /// their weights; and what one Stats call costs the agent.
 fn bench_shares() {
@@ -734,8 +1026,11 @@ fn main() {
         Some("api") => bench_api(),
         Some("shares") => bench_shares(),
         Some("snapshot") => bench_snapshot(),
+        Some("migrate") => bench_migrate(),
         other => {
-            eprintln!("usage: berth-bench boot|blk|net|api|shares|snapshot   (got {other:?})");
+            eprintln!(
+                "usage: berth-bench boot|blk|net|api|shares|snapshot|migrate   (got {other:?})"
+            );
             std::process::exit(2);
         }
     }

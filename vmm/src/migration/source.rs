@@ -146,6 +146,8 @@ enum Failure {
     Cancelled,
     #[error("timed out after {0:?} in pass {1} with {2} bytes left to send")]
     Timeout(Duration, u32, u64),
+    #[error("did not converge in {0} passes: {1} bytes left, which would take {2} ms paused")]
+    NoConvergence(u32, u64, u64),
     #[error("{0}")]
     Local(String),
 }
@@ -372,10 +374,17 @@ impl Sender<'_> {
                 if self.params.force_on_timeout {
                     return Ok(dirty);
                 }
-                return Err(Failure::Timeout(
-                    self.started.elapsed(),
+                if self.timed_out() {
+                    return Err(Failure::Timeout(
+                        self.started.elapsed(),
+                        iteration,
+                        remaining,
+                    ));
+                }
+                return Err(Failure::NoConvergence(
                     iteration,
                     remaining,
+                    expected.as_millis() as u64,
                 ));
             }
             self.send_dirty(w, &dirty)?;
