@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::protocol::{
-    self, decode_pages, decode_zeros, read_frame, write_json, DestinationState, FrameType,
-    ProtocolError, PAGE,
+    self, decode_pages, decode_zeros, read_frame, read_frame_into, write_json, DestinationState,
+    FrameType, ProtocolError, PAGE,
 };
 use crate::arch::x86_64::cpuid;
 use crate::snapshot::VmSnapshot;
@@ -176,8 +176,12 @@ impl Incoming {
         write_json(&mut conn, FrameType::Welcome, &protocol::Empty::default())?;
 
         let zero = [0u8; PAGE];
+        let mut frame = protocol::Frame {
+            kind: FrameType::Abort,
+            payload: Vec::with_capacity(protocol::PAGES_PER_FRAME * (PAGE + 8) + 4),
+        };
         let snapshot = loop {
-            let frame = read_frame(&mut conn)?;
+            read_frame_into(&mut conn, &mut frame)?;
             match frame.kind {
                 FrameType::Pages => {
                     for (gpa, page) in decode_pages(&frame.payload)? {

@@ -168,6 +168,17 @@ pub fn write_json<T: Serialize>(
 /// Reads one frame; every header field is checked before the payload is
 /// allocated, and the payload's checksum before it is returned.
 pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtocolError> {
+    let mut frame = Frame {
+        kind: FrameType::Abort,
+        payload: Vec::new(),
+    };
+    read_frame_into(r, &mut frame)?;
+    Ok(frame)
+}
+
+/// `read_frame` into a frame whose payload buffer is reused: the page
+/// stream would otherwise allocate (and fault in) a fresh megabyte per frame.
+pub fn read_frame_into(r: &mut impl Read, frame: &mut Frame) -> Result<(), ProtocolError> {
     let mut h = [0u8; HEADER_LEN];
     match r.read_exact(&mut h) {
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -190,17 +201,16 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtocolError> {
         return Err(ProtocolError::TooLarge(len));
     }
     let crc = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes"));
-    let mut payload = vec![0u8; len as usize];
-    match r.read_exact(&mut payload) {
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            return Err(ProtocolError::Closed)
-        }
-        other => other?,
+    frame.payload.clear();
+    let got = r.take(u64::from(len)).read_to_end(&mut frame.payload)?;
+    if got != len as usize {
+        return Err(ProtocolError::Closed);
     }
-    if crc32fast::hash(&payload) != crc {
+    if crc32fast::hash(&frame.payload) != crc {
         return Err(ProtocolError::Checksum(kind));
     }
-    Ok(Frame { kind, payload })
+    frame.kind = kind;
+    Ok(())
 }
 
 /// A batch of guest pages: `count` (u32), `count` guest addresses (u64),
