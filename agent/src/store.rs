@@ -74,6 +74,15 @@ pub struct VmRecord {
     pub migration: Option<MigrationRecord>,
 }
 
+impl VmRecord {
+    /// Is this VM the source of a migration (in progress or its last one)?
+    pub fn migrates_out(&self) -> bool {
+        self.migration
+            .as_ref()
+            .is_some_and(|m| m.direction == "out")
+    }
+}
+
 /// One migration as the agent saw it: the source VMM's figures for an
 /// outgoing one, the destination's view for an incoming one.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -492,12 +492,7 @@ impl Manager {
     pub(super) fn rewatch_migration(self: &Arc<Self>, entry: Arc<VmEntry>) {
         let (outgoing, adopted) = {
             let inner = lock(&entry.inner);
-            let outgoing = inner
-                .record
-                .migration
-                .as_ref()
-                .is_some_and(|m| m.direction == "out");
-            (outgoing, inner.process.is_some())
+            (inner.record.migrates_out(), inner.process.is_some())
         };
         let watcher = self.clone();
         if adopted {
@@ -546,12 +541,7 @@ impl Manager {
         let entry = self.entry(id)?;
         {
             let inner = lock(&entry.inner);
-            let outgoing = inner
-                .record
-                .migration
-                .as_ref()
-                .is_some_and(|m| m.direction == "out");
-            if inner.record.state != VmState::Migrating || !outgoing {
+            if inner.record.state != VmState::Migrating || !inner.record.migrates_out() {
                 return Err(Self::wrong_state(
                     &inner.spec,
                     inner.record.state,

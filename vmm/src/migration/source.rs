@@ -600,32 +600,23 @@ impl Sender<'_> {
         let mut zeros = Vec::new();
         let mut page = vec![0u8; PAGE];
         for (region, bits) in mem.iter().zip(dirty) {
-            for (word_index, word) in bits.iter().enumerate() {
-                let mut word = *word;
-                while word != 0 {
-                    let index = word_index as u64 * 64 + u64::from(word.trailing_zeros());
-                    word &= word - 1;
-                    let offset = index * PAGE as u64;
-                    if offset >= region.len() {
-                        continue;
+            for offset in crate::vstate::memory::dirty_offsets(bits, region.len()) {
+                let gpa = region.start_addr().0 + offset;
+                mem.read_slice(&mut page, GuestAddress(gpa))
+                    .map_err(|e| Failure::Local(e.to_string()))?;
+                if is_zero(&page) {
+                    zeros.push(gpa);
+                    if zeros.len() >= ZEROS_PER_FRAME {
+                        let n = write_frame(w, FrameType::Zeros, &[&encode_zeros(&zeros)])?;
+                        self.sent(n, zeros.len() as u64)?;
+                        zeros.clear();
                     }
-                    let gpa = region.start_addr().0 + offset;
-                    mem.read_slice(&mut page, GuestAddress(gpa))
-                        .map_err(|e| Failure::Local(e.to_string()))?;
-                    if is_zero(&page) {
-                        zeros.push(gpa);
-                        if zeros.len() >= ZEROS_PER_FRAME {
-                            let n = write_frame(w, FrameType::Zeros, &[&encode_zeros(&zeros)])?;
-                            self.sent(n, zeros.len() as u64)?;
-                            zeros.clear();
-                        }
-                    } else {
-                        batch.push(gpa, &page);
-                        if batch.is_full() {
-                            let count = batch.addrs.len() as u64;
-                            let sent = batch.flush(w)?;
-                            self.sent(sent, count)?;
-                        }
+                } else {
+                    batch.push(gpa, &page);
+                    if batch.is_full() {
+                        let count = batch.addrs.len() as u64;
+                        let sent = batch.flush(w)?;
+                        self.sent(sent, count)?;
                     }
                 }
             }

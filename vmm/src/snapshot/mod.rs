@@ -25,7 +25,7 @@ use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
 };
 
-use crate::vstate::memory::GuestMemory;
+use crate::vstate::memory::{dirty_offsets, GuestMemory};
 pub use state::VmSnapshot;
 
 pub const MAGIC: &str = "BERTH-SNAPSHOT";
@@ -175,21 +175,11 @@ impl Writer {
     ) -> Result<(), SnapshotError> {
         let mut page = vec![0u8; PAGE];
         for ((r, region), bits) in mem.iter().enumerate().zip(dirty) {
-            for (w, word) in bits.iter().enumerate() {
-                let mut word = *word;
-                while word != 0 {
-                    let bit = word.trailing_zeros() as u64;
-                    word &= word - 1;
-                    let index = w as u64 * 64 + bit;
-                    let offset = index * PAGE as u64;
-                    if offset >= region.len() {
-                        continue;
-                    }
-                    mem.read_slice(&mut page, GuestAddress(region.start_addr().0 + offset))?;
-                    let at = self.offsets[r] + offset;
-                    let data = page.clone();
-                    self.put(at, &data)?;
-                }
+            for offset in dirty_offsets(bits, region.len()) {
+                mem.read_slice(&mut page, GuestAddress(region.start_addr().0 + offset))?;
+                let at = self.offsets[r] + offset;
+                let data = page.clone();
+                self.put(at, &data)?;
             }
         }
         Ok(())
@@ -325,19 +315,10 @@ pub fn load_memory(dir: &Path, target: &VmSnapshot) -> Result<GuestMemory, Snaps
         let mut page = vec![0u8; PAGE];
         let mut offset = 0u64;
         for (region, bits) in mem.iter().zip(dirty) {
-            for (w, word) in bits.iter().enumerate() {
-                let mut word = *word;
-                while word != 0 {
-                    let index = w as u64 * 64 + u64::from(word.trailing_zeros());
-                    word &= word - 1;
-                    let at = index * PAGE as u64;
-                    if at >= region.len() {
-                        continue;
-                    }
-                    file.read_exact_at(&mut page, offset + at)
-                        .map_err(io("read", &path))?;
-                    mem.write_slice(&page, GuestAddress(region.start_addr().0 + at))?;
-                }
+            for at in dirty_offsets(bits, region.len()) {
+                file.read_exact_at(&mut page, offset + at)
+                    .map_err(io("read", &path))?;
+                mem.write_slice(&page, GuestAddress(region.start_addr().0 + at))?;
             }
             offset += region.len();
         }
