@@ -217,22 +217,64 @@ pub fn read_frame_into(r: &mut impl Read, frame: &mut Frame) -> Result<(), Proto
 /// then the pages themselves.
 pub struct PageBatch {
     pub addrs: Vec<u64>,
-    pub data: Vec<u8>,
+    /// PAGES_PER_FRAME pages of room; the first `used` bytes are the batch.
+    data: Vec<u8>,
+    used: usize,
 }
 
 impl Default for PageBatch {
     fn default() -> Self {
         PageBatch {
             addrs: Vec::with_capacity(PAGES_PER_FRAME),
-            data: Vec::with_capacity(PAGES_PER_FRAME * PAGE),
+            data: vec![0; PAGES_PER_FRAME * PAGE],
+            used: 0,
         }
     }
 }
 
+/// Whether a page (or any buffer of 16-byte multiples) is all zeros.
+pub fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(16)
+        .all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
+}
+
 impl PageBatch {
     pub fn push(&mut self, gpa: u64, page: &[u8]) {
+        self.data[self.used..self.used + PAGE].copy_from_slice(page);
+        self.used += PAGE;
         self.addrs.push(gpa);
-        self.data.extend_from_slice(page);
+    }
+
+    /// Pages that still fit.
+    pub fn room(&self) -> usize {
+        PAGES_PER_FRAME - self.addrs.len()
+    }
+
+    /// Has `read` fill `pages` pages (at most `room()`) of guest memory
+    /// starting at `gpa` straight into the batch, then keeps those that are
+    /// not all zeros: one copy out of guest memory instead of two.
+    pub fn read_nonzero<E>(
+        &mut self,
+        gpa: u64,
+        pages: usize,
+        read: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let start = self.used;
+        read(&mut self.data[start..start + pages * PAGE])?;
+        let mut keep = start;
+        for i in 0..pages {
+            let from = start + i * PAGE;
+            if is_zero(&self.data[from..from + PAGE]) {
+                continue;
+            }
+            if keep != from {
+                self.data.copy_within(from..from + PAGE, keep);
+            }
+            self.addrs.push(gpa + (i * PAGE) as u64);
+            keep += PAGE;
+        }
+        self.used = keep;
+        Ok(())
     }
 
     pub fn is_full(&self) -> bool {
@@ -250,9 +292,13 @@ impl PageBatch {
         }
         let count = (self.addrs.len() as u32).to_le_bytes();
         let addrs: Vec<u8> = self.addrs.iter().flat_map(|a| a.to_le_bytes()).collect();
-        let n = write_frame(w, FrameType::Pages, &[&count, &addrs, &self.data])?;
+        let n = write_frame(
+            w,
+            FrameType::Pages,
+            &[&count, &addrs, &self.data[..self.used]],
+        )?;
         self.addrs.clear();
-        self.data.clear();
+        self.used = 0;
         Ok(n)
     }
 }
@@ -438,6 +484,24 @@ mod tests {
         huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode_pages(&huge).is_err());
         assert_eq!(decode_zeros(&encode_zeros(&[1, 2])).unwrap(), vec![1, 2]);
+
+        // Read straight in: the zero page in the middle is dropped.
+        let mut batch = PageBatch::default();
+        batch
+            .read_nonzero(0x10000, 3, |buf: &mut [u8]| {
+                buf[..PAGE].fill(1);
+                buf[PAGE..2 * PAGE].fill(0);
+                buf[2 * PAGE..].fill(3);
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        assert_eq!(batch.addrs, vec![0x10000, 0x12000]);
+        assert_eq!(batch.room(), PAGES_PER_FRAME - 2);
+        let mut wire = Vec::new();
+        batch.flush(&mut wire).unwrap();
+        let f = read_frame(&mut wire.as_slice()).unwrap();
+        let pages = decode_pages(&f.payload).unwrap();
+        assert!(pages[0].1.iter().all(|&b| b == 1) && pages[1].1.iter().all(|&b| b == 3));
         assert!(decode_zeros(&encode_zeros(&[1, 2])[..11]).is_err());
     }
 }

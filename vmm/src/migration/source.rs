@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::protocol::{
-    self, encode_zeros, read_frame, write_frame, write_json, DestinationState, FrameType,
+    self, encode_zeros, is_zero, read_frame, write_frame, write_json, DestinationState, FrameType,
     PageBatch, ProtocolError, PAGE,
 };
 use crate::devices::bus::lock;
@@ -267,11 +267,6 @@ struct Sender<'a> {
     throttle_bytes: u64,
 }
 
-fn is_zero(page: &[u8]) -> bool {
-    page.chunks_exact(16)
-        .all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
-}
-
 fn merge(into: &mut [Vec<u64>], from: &[Vec<u64>]) {
     for (a, b) in into.iter_mut().zip(from) {
         for (x, y) in a.iter_mut().zip(b) {
@@ -283,8 +278,10 @@ fn merge(into: &mut [Vec<u64>], from: &[Vec<u64>]) {
 impl Sender<'_> {
     fn migrate(&mut self) -> Result<(), Outcome> {
         let stream = self.connect().map_err(Outcome::Resumed)?;
+        // Smaller than a page frame, so the pages go to the socket without
+        // another copy; headers and small frames are still coalesced.
         let mut w = BufWriter::with_capacity(
-            2 * protocol::PAGES_PER_FRAME * PAGE,
+            64 << 10,
             stream.try_clone().map_err(|e| Outcome::Resumed(e.into()))?,
         );
         let mut r = stream;
@@ -557,27 +554,24 @@ impl Sender<'_> {
         let machine = self.machine;
         let mem = machine.vm.memory();
         let mut batch = PageBatch::default();
-        let mut buf = vec![0u8; 1 << 20];
         let mut scanned = 0u64;
         for region in mem.iter() {
             let base = region.start_addr().0;
             let mut done = 0u64;
             while done < region.len() {
-                let n = (region.len() - done).min(buf.len() as u64) as usize;
-                mem.read_slice(&mut buf[..n], GuestAddress(base + done))
+                let pages = ((region.len() - done) as usize / PAGE).min(batch.room());
+                batch
+                    .read_nonzero(base + done, pages, |buf| {
+                        mem.read_slice(buf, GuestAddress(base + done))
+                    })
                     .map_err(|e| Failure::Local(e.to_string()))?;
-                for (i, page) in buf[..n].chunks(PAGE).enumerate() {
-                    if !is_zero(page) {
-                        batch.push(base + done + (i * PAGE) as u64, page);
-                        if batch.is_full() {
-                            let count = batch.addrs.len() as u64;
-                            let sent = batch.flush(w)?;
-                            self.sent(sent, count)?;
-                        }
-                    }
+                if batch.is_full() {
+                    let count = batch.addrs.len() as u64;
+                    let sent = batch.flush(w)?;
+                    self.sent(sent, count)?;
                 }
-                done += n as u64;
-                scanned += n as u64;
+                done += (pages * PAGE) as u64;
+                scanned += (pages * PAGE) as u64;
                 self.m
                     .update(|p| p.remaining_bytes = p.memory_bytes.saturating_sub(scanned));
             }
