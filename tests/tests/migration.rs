@@ -685,3 +685,102 @@ async fn agents_restarted_mid_migration_follow_it_to_the_end() {
     wait_count_above(&p.dst, "vm", before);
     assert!(vmm_pids(&p.src.dir).is_empty(), "the source VMM is gone");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn bad_migration_requests_get_clear_errors_and_change_nothing() {
+    report_mode("migration request errors");
+    let p = pair("mig-errors", &[]);
+    let (src, dst) = (p.src.clients().await, p.dst.clients().await);
+    let prepare_req = |spec: pb::VmSpec| pb::PrepareMigrateInRequest {
+        spec: protobuf::MessageField::some(spec),
+        ..Default::default()
+    };
+
+    // A disk outside the destination's roots.
+    let mut spec = probe_spec("bad", 1, "probe.mode=tick");
+    spec.disks.push(pb::Disk {
+        path: "/etc/shadow".into(),
+        ..Default::default()
+    });
+    let (code, msg) = code_of(dst.vms.prepare_migrate_in(ctx(), &prepare_req(spec)).await);
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT, "{msg}");
+    // Too big for the destination.
+    let mut spec = probe_spec("huge", 1, "probe.mode=tick");
+    spec.memory_mib = 1 << 30;
+    let (code, msg) = code_of(dst.vms.prepare_migrate_in(ctx(), &prepare_req(spec)).await);
+    assert!(
+        matches!(
+            code,
+            ttrpc::Code::RESOURCE_EXHAUSTED | ttrpc::Code::INVALID_ARGUMENT
+        ),
+        "{code:?} {msg}"
+    );
+    // A drained destination admits nothing.
+    dst.node
+        .drain(ctx(), &berth_tests::contract::common::Empty::default())
+        .await
+        .unwrap();
+    let (code, msg) = code_of(
+        dst.vms
+            .prepare_migrate_in(ctx(), &prepare_req(probe_spec("d", 1, "probe.mode=tick")))
+            .await,
+    );
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION, "{msg}");
+    assert!(msg.contains("drained"), "{msg}");
+    dst.node
+        .undrain(ctx(), &berth_tests::contract::common::Empty::default())
+        .await
+        .unwrap();
+    assert!(
+        listed(&dst).await.is_empty(),
+        "refused requests leave no VM"
+    );
+
+    // An id the destination already has.
+    create_and_start(&dst, probe_spec("taken", 1, "probe.mode=tick")).await;
+    let (code, msg) = code_of(
+        dst.vms
+            .prepare_migrate_in(
+                ctx(),
+                &prepare_req(probe_spec("taken", 1, "probe.mode=tick")),
+            )
+            .await,
+    );
+    assert_eq!(code, ttrpc::Code::ALREADY_EXISTS, "{msg}");
+    assert_eq!(state_of(&get(&dst, "taken").await), pb::VmState::RUNNING);
+
+    // MigrateOut: a VM that is not running, no token, no such VM.
+    let req = pb::CreateVmRequest {
+        spec: protobuf::MessageField::some(probe_spec("idle", 1, "probe.mode=tick")),
+        ..Default::default()
+    };
+    src.vms.create(ctx(), &req).await.unwrap();
+    let out = |id: &str, token: &str| pb::MigrateOutRequest {
+        id: id.into(),
+        address: "127.0.0.1:9".into(),
+        token: token.into(),
+        ..Default::default()
+    };
+    let (code, msg) = code_of(src.vms.migrate_out(ctx(), &out("idle", "t")).await);
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION, "{msg}");
+    let (code, msg) = code_of(src.vms.migrate_out(ctx(), &out("idle", "")).await);
+    assert_eq!(code, ttrpc::Code::INVALID_ARGUMENT, "{msg}");
+    let (code, msg) = code_of(src.vms.migrate_out(ctx(), &out("nope", "t")).await);
+    assert_eq!(code, ttrpc::Code::NOT_FOUND, "{msg}");
+    let (code, msg) = code_of(src.vms.get_migration(ctx(), &vm_ref("idle")).await);
+    assert_eq!(code, ttrpc::Code::NOT_FOUND, "{msg}");
+    let (code, msg) = code_of(src.vms.cancel_migration(ctx(), &vm_ref("idle")).await);
+    assert_eq!(code, ttrpc::Code::FAILED_PRECONDITION, "{msg}");
+    assert_eq!(state_of(&get(&src, "idle").await), pb::VmState::DEFINED);
+
+    // nodectl without a token for a VMM address says what to do.
+    let out = p
+        .src
+        .nodectl()
+        .args(["migrate", "idle", "--to", "127.0.0.1:9"])
+        .env_remove("BERTH_MIGRATE_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--token"));
+}
