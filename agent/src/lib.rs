@@ -9,6 +9,7 @@
 pub mod cgroups;
 pub mod config;
 pub mod entitlement;
+pub mod fuzzing;
 pub mod manager;
 pub mod notify;
 pub mod server;

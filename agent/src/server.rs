@@ -214,8 +214,41 @@ fn migration_to_pb(id: &str, m: crate::store::MigrationRecord) -> pb::MigrationI
     }
 }
 
-fn pairs(map: &std::collections::HashMap<String, String>) -> Vec<(String, String)> {
+/// A request's map field (tap_overrides) as the manager takes it.
+pub fn pairs(map: &std::collections::HashMap<String, String>) -> Vec<(String, String)> {
     map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// The longest a migration token may stay valid.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// PrepareMigrateIn's token lifetime: 0 is the default, and more than
+/// MAX_TOKEN_TTL is refused (now + ttl must stay a representable expiry).
+pub fn token_ttl(ms: u64) -> Result<Duration, ApiError> {
+    match Duration::from_millis(ms) {
+        ttl if ttl.is_zero() => Ok(crate::manager::DEFAULT_TOKEN_TTL),
+        ttl if ttl <= MAX_TOKEN_TTL => Ok(ttl),
+        _ => Err(ApiError::InvalidArgument(format!(
+            "token_ttl_ms {ms} exceeds the maximum of {} (one day)",
+            MAX_TOKEN_TTL.as_millis()
+        ))),
+    }
+}
+
+/// MigrateOut's options as the manager takes them (0 = the VMM's default).
+pub fn migrate_params(p: &pb::MigrationParams) -> crate::manager::MigrateParams {
+    crate::manager::MigrateParams {
+        downtime_ms: p.downtime_ms,
+        bandwidth_mib_s: p.bandwidth_mib_s,
+        timeout_ms: p.timeout_ms,
+        force_on_timeout: p.force_on_timeout,
+        max_iterations: p.max_iterations,
+    }
+}
+
+/// StopVm's grace period for the guest; None = the default.
+pub fn stop_timeout(timeout_ms: u32) -> Option<Duration> {
+    (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms.into()))
 }
 
 fn vm_to_pb(v: VmView) -> pb::Vm {
@@ -292,7 +325,8 @@ fn event_to_pb(e: &Event) -> PbEvent {
 
 pub struct VmApi(pub Arc<Manager>);
 
-fn spec_of(what: &str, spec: &MessageField<pb::VmSpec>) -> Result<VmSpec, ttrpc::Error> {
+/// The spec a Create, Update or PrepareMigrateIn carries, converted.
+pub fn spec_of(what: &str, spec: &MessageField<pb::VmSpec>) -> Result<VmSpec, ttrpc::Error> {
     spec.as_ref()
         .ok_or_else(|| ApiError::InvalidArgument(format!("{what}: spec is missing")))
         .and_then(spec_from_pb)
@@ -340,9 +374,8 @@ impl vm_ttrpc::VmService for VmApi {
     }
 
     async fn stop(&self, _: &TtrpcContext, req: pb::StopVmRequest) -> ttrpc::Result<pb::Vm> {
-        let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms.into()));
         self.0
-            .stop(&req.id, req.force, timeout)
+            .stop(&req.id, req.force, stop_timeout(req.timeout_ms))
             .await
             .map(vm_to_pb)
             .map_err(status)
@@ -385,10 +418,7 @@ impl vm_ttrpc::VmService for VmApi {
         req: pb::PrepareMigrateInRequest,
     ) -> ttrpc::Result<pb::PrepareMigrateInResponse> {
         let spec = spec_of("PrepareMigrateIn", &req.spec)?;
-        let ttl = match req.token_ttl_ms {
-            0 => crate::manager::DEFAULT_TOKEN_TTL,
-            ms => std::time::Duration::from_millis(ms),
-        };
+        let ttl = token_ttl(req.token_ttl_ms).map_err(status)?;
         let prepared = self
             .0
             .prepare_migrate_in(spec, &req.listen_address, ttl, &pairs(&req.tap_overrides))
@@ -408,14 +438,7 @@ impl vm_ttrpc::VmService for VmApi {
         _: &TtrpcContext,
         req: pb::MigrateOutRequest,
     ) -> ttrpc::Result<pb::MigrationInfo> {
-        let p = req.params.clone().unwrap_or_default();
-        let params = crate::manager::MigrateParams {
-            downtime_ms: p.downtime_ms,
-            bandwidth_mib_s: p.bandwidth_mib_s,
-            timeout_ms: p.timeout_ms,
-            force_on_timeout: p.force_on_timeout,
-            max_iterations: p.max_iterations,
-        };
+        let params = migrate_params(&req.params.clone().unwrap_or_default());
         self.0
             .migrate_out(&req.id, &req.address, &req.token, &params)
             .await

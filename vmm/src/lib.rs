@@ -13,6 +13,7 @@ pub mod config;
 pub mod devices;
 pub mod exit;
 pub mod fsutil;
+pub mod fuzzing;
 pub mod machine;
 pub mod migration;
 pub mod snapshot;

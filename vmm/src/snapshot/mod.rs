@@ -196,17 +196,7 @@ impl Writer {
     pub fn finish(self, state: &VmSnapshot) -> Result<(), SnapshotError> {
         let memory_path = self.tmp.join(MEMORY_FILE);
         self.memory.sync_all().map_err(io("sync", &memory_path))?;
-        let body = serde_json::to_vec(state).expect("plain data serialises");
-        let header = format!(
-            "{MAGIC} {FORMAT_VERSION} berth={} vendor={} model={:?} kvm={:?} checksum={:016x}\n",
-            env!("CARGO_PKG_VERSION"),
-            state.cpu_vendor,
-            state.cpu_model.replace(' ', "_"),
-            state.kvm_flavour.replace(' ', "_"),
-            fnv1a(&body)
-        );
-        let mut text = header.into_bytes();
-        text.extend_from_slice(&body);
+        let text = encode_state(state);
         crate::fsutil::write_atomic(&self.tmp.join(STATE_FILE), &text)
             .map_err(io("write", &self.tmp))?;
         if self.dir.exists() {
@@ -222,6 +212,22 @@ impl Writer {
     }
 }
 
+/// The bytes of a state file: the header line, then the encoded state.
+pub fn encode_state(state: &VmSnapshot) -> Vec<u8> {
+    let body = serde_json::to_vec(state).expect("plain data serialises");
+    let header = format!(
+        "{MAGIC} {FORMAT_VERSION} berth={} vendor={} model={:?} kvm={:?} checksum={:016x}\n",
+        env!("CARGO_PKG_VERSION"),
+        state.cpu_vendor,
+        state.cpu_model.replace(' ', "_"),
+        state.kvm_flavour.replace(' ', "_"),
+        fnv1a(&body)
+    );
+    let mut text = header.into_bytes();
+    text.extend_from_slice(&body);
+    text
+}
+
 /// Number of pages set in per-region dirty bitmaps.
 pub fn count_dirty(dirty: &[Vec<u64>]) -> u64 {
     dirty
@@ -235,6 +241,13 @@ pub fn count_dirty(dirty: &[Vec<u64>]) -> u64 {
 pub fn read_state(dir: &Path) -> Result<VmSnapshot, SnapshotError> {
     let path = dir.join(STATE_FILE);
     let text = std::fs::read(&path).map_err(io("read", &path))?;
+    decode_state(&path, &text)
+}
+
+/// Checks and decodes the bytes of a state file (`path` names it in errors):
+/// magic, version, checksum, CPU vendor.
+pub fn decode_state(path: &Path, text: &[u8]) -> Result<VmSnapshot, SnapshotError> {
+    let path = path.to_owned();
     let newline = text
         .iter()
         .position(|&b| b == b'\n')
@@ -334,13 +347,14 @@ pub fn map_memory(dir: &Path, regions: &[(u64, u64)]) -> Result<GuestMemory, Sna
         .read(true)
         .open(&path)
         .map_err(io("open", &path))?;
-    let expected: u64 = regions.iter().map(|r| r.1).sum();
+    // A state file's sizes may add up past 2^64: that is no file's size.
+    let expected = regions.iter().try_fold(0u64, |sum, r| sum.checked_add(r.1));
     let found = file.metadata().map_err(io("stat", &path))?.len();
-    if found != expected {
+    if expected != Some(found) {
         return Err(SnapshotError::MemorySize {
             path,
             found,
-            expected,
+            expected: expected.unwrap_or(u64::MAX),
         });
     }
     let mut offset = 0u64;

@@ -241,10 +241,11 @@ impl MmioTransport {
             // Clearing bits other than by reset is not allowed; ignore.
             return;
         }
+        let mut value = value;
         if added & status::FEATURES_OK != 0 && !self.features_acceptable() {
-            // FEATURES_OK does not stick: the driver reads it back and fails.
-            self.status = value & !status::FEATURES_OK;
-            return;
+            // FEATURES_OK does not stick: the driver reads it back and fails
+            // (and a DRIVER_OK written with it activates nothing: FAILED).
+            value &= !status::FEATURES_OK;
         }
         self.status = value;
         if added & status::DRIVER_OK != 0 {

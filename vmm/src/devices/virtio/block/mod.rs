@@ -168,6 +168,29 @@ pub struct BlockQueue {
 }
 
 impl BlockQueue {
+    /// A queue of `block` served by calling `process` directly, with no
+    /// worker thread (fuzzing and tests).
+    pub(crate) fn detached(
+        block: &Block,
+        mem: GuestMemory,
+        queue: Queue,
+        signals: Arc<DeviceSignals>,
+    ) -> std::io::Result<BlockQueue> {
+        Ok(BlockQueue {
+            mem,
+            queue,
+            notify: EventFd::new(libc::EFD_NONBLOCK)?,
+            signals,
+            disk: request::Disk {
+                file: block.file.clone(),
+                read_only: block.read_only,
+                capacity: block.capacity,
+                id: block.id,
+            },
+            buf: Vec::new(),
+        })
+    }
+
     /// Serves every available request; returns how many completed.
     pub fn process(&mut self) -> usize {
         let mut completed = 0;

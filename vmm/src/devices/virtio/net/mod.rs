@@ -29,7 +29,7 @@ use tap::{Tap, VNET_HDR_LEN};
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 const QUEUE_SIZE: u16 = 256;
 /// Largest frame we move: a 64 KiB packet plus Ethernet and virtio headers.
-const MAX_FRAME: usize = 65562;
+pub(crate) const MAX_FRAME: usize = 65562;
 
 const RX_TOKEN: u64 = 0;
 const TX_TOKEN: u64 = 1;
@@ -138,6 +138,35 @@ enum Delivery {
 }
 
 impl NetQueues {
+    /// Queues served by calling `receive` and `transmit` directly, with no
+    /// worker thread (fuzzing and tests).
+    pub(crate) fn detached(
+        mem: GuestMemory,
+        rx: Queue,
+        tx: Queue,
+        signals: Arc<DeviceSignals>,
+        tap: Tap,
+    ) -> std::io::Result<NetQueues> {
+        Ok(NetQueues {
+            mem,
+            rx,
+            rx_notify: EventFd::new(libc::EFD_NONBLOCK)?,
+            tx,
+            tx_notify: EventFd::new(libc::EFD_NONBLOCK)?,
+            signals,
+            tap,
+            frame: vec![0; MAX_FRAME],
+            pending: None,
+            tx_buf: Vec::with_capacity(MAX_FRAME),
+            dropped: 0,
+        })
+    }
+
+    /// Frames lost so far (buffers too small or unreadable, a full tap).
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
     /// Copies `data` across the writable descriptors of one chain; returns
     /// the bytes written, or None when the chain cannot take it all.
     fn scatter(&self, descs: &[Descriptor], data: &[u8]) -> Option<u32> {
@@ -186,7 +215,7 @@ impl NetQueues {
     }
 
     /// Moves frames from the tap into receive buffers until one side runs dry.
-    fn receive(&mut self, epoll: &Epoll) {
+    pub(crate) fn receive(&mut self, epoll: &Epoll) {
         let mut delivered = false;
         while !self.signals.needs_reset() {
             if self.pending.is_none() {
@@ -223,7 +252,7 @@ impl NetQueues {
     }
 
     /// Sends every frame the guest queued for transmission.
-    fn transmit(&mut self) {
+    pub(crate) fn transmit(&mut self) {
         let mut completed = false;
         while !self.signals.needs_reset() {
             let chain = match self.tx.iter(&self.mem) {

@@ -144,6 +144,15 @@ impl Tap {
         Ok(())
     }
 
+    /// Any fd that reads and writes whole frames (a datagram socket) in
+    /// place of a tap, unchecked: for fuzzing and tests.
+    pub(crate) fn from_file_unchecked(file: File, name: &str) -> Tap {
+        Tap {
+            file,
+            name: name.to_string(),
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

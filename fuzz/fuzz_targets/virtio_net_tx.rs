@@ -1,0 +1,4 @@
+//! virtio-net transmit chains from a queue laid out in guest memory by the input.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| berth_vmm::fuzzing::virtio_net_tx(data));
