@@ -20,6 +20,7 @@ use ttrpc::r#async::TtrpcContext;
 use crate::devices::bus::lock;
 use crate::devices::legacy::serial::{pump_input, SerialDevice};
 use crate::exit::ExitReason;
+use crate::seccomp::ThreadKind;
 
 use crate::machine::PAUSE_TIMEOUT;
 /// A live snapshot pauses once a pass leaves at most this many pages dirty
@@ -46,13 +47,11 @@ pub struct ConsoleInput(mpsc::Sender<Vec<u8>>);
 impl ConsoleInput {
     pub fn start(serial: Arc<Mutex<SerialDevice>>) -> std::io::Result<ConsoleInput> {
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
-        std::thread::Builder::new()
-            .name("api-console-in".into())
-            .spawn(move || {
-                for chunk in rx {
-                    pump_input(serial.clone(), Cursor::new(chunk));
-                }
-            })?;
+        crate::seccomp::spawn(ThreadKind::Control, "api-console-in".into(), move || {
+            for chunk in rx {
+                pump_input(serial.clone(), Cursor::new(chunk));
+            }
+        })?;
         Ok(ConsoleInput(tx))
     }
 }
@@ -376,38 +375,36 @@ pub fn serve(path: &Path, api: VmmApi) -> std::io::Result<()> {
     let address = format!("unix://{}", path.display());
     let service = create_vmm_service(Arc::new(api));
     let (ready_tx, ready_rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("api".into())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
+    crate::seccomp::spawn(ThreadKind::Control, "api".into(), move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            let server = ttrpc::r#async::Server::new()
+                .bind(&address)
+                .map(|s| s.register_service(service));
+            let mut server = match server {
+                Ok(s) => s,
                 Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            runtime.block_on(async move {
-                let server = ttrpc::r#async::Server::new()
-                    .bind(&address)
-                    .map(|s| s.register_service(service));
-                let mut server = match server {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(std::io::Error::other(e.to_string())));
-                        return;
-                    }
-                };
-                if let Err(e) = server.start().await {
                     let _ = ready_tx.send(Err(std::io::Error::other(e.to_string())));
                     return;
                 }
-                let _ = ready_tx.send(Ok(()));
-                std::future::pending::<()>().await;
-            });
-        })?;
+            };
+            if let Err(e) = server.start().await {
+                let _ = ready_tx.send(Err(std::io::Error::other(e.to_string())));
+                return;
+            }
+            let _ = ready_tx.send(Ok(()));
+            std::future::pending::<()>().await;
+        });
+    })?;
     ready_rx
         .recv()
         .unwrap_or_else(|_| Err(std::io::Error::other("the API thread died")))

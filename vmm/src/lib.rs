@@ -4,7 +4,9 @@
 //! and CPU setup), `vstate` (KVM VM, memory and vCPU threads), `devices`
 //! (emulated hardware), `builder` (wires a VM from its config), `exit` (why
 //! a VM ended), `machine` (a running VM's parts), `snapshot` and
-//! `migration` (the live-migration protocol, both ends).
+//! `migration` (the live-migration protocol, both ends), `jail` (the
+//! namespace and unprivileged user it runs in) and `seccomp` (the
+//! per-thread system call filters).
 
 pub mod api;
 pub mod arch;
@@ -14,7 +16,9 @@ pub mod devices;
 pub mod exit;
 pub mod fsutil;
 pub mod fuzzing;
+pub mod jail;
 pub mod machine;
 pub mod migration;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vstate;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use berth_vmm::builder;
 use berth_vmm::config::{DiskConfig, KernelConfig, NicConfig, SerialConfig, SerialInput, VmConfig};
+use berth_vmm::seccomp::ThreadKind;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
@@ -83,6 +84,34 @@ struct Args {
     /// KVM device to open.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
+    /// Jail this VMM (docs/security.md): pivot_root into this empty
+    /// directory holding only the --jail-ro/--jail-rw paths and the devices,
+    /// then run as --jail-uid/--jail-gid with no capabilities.
+    #[arg(long, value_name = "DIR")]
+    jail_root: Option<PathBuf>,
+    #[arg(long, requires = "jail_root")]
+    jail_uid: Option<u32>,
+    #[arg(long, requires = "jail_root")]
+    jail_gid: Option<u32>,
+    /// A file or directory the jailed VMM may read (repeat).
+    #[arg(long = "jail-ro", value_name = "PATH", requires = "jail_root")]
+    jail_ro: Vec<PathBuf>,
+    /// A file or directory the jailed VMM may write (repeat).
+    #[arg(long = "jail-rw", value_name = "PATH", requires = "jail_root")]
+    jail_rw: Vec<PathBuf>,
+    /// A tap to attach before privileges are dropped (repeat).
+    #[arg(long = "jail-tap", value_name = "NAME", requires = "jail_root")]
+    jail_taps: Vec<String>,
+    /// RLIMIT_NOFILE in the jail.
+    #[arg(long, default_value_t = 4096)]
+    jail_max_open_files: u64,
+    /// Allow core dumps in the jail (they contain guest memory).
+    #[arg(long)]
+    jail_core_dumps: bool,
+    /// Run without the per-thread seccomp filters (debugging only: a
+    /// compromised thread could then make any system call).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 const DEFAULT_VCPUS: u32 = 1;
@@ -244,11 +273,76 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     }
+    if let Err(reason) = enter_jail(&args).and_then(|()| start_seccomp(&args)) {
+        eprintln!("berth-vmm: error: {reason}");
+        if let Some(path) = &args.exit_file {
+            write_exit_file(path, 1, &reason);
+        }
+        return ExitCode::from(1);
+    }
     let (code, reason) = run(&args);
     if let Some(path) = &args.exit_file {
         write_exit_file(path, code, &reason);
     }
     ExitCode::from(code as u8)
+}
+
+/// Confines this process before it reads anything a guest or a peer sent.
+fn enter_jail(args: &Args) -> Result<(), String> {
+    let Some(root) = &args.jail_root else {
+        return Ok(());
+    };
+    let (Some(uid), Some(gid)) = (args.jail_uid, args.jail_gid) else {
+        return Err("--jail-root needs --jail-uid and --jail-gid".into());
+    };
+    let mut devices = vec![args.kvm_device.clone()];
+    if !args.jail_taps.is_empty() || !args.nics.is_empty() {
+        devices.push("/dev/net/tun".into());
+    }
+    let config = berth_vmm::jail::JailConfig {
+        root: root.clone(),
+        uid,
+        gid,
+        read_only: args.jail_ro.clone(),
+        read_write: args.jail_rw.clone(),
+        devices,
+        taps: args.jail_taps.clone(),
+        max_open_files: args.jail_max_open_files,
+        core_dumps: args.jail_core_dumps,
+    };
+    berth_vmm::jail::enter(&config).map_err(|e| e.to_string())?;
+    jail_probe();
+    Ok(())
+}
+
+/// Test-only: `BERTH_TEST_JAIL_PROBE=PATH[:PATH...]` reports whether the
+/// jailed VMM can open each path, so a test can see what the jail hides.
+fn jail_probe() {
+    let Some(paths) = std::env::var_os("BERTH_TEST_JAIL_PROBE") else {
+        return;
+    };
+    for path in std::env::split_paths(&paths) {
+        match std::fs::File::open(&path) {
+            Ok(_) => eprintln!("berth-vmm: jail probe: {} opened", path.display()),
+            Err(e) => eprintln!("berth-vmm: jail probe: {} refused: {e}", path.display()),
+        }
+    }
+}
+
+/// Filters every thread started from here on (docs/security.md).
+fn start_seccomp(args: &Args) -> Result<(), String> {
+    use berth_vmm::seccomp::{self, Filters, Inventory};
+    if args.no_seccomp {
+        eprintln!(
+            "berth-vmm: WARNING: seccomp is OFF (--no-seccomp): any thread of this VMM may make \
+             any system call; use this for debugging only"
+        );
+        return Ok(());
+    }
+    let filters = Inventory::built_in()
+        .and_then(|inventory| Filters::compile(&inventory))
+        .map_err(|e| e.to_string())?;
+    seccomp::enable(filters).map_err(|e| e.to_string())
 }
 
 fn fail(message: String) -> (i32, String) {
@@ -282,9 +376,17 @@ fn run_incoming(args: &Args, address: &str) -> (i32, String) {
         }
     }
     eprintln!("berth-vmm: waiting for a migration on {bound}");
-    let received = match incoming.receive(&args.kvm_device) {
-        Ok(r) => r,
-        Err(e) => return fail(format!("incoming migration failed: {e}")),
+    // What the source sends is parsed on a migration-filtered thread.
+    let kvm_device = args.kvm_device.clone();
+    let receiving =
+        berth_vmm::seccomp::spawn(ThreadKind::Migration, "migrate-in".into(), move || {
+            incoming.receive(&kvm_device)
+        });
+    let received = match receiving.map(|t| t.join()) {
+        Ok(Ok(Ok(r))) => r,
+        Ok(Ok(Err(e))) => return fail(format!("incoming migration failed: {e}")),
+        Ok(Err(_)) => return fail("incoming migration failed: the receiver panicked".into()),
+        Err(e) => return fail(format!("cannot start the migration receiver: {e}")),
     };
     let berth_vmm::migration::destination::Received {
         mut snapshot,

@@ -9,6 +9,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
+
+use crate::seccomp::{self, ThreadKind};
 use std::time::Duration;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -94,8 +96,14 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
     move |source| BuildError::Kvm { what, source }
 }
 
-/// Host RAM in MiB, from /proc/meminfo.
-fn host_memory_mib() -> Option<u64> {
+/// Host RAM in MiB, from /proc/meminfo, read once (the jail reads it
+/// before a jailed VMM loses /proc/meminfo).
+pub fn host_memory_mib() -> Option<u64> {
+    static MIB: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *MIB.get_or_init(read_host_memory_mib)
+}
+
+fn read_host_memory_mib() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -373,14 +381,12 @@ impl Vmm {
         vcpu::install_kick_handler().map_err(io_err("the vCPU kick signal"))?;
         let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(io_err("signal handling"))?;
         let on_signal = self.exit.clone();
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                if let Some(sig) = signals.forever().next() {
-                    on_signal.notify(ExitReason::Signal(sig));
-                }
-            })
-            .map_err(io_err("the signal thread"))?;
+        seccomp::spawn(ThreadKind::Control, "signals".into(), move || {
+            if let Some(sig) = signals.forever().next() {
+                on_signal.notify(ExitReason::Signal(sig));
+            }
+        })
+        .map_err(io_err("the signal thread"))?;
 
         self.spawn_input()?;
 
@@ -418,6 +424,9 @@ impl Vmm {
                 source,
             })?;
         }
+        // Everything this thread still does is the control kind's: wait,
+        // stop the vCPUs, write the exit file.
+        seccomp::enter(ThreadKind::Control);
         let reason = self
             .exit_rx
             .recv()
@@ -432,9 +441,10 @@ impl Vmm {
         if input == SerialInput::None {
             return Ok(());
         }
-        std::thread::Builder::new()
-            .name("console-in".into())
-            .spawn(move || match input {
+        seccomp::spawn(
+            ThreadKind::Control,
+            "console-in".into(),
+            move || match input {
                 SerialInput::None => {}
                 SerialInput::Stdin => pump_input(serial, std::io::stdin()),
                 // Opened here: opening a FIFO blocks until a writer appears.
@@ -445,8 +455,9 @@ impl Vmm {
                         path.display()
                     ),
                 },
-            })
-            .map_err(io_err("the console input thread"))?;
+            },
+        )
+        .map_err(io_err("the console input thread"))?;
         Ok(())
     }
 }

@@ -16,6 +16,7 @@ use super::protocol::{
     FrameType, ProtocolError, PAGE,
 };
 use crate::arch::x86_64::cpuid;
+use crate::seccomp::ThreadKind;
 use crate::snapshot::VmSnapshot;
 use crate::vstate::memory::{create_guest_memory, GuestMemory};
 
@@ -367,26 +368,30 @@ impl Handover {
         }
         drop(self.conn);
         let (listener, token) = (self.listener, self.token);
-        let _ = std::thread::Builder::new()
-            .name("migrate-status".into())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    let Ok(mut c) = conn else { continue };
-                    let _ = c.set_read_timeout(Some(IO_TIMEOUT));
-                    let asked = read_frame(&mut c).and_then(|f| f.expect::<protocol::Query>(FrameType::Query));
-                    if matches!(&asked, Ok(q) if constant_time_eq(q.token.as_bytes(), token.as_bytes())) {
-                        let status = protocol::Status {
-                            state: DestinationState::Running,
-                        };
-                        let _ = write_json(&mut c, FrameType::Status, &status);
-                        // A source that thought we were Ready says Go again.
-                        if let Ok(f) = read_frame(&mut c) {
-                            if f.kind == FrameType::Go {
-                                let _ = write_json(&mut c, FrameType::Ack, &protocol::Ack { resumed_at_ms });
-                            }
+        let _ = crate::seccomp::spawn(ThreadKind::Migration, "migrate-status".into(), move || {
+            for conn in listener.incoming() {
+                let Ok(mut c) = conn else { continue };
+                let _ = c.set_read_timeout(Some(IO_TIMEOUT));
+                let asked =
+                    read_frame(&mut c).and_then(|f| f.expect::<protocol::Query>(FrameType::Query));
+                if matches!(&asked, Ok(q) if constant_time_eq(q.token.as_bytes(), token.as_bytes()))
+                {
+                    let status = protocol::Status {
+                        state: DestinationState::Running,
+                    };
+                    let _ = write_json(&mut c, FrameType::Status, &status);
+                    // A source that thought we were Ready says Go again.
+                    if let Ok(f) = read_frame(&mut c) {
+                        if f.kind == FrameType::Go {
+                            let _ = write_json(
+                                &mut c,
+                                FrameType::Ack,
+                                &protocol::Ack { resumed_at_ms },
+                            );
                         }
                     }
                 }
-            });
+            }
+        });
     }
 }

@@ -18,6 +18,7 @@ use super::protocol::{
 use crate::devices::bus::lock;
 use crate::exit::ExitReason;
 use crate::machine::{Machine, PAUSE_TIMEOUT};
+use crate::seccomp::ThreadKind;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a silent peer may keep us waiting for one frame.
@@ -179,9 +180,9 @@ pub fn start(machine: Arc<Machine>, params: Params) -> std::io::Result<Arc<Migra
         final_seen: AtomicBool::new(false),
     });
     let m = migration.clone();
-    std::thread::Builder::new()
-        .name("migrate-out".into())
-        .spawn(move || run(machine, params, m))?;
+    crate::seccomp::spawn(ThreadKind::Migration, "migrate-out".into(), move || {
+        run(machine, params, m)
+    })?;
     Ok(migration)
 }
 

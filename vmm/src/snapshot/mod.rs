@@ -80,9 +80,15 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
+/// /proc/cpuinfo, read once: a jailed VMM's /proc no longer has it, so
+/// the jail reads it before it enters.
+pub fn host_cpuinfo() -> &'static str {
+    static CPUINFO: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CPUINFO.get_or_init(|| std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default())
+}
+
 fn cpuinfo_field(key: &str) -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
+    host_cpuinfo()
         .lines()
         .find(|l| l.split(':').next().map(str::trim) == Some(key))
         .and_then(|l| l.split_once(':'))

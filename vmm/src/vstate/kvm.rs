@@ -15,7 +15,14 @@ pub enum Flavour {
 }
 
 impl Flavour {
+    /// Which KVM module is loaded, looked up once: a jailed VMM no longer
+    /// sees /sys, so the jail asks before it enters.
     pub fn detect() -> Self {
+        static DETECTED: std::sync::OnceLock<Flavour> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(Flavour::probe_sysfs)
+    }
+
+    fn probe_sysfs() -> Self {
         let loaded = |m: &str| Path::new("/sys/module").join(m).exists();
         if loaded("kvm_pvm") {
             Flavour::Pvm

@@ -233,18 +233,17 @@ impl Vcpu {
     }
 
     pub fn spawn(mut self) -> std::io::Result<JoinHandle<()>> {
-        std::thread::Builder::new()
-            .name(format!("vcpu{}", self.index))
-            .spawn(move || {
-                if let Some(tid) =
-                    crate::devices::bus::lock(&self.control.tids).get_mut(self.index as usize)
-                {
-                    *tid = nix::unistd::gettid().as_raw();
-                }
-                if let Some(reason) = self.run_until_stopped() {
-                    self.exit.notify(reason);
-                }
-            })
+        let name = format!("vcpu{}", self.index);
+        crate::seccomp::spawn(crate::seccomp::ThreadKind::Vcpu, name, move || {
+            if let Some(tid) =
+                crate::devices::bus::lock(&self.control.tids).get_mut(self.index as usize)
+            {
+                *tid = nix::unistd::gettid().as_raw();
+            }
+            if let Some(reason) = self.run_until_stopped() {
+                self.exit.notify(reason);
+            }
+        })
     }
 
     fn fault(&mut self, reason: String) -> ExitReason {

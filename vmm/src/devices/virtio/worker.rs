@@ -6,6 +6,8 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::thread::JoinHandle;
 
+use crate::seccomp::ThreadKind;
+
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -49,27 +51,25 @@ impl<H: EventHandler> Worker<H> {
         for (fd, token) in handler.sources() {
             watch(&epoll, fd, token)?;
         }
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                let mut events = vec![EpollEvent::default(); 16];
-                loop {
-                    let n = match epoll.wait(-1, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            eprintln!("berth-vmm: device worker stopped: epoll failed: {e}");
-                            return handler;
-                        }
-                    };
-                    for event in &events[..n] {
-                        if event.data() == STOP_TOKEN {
-                            return handler;
-                        }
-                        handler.handle(event.data(), &epoll);
+        let thread = crate::seccomp::spawn(ThreadKind::Device, name.to_string(), move || {
+            let mut events = vec![EpollEvent::default(); 16];
+            loop {
+                let n = match epoll.wait(-1, &mut events) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        eprintln!("berth-vmm: device worker stopped: epoll failed: {e}");
+                        return handler;
                     }
+                };
+                for event in &events[..n] {
+                    if event.data() == STOP_TOKEN {
+                        return handler;
+                    }
+                    handler.handle(event.data(), &epoll);
                 }
-            })?;
+            }
+        })?;
         Ok(Worker {
             stop,
             thread: Some(thread),

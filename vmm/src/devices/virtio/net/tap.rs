@@ -64,11 +64,34 @@ fn check(ret: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// Taps attached before the VMM gave up CAP_NET_ADMIN (the jail), by name.
+static PREOPENED: std::sync::Mutex<Vec<Tap>> = std::sync::Mutex::new(Vec::new());
+
+/// Attaches to the tap `name` now, for a later [`Tap::open`] of that name.
+pub fn preopen(name: &str) -> Result<(), TapError> {
+    let tap = Tap::attach(name)?;
+    PREOPENED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(tap);
+    Ok(())
+}
+
 impl Tap {
     /// Attaches to the tap `name`, creating it if it does not exist (which
-    /// needs CAP_NET_ADMIN). A new tap starts down; bringing it up and
-    /// attaching it to a bridge is the caller's business.
+    /// needs CAP_NET_ADMIN), or takes it from those attached by [`preopen`].
+    /// A new tap starts down; bringing it up and attaching it to a bridge
+    /// is the caller's business.
     pub fn open(name: &str) -> Result<Tap, TapError> {
+        let mut preopened = PREOPENED.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = preopened.iter().position(|t| t.name == name) {
+            return Ok(preopened.swap_remove(i));
+        }
+        drop(preopened);
+        Tap::attach(name)
+    }
+
+    fn attach(name: &str) -> Result<Tap, TapError> {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
             return Err(TapError::Name(name.to_string()));
         }
