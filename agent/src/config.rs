@@ -47,6 +47,8 @@ pub struct AgentConfig {
     /// missing port means any free one). It is also the address handed to
     /// the source, so it must be one the source can reach.
     pub migration_listen: String,
+    /// How each VMM is confined (docs/security.md).
+    pub jail: crate::jail::JailSettings,
 }
 
 impl Default for AgentConfig {
@@ -73,6 +75,7 @@ impl Default for AgentConfig {
             vmm_memory_overhead_mib: 64,
             reserve_on_define: false,
             migration_listen: "127.0.0.1".into(),
+            jail: crate::jail::JailSettings::default(),
         }
     }
 }

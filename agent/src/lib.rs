@@ -10,6 +10,7 @@ pub mod cgroups;
 pub mod config;
 pub mod entitlement;
 pub mod fuzzing;
+pub mod jail;
 pub mod manager;
 pub mod notify;
 pub mod server;

@@ -18,6 +18,7 @@ use crate::spec::{Limits, RestartKind, VmSpec};
 use crate::store::{Store, VmDir, VmRecord, VmState};
 use crate::vmm_proc::{self, Launch, RestoreFrom, VmmExit, VmmProcess};
 
+mod confine;
 mod migration;
 pub use migration::{MigrateParams, PreparedIn, DEFAULT_TOKEN_TTL};
 
@@ -885,7 +886,7 @@ impl Manager {
         why: &str,
         restore: Option<RestoreFrom<'_>>,
     ) -> ApiResult<()> {
-        let (config, spec) = {
+        let (mut config, spec) = {
             let mut inner = lock(&entry.inner);
             if inner.record.state != VmState::Starting {
                 self.transition(entry, &mut inner, VmState::Starting, why)?;
@@ -906,12 +907,33 @@ impl Manager {
                 return Err(e);
             }
         };
+        let taps = match &restore {
+            Some(r) => restored_taps(&spec, r.taps),
+            None => spec.nics.iter().map(|n| n.tap.clone()).collect(),
+        };
+        let confinement = match self.confine(
+            entry,
+            &spec,
+            &mut config,
+            restore.as_ref().map(|r| r.snapshot),
+            taps,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                self.release_cgroup(&spec.id);
+                let mut inner = lock(&entry.inner);
+                inner.record.last_exit = e.to_string();
+                self.transition(entry, &mut inner, VmState::Crashed, &e.to_string())?;
+                return Err(e);
+            }
+        };
         let process = VmmProcess::spawn(
             &self.config.vmm_binary(),
             &entry.dir,
             &config,
             &cgroup_dirs,
             restore.map_or(Launch::Boot, Launch::Restore),
+            &confinement,
         );
         let mut process = match process {
             Ok(p) => p,
@@ -1322,4 +1344,18 @@ impl Manager {
         }
         totals
     }
+}
+
+/// The taps a restored or migrated VMM attaches: the spec's with the
+/// renames applied (the spec may carry them already), each once.
+fn restored_taps(spec: &VmSpec, renames: &[(String, String)]) -> Vec<String> {
+    let mut taps: Vec<String> = spec.nics.iter().map(|n| n.tap.clone()).collect();
+    for (old, new) in renames {
+        for tap in taps.iter_mut().filter(|t| *t == old) {
+            tap.clone_from(new);
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    taps.retain(|t| seen.insert(t.clone()));
+    taps
 }

@@ -72,6 +72,8 @@ pub struct VmRecord {
     pub hibernated: Option<String>,
     /// The VM's last migration, in or out.
     pub migration: Option<MigrationRecord>,
+    /// The uid (and gid) its jailed VMM runs as; 0 until first started.
+    pub jail_uid: u32,
 }
 
 impl VmRecord {
@@ -119,17 +121,26 @@ impl VmDir {
     pub fn state(&self) -> PathBuf {
         self.0.join("state.json")
     }
+    /// What the VMM writes (its sockets, console log, exit record) and its
+    /// config: the one directory of the VM's own that its jail may write.
+    pub fn run(&self) -> PathBuf {
+        self.0.join("run")
+    }
+    /// The empty directory the jailed VMM pivots into.
+    pub fn jail_root(&self) -> PathBuf {
+        self.0.join("jail")
+    }
     pub fn console_log(&self) -> PathBuf {
-        self.0.join("console.log")
+        self.run().join("console.log")
     }
     pub fn socket(&self) -> PathBuf {
-        self.0.join("vmm.sock")
+        self.run().join("vmm.sock")
     }
     pub fn exit_file(&self) -> PathBuf {
-        self.0.join("exit.json")
+        self.run().join("exit.json")
     }
     pub fn vmm_config(&self) -> PathBuf {
-        self.0.join("vmm.json")
+        self.run().join("vmm.json")
     }
     pub fn vmm_log(&self) -> PathBuf {
         self.0.join("vmm.log")
@@ -139,7 +150,7 @@ impl VmDir {
     }
     /// Where a VMM receiving a migration writes the address it listens on.
     pub fn migration_address(&self) -> PathBuf {
-        self.0.join("migrate.addr")
+        self.run().join("migrate.addr")
     }
 }
 

@@ -83,6 +83,12 @@ pub enum Launch<'a> {
     Incoming(IncomingFrom<'a>),
 }
 
+/// The jail (None: jailing is off) and seccomp settings for one VMM.
+pub struct Confinement<'a> {
+    pub jail: Option<crate::jail::JailPlan>,
+    pub settings: &'a crate::jail::JailSettings,
+}
+
 fn tap_args(cmd: &mut Command, taps: &[(String, String)]) {
     for (old, new) in taps {
         cmd.arg("--tap").arg(format!("{old}={new}"));
@@ -99,7 +105,9 @@ impl VmmProcess {
         config: &VmConfig,
         cgroups: &[std::path::PathBuf],
         how: Launch<'_>,
+        confinement: &Confinement<'_>,
     ) -> std::io::Result<VmmProcess> {
+        std::fs::create_dir_all(dir.run())?;
         let json = serde_json::to_vec_pretty(config).expect("plain data serialises");
         write_atomic(&dir.vmm_config(), &json)?;
         for stale in [dir.exit_file(), dir.socket(), dir.migration_address()] {
@@ -113,6 +121,13 @@ impl VmmProcess {
             .append(true)
             .open(dir.vmm_log())?;
         let mut cmd = Command::new(binary);
+        if let Some(plan) = &confinement.jail {
+            plan.prepare(dir)?;
+            plan.add_args(&mut cmd, dir, confinement.settings);
+        }
+        if !confinement.settings.seccomp {
+            cmd.arg("--no-seccomp");
+        }
         for group in cgroups {
             cmd.arg("--cgroup").arg(group);
         }
@@ -233,6 +248,11 @@ pub fn read_exit(dir: &VmDir, status: Option<std::process::ExitStatus>) -> VmmEx
     use std::os::unix::process::ExitStatusExt;
     let reason = match status {
         Some(s) if s.signal().is_some() => format!("VMM killed by signal {}", s.signal().unwrap()),
+        // berth-vmm's SIGSYS handler exits 159 without an exit record.
+        Some(s) if s.code() == Some(berth_vmm::seccomp::EXIT_STATUS) => format!(
+            "VMM stopped by its seccomp filter: a forbidden system call (named in {})",
+            dir.vmm_log().display()
+        ),
         Some(s) => format!(
             "VMM exited with status {} and no exit record",
             s.code().unwrap_or(-1)

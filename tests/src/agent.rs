@@ -279,7 +279,7 @@ pub async fn create_and_start(c: &Clients, spec: pb::VmSpec) -> pb::Vm {
 /// The console log's text.
 pub fn console_text(agent: &TestAgent, id: &str) -> String {
     String::from_utf8_lossy(
-        &std::fs::read(agent.vm_dir(id).join("console.log")).unwrap_or_default(),
+        &std::fs::read(agent.vm_dir(id).join("run/console.log")).unwrap_or_default(),
     )
     .into_owned()
 }

@@ -96,6 +96,13 @@ async fn run(args: Args) -> Result<(), String> {
         max_vcpus: max_vcpus(),
         host_memory_mib: host_memory_mib(),
     };
+    config.jail.check()?;
+    if !config.jail.enabled {
+        tracing::warn!("JAIL IS OFF (jail.enabled = false): every VMM runs as root with the host's files in reach; debugging only");
+    }
+    if !config.jail.seccomp {
+        tracing::warn!("SECCOMP IS OFF (jail.seccomp = false): VMM threads may make any system call; debugging only");
+    }
     let address = prepare_socket(&config)?;
     let tcp = config.tcp_listen.clone();
     let manager = Manager::load(config.clone(), limits).await.map_err(|e| {

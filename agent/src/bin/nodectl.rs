@@ -328,13 +328,21 @@ async fn connect_agent(socket: &std::path::Path) -> Result<ttrpc::r#async::Clien
     ttrpc::r#async::Client::connect(&address)
         .await
         .map_err(|e| {
-            fail(
-                7,
+            let text = e.to_string();
+            let message = if text.contains("os error 13") {
+                // The agent runs; the socket's mode (0660) keeps us out.
                 format!(
-                    "agent not running at {}: start berth-agent.service (or pass --socket) ({e})",
+                    "permission denied on {}: run as root or as a member of the agent's \
+                     socket_group ({text})",
                     socket.display()
-                ),
-            )
+                )
+            } else {
+                format!(
+                    "agent not running at {}: start berth-agent.service (or pass --socket) ({text})",
+                    socket.display()
+                )
+            };
+            fail(7, message)
         })
 }
 

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use berth_proto::common::Empty;
 
-use super::{internal, lock, now_ms, ApiError, ApiResult, Manager, VmEntry, VmInner, VmView};
+use super::{
+    internal, lock, now_ms, restored_taps, ApiError, ApiResult, Manager, VmEntry, VmInner, VmView,
+};
 use crate::spec::VmSpec;
 use crate::store::{MigrationRecord, VmRecord, VmState};
 use crate::vmm_proc::{self, IncomingFrom, Launch, VmmProcess};
@@ -191,7 +193,10 @@ impl Manager {
         let cgroup_dirs = self.prepare_cgroup(&spec)?;
         let token = new_token()?;
         let expires_at_ms = now_ms() + ttl.as_millis() as u64;
-        let config = spec.vmm_config(&entry.dir.console_log(), self.config.console_log_max_bytes);
+        let mut config =
+            spec.vmm_config(&entry.dir.console_log(), self.config.console_log_max_bytes);
+        let confinement =
+            self.confine(entry, &spec, &mut config, None, restored_taps(&spec, taps))?;
         let mut process = VmmProcess::spawn(
             &self.config.vmm_binary(),
             &entry.dir,
@@ -203,6 +208,7 @@ impl Manager {
                 expires_at_ms,
                 taps,
             }),
+            &confinement,
         )
         .map_err(|e| {
             ApiError::Unavailable(format!(

@@ -1,0 +1,162 @@
+//! How the agent jails each VMM (docs/security.md): a uid/gid of its own
+//! from the configured range, the files it may read and write, its taps.
+//! berth-vmm does the jailing itself from these flags; the agent makes sure
+//! every file the VMM writes belongs to that uid.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+
+use crate::store::VmDir;
+
+/// The `[jail]` section of the agent config.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JailSettings {
+    /// Jail every VMM. Off is for debugging only, and the agent says so
+    /// loudly at start and on every VM start.
+    pub enabled: bool,
+    /// Seccomp filters in every VMM (off: debugging only, also loud).
+    pub seccomp: bool,
+    /// VMs run as uid = gid = first_uid + slot, slot < uid_count.
+    pub first_uid: u32,
+    pub uid_count: u32,
+    /// RLIMIT_NOFILE of a VMM.
+    pub max_open_files: u64,
+    /// Let a VMM dump core (a core holds guest memory).
+    pub core_dumps: bool,
+}
+
+impl Default for JailSettings {
+    fn default() -> Self {
+        JailSettings {
+            enabled: true,
+            seccomp: true,
+            first_uid: 300_000,
+            uid_count: 10_000,
+            max_open_files: 4096,
+            core_dumps: false,
+        }
+    }
+}
+
+impl JailSettings {
+    pub fn owns_uid(&self, uid: u32) -> bool {
+        uid >= self.first_uid && uid - self.first_uid < self.uid_count && uid != 0
+    }
+
+    /// The lowest uid of the range that `used` does not hold.
+    pub fn free_uid(&self, used: &[u32]) -> Option<u32> {
+        (0..self.uid_count)
+            .filter_map(|slot| self.first_uid.checked_add(slot))
+            .find(|uid| *uid != 0 && !used.contains(uid))
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        if self.first_uid == 0 || self.uid_count == 0 {
+            return Err("jail.first_uid and jail.uid_count must be positive".into());
+        }
+        if self.first_uid.checked_add(self.uid_count).is_none() {
+            return Err("jail.first_uid + jail.uid_count overflows a uid".into());
+        }
+        Ok(())
+    }
+}
+
+/// What one VMM's jail holds.
+#[derive(Debug, Default)]
+pub struct JailPlan {
+    pub uid: u32,
+    pub read_only: Vec<PathBuf>,
+    pub read_write: Vec<PathBuf>,
+    pub taps: Vec<String>,
+}
+
+impl JailPlan {
+    /// Gives the VMM's run and snapshot directories, its log and its
+    /// writable files to its uid, and makes the jail root.
+    pub fn prepare(&self, dir: &VmDir) -> std::io::Result<()> {
+        let root = dir.jail_root();
+        std::fs::create_dir_all(&root)?;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755))?;
+        for owned in [dir.run(), dir.snapshots()] {
+            std::fs::create_dir_all(&owned)?;
+            chown_tree(&owned, self.uid)?;
+            std::fs::set_permissions(&owned, std::fs::Permissions::from_mode(0o750))?;
+        }
+        if dir.vmm_log().exists() {
+            chown(&dir.vmm_log(), self.uid)?;
+        }
+        for path in &self.read_write {
+            if path.is_file() {
+                chown(path, self.uid)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn add_args(&self, cmd: &mut Command, dir: &VmDir, settings: &JailSettings) {
+        cmd.arg("--jail-root")
+            .arg(dir.jail_root())
+            .arg("--jail-uid")
+            .arg(self.uid.to_string())
+            .arg("--jail-gid")
+            .arg(self.uid.to_string())
+            .arg("--jail-max-open-files")
+            .arg(settings.max_open_files.to_string());
+        if settings.core_dumps {
+            cmd.arg("--jail-core-dumps");
+        }
+        for path in &self.read_only {
+            cmd.arg("--jail-ro").arg(path);
+        }
+        for path in &self.read_write {
+            cmd.arg("--jail-rw").arg(path);
+        }
+        for tap in &self.taps {
+            cmd.arg("--jail-tap").arg(tap);
+        }
+    }
+}
+
+fn chown(path: &Path, uid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(uid))
+}
+
+/// Chowns `dir` and everything under it, following no symlinks.
+fn chown_tree(dir: &Path, uid: u32) -> std::io::Result<()> {
+    chown(dir, uid)?;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(dir)? {
+            chown_tree(&entry?.path(), uid)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uids_come_from_the_range_lowest_free_first() {
+        let s = JailSettings {
+            first_uid: 1000,
+            uid_count: 3,
+            ..Default::default()
+        };
+        assert_eq!(s.free_uid(&[]), Some(1000));
+        assert_eq!(s.free_uid(&[1000, 1002]), Some(1001));
+        assert_eq!(s.free_uid(&[1000, 1001, 1002]), None);
+        assert!(s.owns_uid(1002) && !s.owns_uid(1003) && !s.owns_uid(999));
+        let bad = JailSettings {
+            first_uid: u32::MAX,
+            uid_count: 2,
+            ..Default::default()
+        };
+        assert!(bad.check().is_err());
+    }
+}

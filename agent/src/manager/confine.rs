@@ -1,0 +1,107 @@
+//! Each VMM's confinement, decided at every start: its paths resolved and
+//! checked against the roots again (the files may have changed since the
+//! spec was accepted), its uid, and what its jail holds.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use berth_vmm::config::VmConfig;
+
+use super::{lock, ApiError, ApiResult, Manager, VmEntry};
+use crate::jail::JailPlan;
+use crate::spec::{resolve_in_roots, VmSpec};
+use crate::vmm_proc::Confinement;
+
+impl Manager {
+    /// Rewrites `config`'s paths to what they resolve to now (the jail
+    /// mounts exactly those, and the VMM opens them refusing symlinks) and
+    /// plans the jail. `snapshot`: a snapshot directory to restore from;
+    /// `taps`: the tap names the VMM will attach.
+    pub(super) fn confine(
+        &self,
+        entry: &Arc<VmEntry>,
+        spec: &VmSpec,
+        config: &mut VmConfig,
+        snapshot: Option<&Path>,
+        taps: Vec<String>,
+    ) -> ApiResult<Confinement<'_>> {
+        let settings = &self.config.jail;
+        if !settings.seccomp {
+            tracing::warn!(vm = %spec.id, "SECCOMP IS OFF for this VMM (jail.seccomp = false): debugging only");
+        }
+        let recheck = |field: &str, path: &Path, roots: &[std::path::PathBuf]| {
+            resolve_in_roots(field, path, roots)
+                .map_err(|e| ApiError::FailedPrecondition(format!("{e} (checked again at start)")))
+        };
+        config.kernel.path = recheck("kernel.path", &spec.kernel.path, &self.config.kernel_roots)?;
+        if let Some(initrd) = &spec.kernel.initrd {
+            config.kernel.initrd =
+                Some(recheck("kernel.initrd", initrd, &self.config.kernel_roots)?);
+        }
+        for (i, (disk, spec_disk)) in config.disks.iter_mut().zip(&spec.disks).enumerate() {
+            disk.path = recheck(
+                &format!("disks[{i}].path"),
+                &spec_disk.path,
+                &self.config.disk_roots,
+            )?;
+        }
+        if !settings.enabled {
+            tracing::warn!(vm = %spec.id, "JAIL IS OFF for this VMM (jail.enabled = false): it runs as root with the host's files in reach; debugging only");
+            return Ok(Confinement {
+                jail: None,
+                settings,
+            });
+        }
+        let uid = self.jail_uid(entry)?;
+        let mut plan = JailPlan {
+            uid,
+            read_only: vec![config.kernel.path.clone()],
+            read_write: vec![entry.dir.run(), entry.dir.snapshots()],
+            taps,
+        };
+        plan.read_only.extend(config.kernel.initrd.clone());
+        for disk in &config.disks {
+            if disk.read_only {
+                plan.read_only.push(disk.path.clone());
+            } else {
+                plan.read_write.push(disk.path.clone());
+            }
+        }
+        if let Some(dir) = snapshot {
+            let dir = std::fs::canonicalize(dir)
+                .map_err(|e| ApiError::FailedPrecondition(format!("{}: {e}", dir.display())))?;
+            // A VM's own snapshots are already writable in its jail.
+            if !dir.starts_with(entry.dir.snapshots()) {
+                plan.read_only.push(dir);
+            }
+        }
+        Ok(Confinement {
+            jail: Some(plan),
+            settings,
+        })
+    }
+
+    /// The VM's jail uid: the one it had, else the lowest free one.
+    fn jail_uid(&self, entry: &Arc<VmEntry>) -> ApiResult<u32> {
+        let settings = &self.config.jail;
+        let current = lock(&entry.inner).record.jail_uid;
+        if settings.owns_uid(current) {
+            return Ok(current);
+        }
+        // The write lock: two VMs starting at once must not share a uid.
+        let vms = self.vms.write().unwrap_or_else(|e| e.into_inner());
+        let used: Vec<u32> = (vms.values())
+            .filter(|e| !Arc::ptr_eq(e, entry))
+            .map(|e| lock(&e.inner).record.jail_uid)
+            .collect();
+        let uid = settings.free_uid(&used).ok_or_else(|| {
+            ApiError::ResourceExhausted(format!(
+                "every jail uid in {}..{} is taken: raise jail.uid_count",
+                settings.first_uid,
+                u64::from(settings.first_uid) + u64::from(settings.uid_count)
+            ))
+        })?;
+        lock(&entry.inner).record.jail_uid = uid;
+        Ok(uid)
+    }
+}
