@@ -260,6 +260,14 @@ async fn every_bad_request_gets_its_code() {
             });
             s
         }),
+        ("disks[0].path", {
+            let mut s = probe_spec("e8", 1, "");
+            s.disks.push(pb::Disk {
+                path: "/etc/shadow".into(),
+                ..Default::default()
+            });
+            s
+        }),
         ("id", probe_spec("Bad_Id", 1, "")),
     ];
     for (field, spec) in cases {

@@ -1018,9 +1018,68 @@ fn bench_boot() {
     println!("METRIC boot.rss_overhead_mib {berth_rss:.2}");
 }
 
+/// Boot with the jail and seccomp on (as the agent runs every VMM) against
+/// the same VMM with both off, and QEMU as the outside peer.
+fn bench_hardening() {
+    let vmm = release_vmm();
+    let probe = probe_elf();
+    let dir = std::env::temp_dir().join(format!("berth-bench-jail-{}", std::process::id()));
+    let (root, run) = (dir.join("jail"), dir.join("run"));
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all(&run).unwrap();
+    let uid = 399_999;
+    std::os::unix::fs::chown(&run, Some(uid), Some(uid)).unwrap();
+    let hardened = || {
+        let mut c = Peer::Berth.command(&vmm, &probe, "boot");
+        c.arg("--jail-root")
+            .arg(&root)
+            .args([
+                "--jail-uid",
+                &uid.to_string(),
+                "--jail-gid",
+                &uid.to_string(),
+            ])
+            .arg("--jail-ro")
+            .arg(&probe)
+            .arg("--jail-rw")
+            .arg(&run);
+        c
+    };
+    let bare = || {
+        let mut c = Peer::Berth.command(&vmm, &probe, "boot");
+        c.arg("--no-seccomp");
+        c
+    };
+    println!(
+        "hardening: {RUNS} alternating runs, probe, {VCPUS} vCPU, {MEMORY_MIB} MiB, KVM {:?}",
+        berth_tests::kvm_mode()
+    );
+    let mut first = [Vec::new(), Vec::new(), Vec::new()];
+    for _ in 0..RUNS {
+        for (i, cmd) in [hardened(), bare(), Peer::Qemu.command(&vmm, &probe, "boot")]
+            .into_iter()
+            .enumerate()
+        {
+            first[i].push(time_boot(cmd).0.as_secs_f64() * 1e3);
+        }
+    }
+    let [jailed, unjailed, qemu] = first;
+    let overhead = report(
+        "first byte: jailed/unjailed",
+        "ms",
+        jailed.clone(),
+        unjailed,
+    );
+    let vs_qemu = report("first byte: jailed/QEMU", "ms", jailed, qemu);
+    println!("METRIC hardening.boot_overhead_ratio {overhead:.3}");
+    println!("METRIC hardening.jailed_first_byte_vs_qemu_ratio {vs_qemu:.3}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("boot") => bench_boot(),
+        Some("hardening") => bench_hardening(),
         Some("blk") => bench_blk(),
         Some("net") => bench_net(),
         Some("api") => bench_api(),
@@ -1029,7 +1088,7 @@ fn main() {
         Some("migrate") => bench_migrate(),
         other => {
             eprintln!(
-                "usage: berth-bench boot|blk|net|api|shares|snapshot|migrate   (got {other:?})"
+                "usage: berth-bench boot|blk|net|api|shares|snapshot|migrate|hardening   (got {other:?})"
             );
             std::process::exit(2);
         }
