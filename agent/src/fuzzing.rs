@@ -196,22 +196,7 @@ mod tests {
     }
 
     fn inputs(kind: &str) -> Vec<(PathBuf, Vec<u8>)> {
-        let dir = fuzz_dir().join(kind).join("agent_api");
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        files.retain(|p| {
-            let name = p.file_name().unwrap_or_default().to_string_lossy();
-            p.is_file() && !name.starts_with('.') && !name.ends_with(".md")
-        });
-        files.sort();
-        files
-            .into_iter()
-            .map(|p| {
-                let bytes = std::fs::read(&p).unwrap();
-                (p, bytes)
-            })
-            .collect()
+        berth_vmm::fuzzing::saved_inputs(&fuzz_dir().join(kind).join("agent_api"))
     }
 
     #[test]

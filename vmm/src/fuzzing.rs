@@ -32,6 +32,7 @@ use crate::devices::virtio::{
     chain, read_config_bytes, ActivateError, ActiveQueue, DeviceSignals, VirtioDevice,
     VIRTIO_F_VERSION_1,
 };
+use crate::migration::destination::put_page;
 use crate::migration::protocol::{self, Frame, FrameType, ProtocolError};
 use crate::snapshot::{self, VmSnapshot};
 use crate::vstate::memory::{create_guest_memory, GuestMemory};
@@ -805,27 +806,25 @@ fn check_hello(h: &protocol::Hello) {
     }
 }
 
-/// The destination's page write (destination.rs `put_page`): only an
-/// aligned page inside guest RAM is written.
-fn put_page(memory: &GuestMemory, gpa: u64, page: &[u8]) -> Result<(), ProtocolError> {
-    let last = gpa.checked_add(protocol::PAGE as u64 - 1);
-    let inside = gpa.is_multiple_of(protocol::PAGE as u64)
-        && last.is_some_and(|last| {
-            memory.address_in_range(GuestAddress(gpa))
-                && memory.address_in_range(GuestAddress(last))
-        });
-    if !inside {
-        return Err(ProtocolError::Malformed {
-            what: "pages",
-            why: format!("page address {gpa:#x} is not an aligned page of guest RAM"),
-        });
-    }
-    memory
-        .write_slice(page, GuestAddress(gpa))
-        .map_err(|e| ProtocolError::Malformed {
-            what: "pages",
-            why: e.to_string(),
+/// The saved fuzz inputs in `dir` (a corpus or regressions folder), in
+/// name order, READMEs and dot files aside; for the tests that replay them.
+pub fn saved_inputs(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            p.is_file() && !name.starts_with('.') && !name.ends_with(".md")
         })
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .filter_map(|p| std::fs::read(&p).ok().map(|bytes| (p, bytes)))
+        .collect()
 }
 
 #[cfg(test)]

@@ -24,26 +24,7 @@ fn fuzz_dir() -> PathBuf {
 
 /// The inputs in fuzz/<kind>/<target>/ (READMEs and dot files aside).
 fn inputs(kind: &str, target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = fuzz_dir().join(kind).join(target);
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Vec::new();
-    };
-    let mut files: Vec<PathBuf> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            let name = p.file_name().unwrap_or_default().to_string_lossy();
-            p.is_file() && !name.starts_with('.') && !name.ends_with(".md")
-        })
-        .collect();
-    files.sort();
-    files
-        .into_iter()
-        .map(|p| {
-            let bytes = std::fs::read(&p).unwrap();
-            (p, bytes)
-        })
-        .collect()
+    saved_inputs(&fuzz_dir().join(kind).join(target))
 }
 
 #[test]

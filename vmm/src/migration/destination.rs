@@ -256,7 +256,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Writes one received page, refusing addresses outside guest RAM or not
 /// page aligned.
-fn put_page(memory: &GuestMemory, gpa: u64, page: &[u8]) -> Result<(), ProtocolError> {
+pub(crate) fn put_page(memory: &GuestMemory, gpa: u64, page: &[u8]) -> Result<(), ProtocolError> {
     let last = gpa.checked_add(PAGE as u64 - 1);
     let inside = gpa.is_multiple_of(PAGE as u64)
         && last.is_some_and(|last| {
