@@ -32,6 +32,7 @@ fn a_forbidden_system_call_stops_the_vmm_and_is_named() {
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     // The control kind covers the main thread; vcpu the vCPU threads; the
     // blk mode activates a virtio device, which starts a device worker.
+    // Every other test runs its VMMs filtered too: their workloads pass.
     for (kind, cmdline) in [
         ("control", "probe.mode=tick"),
         ("vcpu", "probe.mode=tick"),
@@ -50,6 +51,32 @@ fn a_forbidden_system_call_stops_the_vmm_and_is_named() {
             "{kind}: wanted {line:?} in:\n{stderr}"
         );
     }
+    // A VMM waiting for a migration receives on a migration thread.
+    let mut cmd = std::process::Command::new(berth_tests::vmm_binary());
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 60_000;
+    cmd.args(["--migrate-listen", "127.0.0.1:0", "--migrate-token"])
+        .arg("hardening-token-0123456789")
+        .arg("--migrate-expires-at-ms")
+        .arg(expires.to_string())
+        .env("BERTH_TEST_SECCOMP_VIOLATION", "migration");
+    let done = run(cmd, Duration::from_secs(60));
+    assert_eq!(
+        done.status.code(),
+        Some(SECCOMP_EXIT),
+        "{}",
+        done.describe()
+    );
+    let line = "berth-vmm: seccomp: a migration thread made the forbidden system call ptrace (101)";
+    assert!(
+        done.stderr.contains(line),
+        "wanted {line:?} in:\n{}",
+        done.stderr
+    );
+
     // Without the hook the same runs end normally: the filters allow what
     // the workloads need.
     let mut cmd = vmm_command(
