@@ -47,9 +47,8 @@ extern "C" fn handle(
     // union that starts at offset 16 (after si_signo, si_errno, si_code and
     // padding), after the 8-byte call address.
     let nr = unsafe { *(info as *const u8).add(24).cast::<libc::c_int>() };
-    let kind = KIND
-        .with(|k| k.get())
-        .map_or("unfiltered", ThreadKind::name);
+    // The one filtered thread without a kind is the launcher.
+    let kind = KIND.with(|k| k.get()).map_or("launcher", ThreadKind::name);
     let name = syscalls::Sysno::new(nr as usize).map_or("unknown", |s| s.name());
     let mut line = Line::default();
     line.push("berth-vmm: seccomp: a ");
