@@ -8,6 +8,7 @@
 
 pub mod cgroups;
 pub mod config;
+pub mod doctor;
 pub mod entitlement;
 pub mod fuzzing;
 pub mod jail;

@@ -179,6 +179,14 @@ enum Cmd {
     Completions {
         shell: clap_complete::Shell,
     },
+    /// Check this host (KVM, cgroups, tun, the VMs' bridges, disk space, the
+    /// jail's uid range, berth-vmm) and say how to fix what is wrong; needs
+    /// no running agent. Exit status 1 when a check fails.
+    Doctor {
+        /// The agent's config (default /etc/berth/agent.toml if present).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -602,6 +610,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         );
         return Ok(());
     }
+    if let Cmd::Doctor { config } = &cli.command {
+        return doctor(config.as_deref(), cli.json);
+    }
     let client = connect_agent(&cli.socket).await?;
     let vms = VmServiceClient::new(client.clone());
     let node = NodeServiceClient::new(client);
@@ -962,7 +973,61 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(from_ttrpc)?,
             json,
         ),
-        Cmd::Completions { .. } => unreachable!("handled before connecting"),
+        Cmd::Completions { .. } | Cmd::Doctor { .. } => {
+            unreachable!("handled before connecting")
+        }
+    }
+    Ok(())
+}
+
+fn doctor(config: Option<&std::path::Path>, json: bool) -> Result<(), Failure> {
+    use berth_agent::config::AgentConfig;
+    use berth_agent::doctor::{self, Verdict};
+    let default = std::path::Path::new("/etc/berth/agent.toml");
+    let config = match config {
+        Some(path) => AgentConfig::load(path).map_err(|e| fail(2, e.to_string()))?,
+        None if default.exists() => {
+            AgentConfig::load(default).map_err(|e| fail(2, e.to_string()))?
+        }
+        None => AgentConfig::default(),
+    };
+    let findings = doctor::run(&config, &doctor::Host::default());
+    if json {
+        let list: Vec<Value> = findings
+            .iter()
+            .map(|f| json!({"check": f.check, "verdict": f.verdict.name(), "detail": f.detail, "fix": f.fix}))
+            .collect();
+        println!("{}", Value::Array(list));
+    } else {
+        use std::io::IsTerminal;
+        let colour = std::io::stdout().is_terminal();
+        for f in &findings {
+            let (start, end) = match (colour, f.verdict) {
+                (false, _) => ("", ""),
+                (true, Verdict::Ok) => ("\x1b[32m", "\x1b[0m"),
+                (true, Verdict::Warn) => ("\x1b[33m", "\x1b[0m"),
+                (true, Verdict::Fail) => ("\x1b[1;31m", "\x1b[0m"),
+            };
+            println!(
+                "{start}{:<4}{end} {:<9} {}",
+                f.verdict.name(),
+                f.check,
+                f.detail
+            );
+            if !f.fix.is_empty() {
+                println!("{:<14} fix: {}", "", f.fix);
+            }
+        }
+    }
+    let failed = findings
+        .iter()
+        .filter(|f| f.verdict == Verdict::Fail)
+        .count();
+    if failed > 0 {
+        return Err(fail(
+            1,
+            format!("doctor: {failed} check(s) failed; see the fixes above"),
+        ));
     }
     Ok(())
 }
@@ -975,9 +1040,29 @@ fn print_event(e: &Event, json: bool) {
             json!({"at_ms": e.at_ms, "vm": e.vm_id, "kind": e.kind, "state": state, "message": e.message})
         );
     } else {
-        println!("{} {} {} {} {}", e.at_ms, e.vm_id, e.kind, state, e.message);
+        use std::io::IsTerminal;
+        let (start, end) = if std::io::stdout().is_terminal() {
+            (state_colour(state), "\x1b[0m")
+        } else {
+            ("", "")
+        };
+        println!(
+            "{} {} {} {start}{state}{end} {}",
+            e.at_ms, e.vm_id, e.kind, e.message
+        );
     }
     let _ = std::io::stdout().flush();
+}
+
+/// The ANSI colour of a state on a terminal: green runs, yellow is on its
+/// way or paused, red failed, plain otherwise.
+fn state_colour(state: &str) -> &'static str {
+    match state {
+        "Running" => "\x1b[32m",
+        "Starting" | "Stopping" | "Paused" | "Migrating" => "\x1b[33m",
+        "Crashed" => "\x1b[1;31m",
+        _ => "\x1b[0m",
+    }
 }
 
 fn print_capacity(c: &Capacity, json: bool) {
