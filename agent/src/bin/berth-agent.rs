@@ -91,12 +91,23 @@ fn secure_socket(config: &AgentConfig) -> Result<(), String> {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let config = load_config(&args)?;
+    let mut config = load_config(&args)?;
     let limits = Limits {
         max_vcpus: max_vcpus(),
         host_memory_mib: host_memory_mib(),
     };
     config.jail.check()?;
+    // A jailed VMM opens its run and snapshot directories refusing
+    // symlinks, so the state root is used by its real path.
+    std::fs::create_dir_all(&config.state_root)
+        .and_then(|()| std::fs::canonicalize(&config.state_root))
+        .map(|real| config.state_root = real)
+        .map_err(|e| {
+            format!(
+                "cannot open state root {}: {e}",
+                config.state_root.display()
+            )
+        })?;
     if !config.jail.enabled {
         tracing::warn!("JAIL IS OFF (jail.enabled = false): every VMM runs as root with the host's files in reach; debugging only");
     }
