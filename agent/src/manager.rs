@@ -907,10 +907,7 @@ impl Manager {
                 return Err(e);
             }
         };
-        let taps = match &restore {
-            Some(r) => restored_taps(&spec, r.taps),
-            None => spec.nics.iter().map(|n| n.tap.clone()).collect(),
-        };
+        let taps = nic_taps(&spec, restore.as_ref().map_or(&[][..], |r| r.taps));
         let confinement = match self.confine(
             entry,
             &spec,
@@ -1346,9 +1343,9 @@ impl Manager {
     }
 }
 
-/// The taps a restored or migrated VMM attaches: the spec's with the
+/// The taps a VMM attaches: the spec's with a restore's or migration's
 /// renames applied (the spec may carry them already), each once.
-fn restored_taps(spec: &VmSpec, renames: &[(String, String)]) -> Vec<String> {
+fn nic_taps(spec: &VmSpec, renames: &[(String, String)]) -> Vec<String> {
     let mut taps: Vec<String> = spec.nics.iter().map(|n| n.tap.clone()).collect();
     for (old, new) in renames {
         for tap in taps.iter_mut().filter(|t| *t == old) {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use berth_proto::common::Empty;
 
 use super::{
-    internal, lock, now_ms, restored_taps, ApiError, ApiResult, Manager, VmEntry, VmInner, VmView,
+    internal, lock, nic_taps, now_ms, ApiError, ApiResult, Manager, VmEntry, VmInner, VmView,
 };
 use crate::spec::VmSpec;
 use crate::store::{MigrationRecord, VmRecord, VmState};
@@ -195,8 +195,7 @@ impl Manager {
         let expires_at_ms = now_ms() + ttl.as_millis() as u64;
         let mut config =
             spec.vmm_config(&entry.dir.console_log(), self.config.console_log_max_bytes);
-        let confinement =
-            self.confine(entry, &spec, &mut config, None, restored_taps(&spec, taps))?;
+        let confinement = self.confine(entry, &spec, &mut config, None, nic_taps(&spec, taps))?;
         let mut process = VmmProcess::spawn(
             &self.config.vmm_binary(),
             &entry.dir,

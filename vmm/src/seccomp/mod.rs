@@ -97,10 +97,6 @@ impl Filters {
         let union = compile("launcher", inventory.union()?)?;
         Ok(Filters { programs, union })
     }
-
-    fn program(&self, kind: ThreadKind) -> &BpfProgram {
-        &self.programs[&kind]
-    }
 }
 
 /// System call numbers, each with the ioctl requests it is limited to
@@ -134,7 +130,8 @@ fn compile(kind: &'static str, allowed: AllowList) -> Result<BpfProgram, Seccomp
 type Job = Box<dyn FnOnce() + Send>;
 
 struct State {
-    filters: Filters,
+    /// Each kind's filter (the union went to the launcher).
+    programs: BTreeMap<ThreadKind, BpfProgram>,
     launcher: Mutex<mpsc::Sender<Job>>,
     /// Test-only: `BERTH_TEST_SECCOMP_VIOLATION=<kind>` makes every thread
     /// of that kind make a system call no kind may make, right after it
@@ -150,7 +147,7 @@ static STATE: OnceLock<State> = OnceLock::new();
 pub fn enable(filters: Filters) -> Result<(), SeccompError> {
     sigsys::install().map_err(SeccompError::Launcher)?;
     let (tx, rx) = mpsc::channel::<Job>();
-    let union = filters.union.clone();
+    let Filters { programs, union } = filters;
     let (ready_tx, ready_rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("launcher".into())
@@ -174,7 +171,7 @@ pub fn enable(filters: Filters) -> Result<(), SeccompError> {
         })?;
     STATE
         .set(State {
-            filters,
+            programs,
             launcher: Mutex::new(tx),
             violate_in: std::env::var("BERTH_TEST_SECCOMP_VIOLATION")
                 .ok()
@@ -183,17 +180,12 @@ pub fn enable(filters: Filters) -> Result<(), SeccompError> {
         .map_err(|_| SeccompError::AlreadyOn)
 }
 
-/// Whether [`enable`] ran.
-pub fn enabled() -> bool {
-    STATE.get().is_some()
-}
-
 /// Puts the calling thread under `kind`'s filter (nothing when filtering is
 /// off). A thread that cannot be filtered must not run: the process ends.
 pub fn enter(kind: ThreadKind) {
     let Some(state) = STATE.get() else { return };
     sigsys::set_thread_kind(kind);
-    if let Err(source) = seccompiler::apply_filter(state.filters.program(kind)) {
+    if let Err(source) = seccompiler::apply_filter(&state.programs[&kind]) {
         eprintln!(
             "berth-vmm: error: {}",
             SeccompError::Install {
