@@ -54,8 +54,9 @@ async fn take_snapshot(test: &str) -> (PathBuf, u64) {
     eprintln!("snapshot paused the guest for {} ms", reply.pause_ms);
     let info = c.info(ctx(), &Empty::default()).await.unwrap();
     assert_eq!(info.state, "paused", "resume=false leaves it paused");
-    c.stop(ctx(), &Empty::default()).await.unwrap();
+    let stopped = c.stop(ctx(), &Empty::default()).await;
     let out = vm.wait(TIMEOUT);
+    assert!(stopped.is_ok(), "stop: {stopped:?}\n{}", out.describe());
     assert_eq!(out.status.code(), Some(0), "{}", out.describe());
     let last = *ticks(&out.stdout)
         .last()
@@ -561,4 +562,30 @@ async fn a_vmm_killed_while_writing_leaves_no_snapshot_that_looks_valid() {
     let out = restore(&snap_dir).wait(TIMEOUT);
     assert_eq!(out.status.code(), Some(1), "{}", out.describe());
     assert!(out.stderr.contains("cannot read"), "{}", out.describe());
+}
+
+/// Stop's reply must reach the caller before the VMM exits: a caller that
+/// sees the socket close cannot tell a clean stop from a crash.
+#[tokio::test(flavor = "current_thread")]
+async fn stop_is_answered_before_the_vmm_exits() {
+    // Paused, as after a snapshot, the vCPUs stop at once and the exit
+    // comes soonest: that is where the race showed.
+    for round in 0..10 {
+        let dir = scratch_dir(&format!("stop-answer-{round}"));
+        let socket = dir.join("vmm.sock");
+        let mut cmd = vmm_command(&probe_elf(), 2, 64, "probe.mode=tick");
+        cmd.arg("--api-socket").arg(&socket);
+        let mut vm = Running::spawn(cmd);
+        vm.wait_for_output("PROBE tick 1", TIMEOUT);
+        let c = client(&socket).await;
+        c.pause(ctx(), &Empty::default()).await.expect("pause");
+        let reply = c.stop(ctx(), &Empty::default()).await;
+        let out = vm.wait(TIMEOUT);
+        assert!(
+            reply.is_ok(),
+            "round {round}: stop answered {reply:?}\n{}",
+            out.describe()
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", out.describe());
+    }
 }

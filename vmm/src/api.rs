@@ -364,9 +364,29 @@ impl VmmService for VmmApi {
     }
 }
 
+/// The running API server. Dropping it leaves the server to die with the
+/// process; [`ApiServer::shutdown`] lets replies in flight reach their
+/// callers first.
+pub struct ApiServer {
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    done: mpsc::Receiver<()>,
+}
+
+impl ApiServer {
+    /// Stops accepting calls and waits (at most `timeout`) until every
+    /// reply already produced has been written. Without this, a Stop call
+    /// races the process exit and its caller sees the socket close instead
+    /// of its answer.
+    pub fn shutdown(self, timeout: std::time::Duration) {
+        if self.shutdown.send(()).is_ok() {
+            let _ = self.done.recv_timeout(timeout);
+        }
+    }
+}
+
 /// Serves `api` on the unix socket at `path` from a thread of its own.
 /// Returns once the socket is listening.
-pub fn serve(path: &Path, api: VmmApi) -> std::io::Result<()> {
+pub fn serve(path: &Path, api: VmmApi) -> std::io::Result<ApiServer> {
     // A socket left by a VMM that died is ours to replace.
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -375,6 +395,8 @@ pub fn serve(path: &Path, api: VmmApi) -> std::io::Result<()> {
     let address = format!("unix://{}", path.display());
     let service = create_vmm_service(Arc::new(api));
     let (ready_tx, ready_rx) = mpsc::channel();
+    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done_rx) = mpsc::channel();
     crate::seccomp::spawn(ThreadKind::Control, "api".into(), move || {
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -402,10 +424,19 @@ pub fn serve(path: &Path, api: VmmApi) -> std::io::Result<()> {
                 return;
             }
             let _ = ready_tx.send(Ok(()));
-            std::future::pending::<()>().await;
+            if shutdown_rx.await.is_ok() {
+                let _ = server.shutdown().await;
+                let _ = done_tx.send(());
+            } else {
+                std::future::pending::<()>().await;
+            }
         });
     })?;
     ready_rx
         .recv()
-        .unwrap_or_else(|_| Err(std::io::Error::other("the API thread died")))
+        .unwrap_or_else(|_| Err(std::io::Error::other("the API thread died")))?;
+    Ok(ApiServer {
+        shutdown: shutdown_tx,
+        done: done_rx,
+    })
 }

@@ -396,6 +396,7 @@ impl Vmm {
         let vcpus = Arc::new(
             VcpuSet::start(self.vcpus, self.control.clone()).map_err(io_err("a vCPU thread"))?,
         );
+        let mut api_server = None;
         if let Some(path) = api_socket {
             let console_in = crate::api::ConsoleInput::start(self.serial.clone())
                 .map_err(io_err("the console input queue"))?;
@@ -419,10 +420,13 @@ impl Vmm {
                 started_at_ms: crate::api::now_ms(),
                 migration: Mutex::new(None),
             };
-            crate::api::serve(path, api).map_err(|source| BuildError::ApiSocket {
-                path: path.to_owned(),
-                source,
-            })?;
+            api_server =
+                Some(
+                    crate::api::serve(path, api).map_err(|source| BuildError::ApiSocket {
+                        path: path.to_owned(),
+                        source,
+                    })?,
+                );
         }
         // Everything this thread still does is the control kind's: wait,
         // stop the vCPUs, write the exit file.
@@ -432,6 +436,9 @@ impl Vmm {
             .recv()
             .expect("the VMM holds a sender for as long as it waits");
         vcpus.stop_all(Duration::from_secs(1));
+        if let Some(server) = api_server {
+            server.shutdown(Duration::from_secs(1));
+        }
         Ok(reason)
     }
 
