@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
     build-essential bc bison flex libelf-dev libssl-dev cpio e2fsprogs lz4 kmod xz-utils
-    binutils linux-source-6.1 busybox-static qemu-system-x86 iproute2 systemd python3
+    binutils linux-source-6.1 busybox-static qemu-system-x86 qemu-utils iproute2 systemd python3
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -7,7 +7,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-const PROTOS: [&str; 4] = ["common", "vm", "node", "vmm"];
+const PROTOS: [&str; 5] = ["common", "vm", "node", "vmm", "image"];
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());

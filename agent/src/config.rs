@@ -116,6 +116,11 @@ impl AgentConfig {
         self.state_root.join("vms")
     }
 
+    /// The image store (ImageService).
+    pub fn image_store_dir(&self) -> PathBuf {
+        self.state_root.join("image-store")
+    }
+
     pub fn quarantine_dir(&self) -> PathBuf {
         self.state_root.join("quarantine")
     }

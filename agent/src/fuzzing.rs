@@ -180,6 +180,7 @@ pub fn sample_spec() -> VmSpec {
             path: PathBuf::from("/usr/bin/env"),
             initrd: None,
             cmdline: "console=ttyS0".into(),
+            ..Default::default()
         },
         ..VmSpec::default()
     }
@@ -226,6 +227,7 @@ mod tests {
             path: "/usr/bin/env".into(),
             read_only: true,
             serial: "disk-1".into(),
+            image: String::new(),
         });
         full.nics.push(crate::spec::Nic {
             tap: "tap0".into(),

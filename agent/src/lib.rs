@@ -11,6 +11,7 @@ pub mod config;
 pub mod doctor;
 pub mod entitlement;
 pub mod fuzzing;
+pub mod images;
 pub mod jail;
 pub mod manager;
 pub mod notify;

@@ -19,7 +19,9 @@ use crate::store::{Store, VmDir, VmRecord, VmState};
 use crate::vmm_proc::{self, Launch, RestoreFrom, VmmExit, VmmProcess};
 
 mod confine;
+mod images;
 mod migration;
+pub use images::image_error;
 pub use migration::{MigrateParams, PreparedIn, DEFAULT_TOKEN_TTL};
 
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -135,6 +137,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Manager {
     pub config: AgentConfig,
     store: Store,
+    pub images: crate::images::ImageStore,
     vms: RwLock<BTreeMap<String, Arc<VmEntry>>>,
     events: broadcast::Sender<Event>,
     pub limits: Limits,
@@ -208,6 +211,7 @@ impl Manager {
     /// Loads every stored VM and re-adopts the VMMs still running.
     pub async fn load(config: AgentConfig, limits: Limits) -> std::io::Result<Arc<Manager>> {
         let store = Store::open(config.vms_dir(), config.quarantine_dir())?;
+        let images = crate::images::ImageStore::open(config.image_store_dir())?;
         let (loaded, quarantined) = store.load_all();
         for q in &quarantined {
             tracing::error!("quarantined a VM whose state could not be read: {q}");
@@ -237,6 +241,7 @@ impl Manager {
         let manager = Arc::new(Manager {
             config,
             store,
+            images,
             vms: RwLock::new(BTreeMap::new()),
             events,
             limits,
@@ -391,7 +396,8 @@ impl Manager {
 
     pub fn validate(&self, spec: &VmSpec) -> ApiResult<()> {
         spec.validate(&self.config, &self.limits)
-            .map_err(|e| ApiError::InvalidArgument(e.to_string()))
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        self.check_images(spec)
     }
 
     pub async fn create(&self, spec: VmSpec) -> ApiResult<VmView> {

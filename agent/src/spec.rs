@@ -39,21 +39,39 @@ pub struct VmSpec {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Kernel {
+    /// A file in the kernel roots, or empty with `image`.
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub path: PathBuf,
     #[serde(default)]
     pub initrd: Option<PathBuf>,
     #[serde(default)]
     pub cmdline: String,
+    /// A kernel from the image store (name or digest) instead of `path`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image: String,
+    /// An initrd from the image store instead of `initrd`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub initrd_image: String,
+}
+
+fn path_is_empty(p: &Path) -> bool {
+    p.as_os_str().is_empty()
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Disk {
+    /// A raw file in the disk roots, or empty with `image`.
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub path: PathBuf,
     #[serde(default)]
     pub read_only: bool,
     #[serde(default)]
     pub serial: String,
+    /// A disk image from the image store (name or digest) instead of
+    /// `path`; a writable disk gets a copy of its own at the first Start.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -186,6 +204,67 @@ pub fn resolve_in_roots(field: &str, path: &Path, roots: &[PathBuf]) -> Result<P
     Ok(real)
 }
 
+/// A file given either as a path or as an image: exactly one of them when
+/// `required`, else at most one; an image reference must be a name or a
+/// digest.
+fn check_source(
+    field: &str,
+    path_field: &str,
+    image_field: &str,
+    path: Option<&Path>,
+    image: &str,
+    required: bool,
+) -> Result<(), SpecError> {
+    let has_path = path.is_some_and(|p| !path_is_empty(p));
+    match (has_path, image.is_empty()) {
+        (true, false) => Err(err(
+            format!("{field}.{image_field}"),
+            format!("give {path_field} or {image_field}, not both"),
+        )),
+        (false, true) if required => Err(err(
+            format!("{field}.{path_field}"),
+            format!("one of {path_field} and {image_field} is needed"),
+        )),
+        (false, false) if !crate::images::is_digest(image) => {
+            check_name(&format!("{field}.{image_field}"), image)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The images a spec names, with the field naming each and the kind it
+/// must be.
+impl VmSpec {
+    pub fn image_refs(&self) -> Vec<(String, &str, crate::images::ImageKind)> {
+        use crate::images::ImageKind;
+        let mut refs = Vec::new();
+        if !self.kernel.image.is_empty() {
+            refs.push((
+                "kernel.image".to_string(),
+                self.kernel.image.as_str(),
+                ImageKind::Kernel,
+            ));
+        }
+        if !self.kernel.initrd_image.is_empty() {
+            refs.push((
+                "kernel.initrd_image".to_string(),
+                self.kernel.initrd_image.as_str(),
+                ImageKind::Initrd,
+            ));
+        }
+        for (i, disk) in self.disks.iter().enumerate() {
+            if !disk.image.is_empty() {
+                refs.push((
+                    format!("disks[{i}].image"),
+                    disk.image.as_str(),
+                    ImageKind::Disk,
+                ));
+            }
+        }
+        refs
+    }
+}
+
 /// Host limits a spec is checked against.
 pub struct Limits {
     pub max_vcpus: u32,
@@ -237,15 +316,39 @@ impl VmSpec {
                 ),
             ));
         }
-        resolve_in_roots("kernel.path", &self.kernel.path, &config.kernel_roots)?;
-        if let Some(initrd) = &self.kernel.initrd {
+        let kernel = &self.kernel;
+        check_source(
+            "kernel",
+            "path",
+            "image",
+            Some(&kernel.path),
+            &kernel.image,
+            true,
+        )?;
+        if kernel.image.is_empty() {
+            resolve_in_roots("kernel.path", &kernel.path, &config.kernel_roots)?;
+        }
+        let initrd = kernel.initrd.as_deref();
+        check_source(
+            "kernel",
+            "initrd",
+            "initrd_image",
+            initrd,
+            &kernel.initrd_image,
+            false,
+        )?;
+        if let Some(initrd) = initrd {
             resolve_in_roots("kernel.initrd", initrd, &config.kernel_roots)?;
         }
         if self.kernel.cmdline.len() >= 2048 {
             return Err(err("kernel.cmdline", "longer than 2047 bytes"));
         }
         for (i, disk) in self.disks.iter().enumerate() {
-            resolve_in_roots(&format!("disks[{i}].path"), &disk.path, &config.disk_roots)?;
+            let field = format!("disks[{i}]");
+            check_source(&field, "path", "image", Some(&disk.path), &disk.image, true)?;
+            if disk.image.is_empty() {
+                resolve_in_roots(&format!("{field}.path"), &disk.path, &config.disk_roots)?;
+            }
             if disk.serial.len() > 20 {
                 return Err(err(format!("disks[{i}].serial"), "longer than 20 bytes"));
             }
@@ -392,6 +495,16 @@ mod tests {
                 "kernel.path",
                 Box::new(|s| s.kernel.path = "/etc/shadow".into()),
             ),
+            ("kernel.path", Box::new(|s| s.kernel.path = PathBuf::new())),
+            ("kernel.image", Box::new(|s| s.kernel.image = "k1".into())),
+            (
+                "kernel.image",
+                Box::new(|s| {
+                    s.kernel.path = PathBuf::new();
+                    s.kernel.image = "Not A Name".into()
+                }),
+            ),
+            ("disks[0].path", Box::new(|s| s.disks.push(Disk::default()))),
             (
                 "kernel.path",
                 Box::new(|s| s.kernel.path = s.kernel.path.parent().unwrap().join("../outside")),

@@ -74,6 +74,22 @@ pub struct VmRecord {
     pub migration: Option<MigrationRecord>,
     /// The uid (and gid) its jailed VMM runs as; 0 until first started.
     pub jail_uid: u32,
+    /// Its own copies of the writable disks its spec takes from images.
+    pub disk_copies: Vec<DiskCopy>,
+}
+
+/// A VM's writable copy of a disk image, made at its first Start.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskCopy {
+    /// Index into spec.disks.
+    pub disk: u32,
+    /// The image as the spec names it, and the content it was copied from.
+    pub image: String,
+    pub digest: String,
+    pub path: PathBuf,
+    /// "reflink" or "sparse-copy".
+    pub method: String,
 }
 
 impl VmRecord {
@@ -125,6 +141,10 @@ impl VmDir {
     /// config: the one directory of the VM's own that its jail may write.
     pub fn run(&self) -> PathBuf {
         self.0.join("run")
+    }
+    /// Copies of the writable disks taken from images.
+    pub fn disks(&self) -> PathBuf {
+        self.0.join("disks")
     }
     /// The empty directory the jailed VMM pivots into.
     pub fn jail_root(&self) -> PathBuf {

@@ -26,6 +26,7 @@ pub struct TestAgent {
 pub struct Clients {
     pub vms: VmServiceClient,
     pub node: NodeServiceClient,
+    pub images: crate::contract::image_ttrpc::ImageServiceClient,
 }
 
 pub fn ctx() -> ttrpc::context::Context {
@@ -135,7 +136,8 @@ impl TestAgent {
             .expect("connect to the agent");
         Clients {
             vms: VmServiceClient::new(client.clone()),
-            node: NodeServiceClient::new(client),
+            node: NodeServiceClient::new(client.clone()),
+            images: crate::contract::image_ttrpc::ImageServiceClient::new(client),
         }
     }
 

@@ -18,12 +18,6 @@ fn pattern(seed: u64, d: u64, s: u64, i: u64) -> u8 {
     (seed + d + s * 131 + i * 7) as u8
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
 /// A disk image of `sectors` sectors with host-written contents.
 fn disk(dir: &Path, name: &str, sectors: usize, salt: u8) -> PathBuf {
     let path = dir.join(name);

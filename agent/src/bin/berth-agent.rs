@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use berth_agent::config::AgentConfig;
 use berth_agent::manager::Manager;
-use berth_agent::server::{host_memory_mib, NodeApi, VmApi};
+use berth_agent::server::{host_memory_mib, ImageApi, NodeApi, VmApi};
 use berth_agent::spec::Limits;
 use clap::Parser;
 
@@ -140,6 +140,9 @@ async fn run(args: Args) -> Result<(), String> {
         ))))
         .register_service(berth_proto::node_ttrpc::create_node_service(Arc::new(
             NodeApi(manager.clone()),
+        )))
+        .register_service(berth_proto::image_ttrpc::create_image_service(Arc::new(
+            ImageApi(manager.clone()),
         )));
     server
         .start()

@@ -33,17 +33,34 @@ impl Manager {
             resolve_in_roots(field, path, roots)
                 .map_err(|e| ApiError::FailedPrecondition(format!("{e} (checked again at start)")))
         };
-        config.kernel.path = recheck("kernel.path", &spec.kernel.path, &self.config.kernel_roots)?;
-        if let Some(initrd) = &spec.kernel.initrd {
+        let kernel = &spec.kernel;
+        config.kernel.path = if kernel.image.is_empty() {
+            recheck("kernel.path", &kernel.path, &self.config.kernel_roots)?
+        } else {
+            self.image_file("kernel.image", &kernel.image)?.1
+        };
+        if let Some(initrd) = &kernel.initrd {
             config.kernel.initrd =
                 Some(recheck("kernel.initrd", initrd, &self.config.kernel_roots)?);
+        } else if !kernel.initrd_image.is_empty() {
+            config.kernel.initrd = Some(
+                self.image_file("kernel.initrd_image", &kernel.initrd_image)?
+                    .1,
+            );
         }
         for (i, (disk, spec_disk)) in config.disks.iter_mut().zip(&spec.disks).enumerate() {
-            disk.path = recheck(
-                &format!("disks[{i}].path"),
-                &spec_disk.path,
-                &self.config.disk_roots,
-            )?;
+            disk.path = if spec_disk.image.is_empty() {
+                recheck(
+                    &format!("disks[{i}].path"),
+                    &spec_disk.path,
+                    &self.config.disk_roots,
+                )?
+            } else if spec_disk.read_only {
+                self.image_file(&format!("disks[{i}].image"), &spec_disk.image)?
+                    .1
+            } else {
+                self.disk_copy(entry, i, &spec_disk.image)?
+            };
         }
         if !settings.enabled {
             tracing::warn!(vm = %spec.id, "JAIL IS OFF for this VMM (jail.enabled = false): it runs as root with the host's files in reach; debugging only");

@@ -126,6 +126,7 @@ impl Manager {
     ) -> ApiResult<PreparedIn> {
         rename_taps(&mut spec, taps)?;
         self.validate(&spec)?;
+        refuse_local_disk_copies(&spec)?;
         let id = spec.id.clone();
         let previous = match self.entry(&id) {
             Ok(entry) => {
@@ -356,6 +357,7 @@ impl Manager {
                     "only a Running VM can migrate",
                 ));
             }
+            refuse_local_disk_copies(&inner.spec)?;
         }
         let req = berth_proto::vmm::MigrateRequest {
             address: address.to_string(),
@@ -564,6 +566,24 @@ impl Manager {
         let record = inner.record.migration.get_or_insert_with(Default::default);
         record_from_vmm(record, &status);
         Ok(record.clone())
+    }
+}
+
+/// Migration moves memory and device state; disks are expected on storage
+/// both nodes see. A writable copy of an image lives on one node only, so
+/// moving its VM would leave the guest's data behind.
+fn refuse_local_disk_copies(spec: &crate::spec::VmSpec) -> ApiResult<()> {
+    match spec
+        .disks
+        .iter()
+        .position(|d| !d.image.is_empty() && !d.read_only)
+    {
+        Some(i) => Err(ApiError::FailedPrecondition(format!(
+            "disks[{i}]: a writable disk copied from image {:?} is local to this node; \
+             migration does not move disks (snapshot it, or use a path on shared storage)",
+            spec.disks[i].image
+        ))),
+        None => Ok(()),
     }
 }
 

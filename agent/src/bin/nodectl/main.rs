@@ -18,6 +18,9 @@ use berth_proto::vm_ttrpc::VmServiceClient;
 use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::{json, Value};
 
+mod image;
+mod progress;
+
 const DEFAULT_SOCKET: &str = "/run/berth/agent.sock";
 const DETACH_KEY: u8 = 0x1d; // Ctrl-]
 
@@ -145,6 +148,11 @@ enum Cmd {
     /// Cancel an outgoing migration before its handover.
     MigrateCancel {
         id: String,
+    },
+    /// The node's image store: import, list, show, remove.
+    Image {
+        #[command(subcommand)]
+        action: image::ImageCmd,
     },
     /// Stream the node's events.
     Events {
@@ -614,6 +622,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         return doctor(config.as_deref(), cli.json);
     }
     let client = connect_agent(&cli.socket).await?;
+    if let Cmd::Image { action } = cli.command {
+        let images = berth_proto::image_ttrpc::ImageServiceClient::new(client);
+        return image::run(images, action, cli.json).await;
+    }
     let vms = VmServiceClient::new(client.clone());
     let node = NodeServiceClient::new(client);
     let vm_ref = |id: &str| pb::VmRef {
@@ -706,7 +718,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     live,
                     ..Default::default()
                 };
-                let info = vms.snapshot(ctx(), &req).await.map_err(from_ttrpc)?;
+                let what = format!("snapshot {} of {}", req.name, req.id);
+                let info = progress::with_ticker(&what, json, vms.snapshot(ctx(), &req))
+                    .await
+                    .map_err(from_ttrpc)?;
                 if json {
                     println!("{}", snapshot_json(&info));
                 } else {
@@ -973,7 +988,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(from_ttrpc)?,
             json,
         ),
-        Cmd::Completions { .. } | Cmd::Doctor { .. } => {
+        Cmd::Completions { .. } | Cmd::Doctor { .. } | Cmd::Image { .. } => {
             unreachable!("handled before connecting")
         }
     }

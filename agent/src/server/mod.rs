@@ -18,7 +18,10 @@ use crate::manager::{ApiError, Event, Manager, VmView};
 use crate::spec::{self, RestartKind, VmSpec};
 use crate::store::VmState;
 
-fn status(e: ApiError) -> ttrpc::Error {
+mod images;
+pub use images::ImageApi;
+
+pub(crate) fn status(e: ApiError) -> ttrpc::Error {
     use ttrpc::Code;
     let (code, msg) = match e {
         ApiError::InvalidArgument(m) => (Code::INVALID_ARGUMENT, m),
@@ -33,7 +36,10 @@ fn status(e: ApiError) -> ttrpc::Error {
 }
 
 /// Fields this agent does not know are an error, not something to drop.
-fn refuse_unknown_fields(what: &str, msg: &dyn protobuf::MessageDyn) -> Result<(), ApiError> {
+pub(crate) fn refuse_unknown_fields(
+    what: &str,
+    msg: &dyn protobuf::MessageDyn,
+) -> Result<(), ApiError> {
     let unknown: Vec<u32> = msg
         .special_fields_dyn()
         .unknown_fields()
@@ -69,6 +75,8 @@ pub fn spec_from_pb(p: &pb::VmSpec) -> Result<VmSpec, ApiError> {
             path: kernel.path.into(),
             initrd: (!kernel.initrd.is_empty()).then(|| kernel.initrd.into()),
             cmdline: kernel.cmdline,
+            image: kernel.image,
+            initrd_image: kernel.initrd_image,
         },
         disks: p
             .disks
@@ -77,6 +85,7 @@ pub fn spec_from_pb(p: &pb::VmSpec) -> Result<VmSpec, ApiError> {
                 path: d.path.clone().into(),
                 read_only: d.read_only,
                 serial: d.serial.clone(),
+                image: d.image.clone(),
             })
             .collect(),
         nics: p
@@ -135,6 +144,8 @@ pub fn spec_to_pb(s: &VmSpec) -> pb::VmSpec {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             cmdline: s.kernel.cmdline.clone(),
+            image: s.kernel.image.clone(),
+            initrd_image: s.kernel.initrd_image.clone(),
             ..Default::default()
         }),
         disks: s
@@ -144,6 +155,7 @@ pub fn spec_to_pb(s: &VmSpec) -> pb::VmSpec {
                 path: d.path.display().to_string(),
                 read_only: d.read_only,
                 serial: d.serial.clone(),
+                image: d.image.clone(),
                 ..Default::default()
             })
             .collect(),
@@ -267,6 +279,16 @@ fn vm_to_pb(v: VmView) -> pb::Vm {
                 .migration
                 .map(|m| migration_to_pb(&v.spec.id, m))
                 .into(),
+            disk_copies: (v.record.disk_copies.into_iter())
+                .map(|c| pb::DiskCopy {
+                    disk: c.disk,
+                    image: c.image,
+                    digest: c.digest,
+                    path: c.path.display().to_string(),
+                    method: c.method,
+                    ..Default::default()
+                })
+                .collect(),
             ..Default::default()
         }),
         ..Default::default()
@@ -695,6 +717,8 @@ impl node_ttrpc::NodeService for NodeApi {
                 "vm.console",
                 "vm.restart-policy",
                 "node.watch",
+                "image.store",
+                "vm.group",
             ]
             .map(String::from)
             .to_vec(),

@@ -1,0 +1,190 @@
+//! `nodectl image ...`: the node's image store.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use berth_proto::image as pb;
+use berth_proto::image_ttrpc::ImageServiceClient;
+use clap::Subcommand;
+use serde_json::{json, Value};
+
+use crate::progress::Progress;
+use crate::{ctx, fail, from_ttrpc, parse_labels, print_table, Failure};
+
+const CHUNK: usize = 1 << 20;
+
+#[derive(Subcommand)]
+pub enum ImageCmd {
+    /// Store a kernel, initrd or disk image. The file is read here and
+    /// streamed to the agent (so it needs only to be readable by you);
+    /// with --on-node the agent reads it itself from its kernel/disk roots.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// kernel, initrd or disk.
+        #[arg(long)]
+        kind: String,
+        #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// Refuse the import unless the file hashes to this (sha256:<hex>).
+        #[arg(long)]
+        digest: Option<String>,
+        /// raw or qcow2 (default: detected). qcow2 is converted to raw.
+        #[arg(long)]
+        format: Option<String>,
+        #[arg(long)]
+        on_node: bool,
+    },
+    /// List stored images.
+    List {
+        #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        #[arg(long)]
+        kind: Option<String>,
+    },
+    /// Show one image (by name or sha256:<hex>), with the VMs using it.
+    Show { name: String },
+    /// Remove an image; refused while a VM's spec names it.
+    Remove { name: String },
+}
+
+fn image_json(i: &pb::Image) -> Value {
+    json!({
+        "name": i.name, "kind": i.kind, "digest": i.digest, "size_bytes": i.size_bytes,
+        "disk_bytes": i.disk_bytes, "labels": i.labels, "created_at_ms": i.created_at_ms,
+        "source_format": i.source_format, "source_digest": i.source_digest, "source": i.source,
+        "path": i.path, "used_by": i.used_by, "copies": i.copies,
+    })
+}
+
+fn print_image(i: &pb::Image, json: bool) {
+    let v = image_json(i);
+    if json {
+        println!("{v}");
+        return;
+    }
+    for (key, value) in v.as_object().unwrap() {
+        let text = match value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        println!("{key:<14} {text}");
+    }
+}
+
+pub async fn run(images: ImageServiceClient, cmd: ImageCmd, json: bool) -> Result<(), Failure> {
+    match cmd {
+        ImageCmd::Import {
+            file,
+            name,
+            kind,
+            labels,
+            digest,
+            format,
+            on_node,
+        } => {
+            let mut header = pb::ImportImageHeader {
+                name: name.clone(),
+                kind,
+                labels: parse_labels(&labels)?,
+                expected_digest: digest.unwrap_or_default(),
+                format: format.unwrap_or_default(),
+                ..Default::default()
+            };
+            let mut stream = images.import(ctx()).await.map_err(from_ttrpc)?;
+            if on_node {
+                header.path = file.display().to_string();
+                stream
+                    .send(&pb::ImageChunk {
+                        header: protobuf::MessageField::some(header),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(from_ttrpc)?;
+            } else {
+                let mut f = std::fs::File::open(&file)
+                    .map_err(|e| fail(2, format!("cannot read {}: {e}", file.display())))?;
+                let total = f.metadata().map(|m| m.len()).unwrap_or(0);
+                header.size_bytes = total;
+                stream
+                    .send(&pb::ImageChunk {
+                        header: protobuf::MessageField::some(header),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(from_ttrpc)?;
+                let mut bar = Progress::new(format!("importing {name}"), total, json);
+                let mut sent = 0u64;
+                let mut buf = vec![0u8; CHUNK];
+                loop {
+                    let n = f
+                        .read(&mut buf)
+                        .map_err(|e| fail(1, format!("reading {}: {e}", file.display())))?;
+                    if n == 0 {
+                        break;
+                    }
+                    stream
+                        .send(&pb::ImageChunk {
+                            data: buf[..n].to_vec(),
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(from_ttrpc)?;
+                    sent += n as u64;
+                    bar.update(sent);
+                }
+                bar.finish(sent);
+            }
+            let image = stream.close_and_recv().await.map_err(from_ttrpc)?;
+            print_image(&image, json);
+        }
+        ImageCmd::List { labels, kind } => {
+            let req = pb::ListImagesRequest {
+                labels: parse_labels(&labels)?,
+                kind: kind.unwrap_or_default(),
+                ..Default::default()
+            };
+            let list = images.list(ctx(), &req).await.map_err(from_ttrpc)?;
+            if json {
+                let all: Vec<Value> = list.images.iter().map(image_json).collect();
+                println!("{}", Value::Array(all));
+                return Ok(());
+            }
+            let mut rows = vec![["NAME", "KIND", "DIGEST", "SIZE", "FROM", "USED BY"]
+                .map(String::from)
+                .to_vec()];
+            for i in &list.images {
+                rows.push(vec![
+                    i.name.clone(),
+                    i.kind.clone(),
+                    i.digest.chars().take(19).collect(),
+                    format!("{} MiB", i.size_bytes.div_ceil(1 << 20)),
+                    i.source_format.clone(),
+                    i.used_by.join(","),
+                ]);
+            }
+            print_table(rows);
+        }
+        ImageCmd::Show { name } => {
+            let req = pb::ImageRef {
+                name,
+                ..Default::default()
+            };
+            print_image(&images.get(ctx(), &req).await.map_err(from_ttrpc)?, json);
+        }
+        ImageCmd::Remove { name } => {
+            let req = pb::ImageRef {
+                name: name.clone(),
+                ..Default::default()
+            };
+            images.remove(ctx(), &req).await.map_err(from_ttrpc)?;
+            if json {
+                println!("{}", json!({"removed": name}));
+            } else {
+                println!("removed image {name}");
+            }
+        }
+    }
+    Ok(())
+}
