@@ -19,8 +19,10 @@ use crate::store::{Store, VmDir, VmRecord, VmState};
 use crate::vmm_proc::{self, Launch, RestoreFrom, VmmExit, VmmProcess};
 
 mod confine;
+mod group;
 mod images;
 mod migration;
+pub use group::{GroupAction, GroupOutcome, MemberResult};
 pub use images::image_error;
 pub use migration::{MigrateParams, PreparedIn, DEFAULT_TOKEN_TTL};
 

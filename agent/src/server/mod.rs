@@ -520,6 +520,51 @@ impl vm_ttrpc::VmService for VmApi {
             .map_err(status)
     }
 
+    async fn group(
+        &self,
+        _: &TtrpcContext,
+        req: pb::GroupActionRequest,
+    ) -> ttrpc::Result<pb::GroupActionResponse> {
+        use crate::manager::GroupAction;
+        refuse_unknown_fields("group", &req).map_err(status)?;
+        let action = match req.action.enum_value() {
+            Ok(pb::GroupAction::GROUP_START) => GroupAction::Start,
+            Ok(pb::GroupAction::GROUP_STOP) => GroupAction::Stop {
+                force: req.force,
+                timeout: stop_timeout(req.timeout_ms),
+            },
+            Ok(pb::GroupAction::GROUP_PAUSE) => GroupAction::Pause,
+            Ok(pb::GroupAction::GROUP_RESUME) => GroupAction::Resume,
+            Ok(pb::GroupAction::GROUP_SNAPSHOT) => GroupAction::Snapshot,
+            _ => {
+                return Err(status(ApiError::InvalidArgument(
+                    "action: give start, stop, pause, resume or snapshot".into(),
+                )))
+            }
+        };
+        let selector: BTreeMap<String, String> = req.selector.into_iter().collect();
+        let outcome = self
+            .0
+            .group(&selector, action, &req.snapshot_name)
+            .await
+            .map_err(status)?;
+        Ok(pb::GroupActionResponse {
+            results: (outcome.results.into_iter())
+                .map(|r| pb::GroupMemberResult {
+                    id: r.id,
+                    ok: r.outcome.is_ok(),
+                    error: r.outcome.err().map(|e| e.to_string()).unwrap_or_default(),
+                    state: EnumOrUnknown::new(state_to_pb(r.state)),
+                    snapshot: r.snapshot.map(snapshot_to_pb).into(),
+                    ..Default::default()
+                })
+                .collect(),
+            all_paused_at_ms: outcome.all_paused_at_ms,
+            resumed_at_ms: outcome.resumed_at_ms,
+            ..Default::default()
+        })
+    }
+
     async fn stats(&self, _: &TtrpcContext, req: pb::VmRef) -> ttrpc::Result<pb::VmStats> {
         let (spec, state, r) = self.0.report(&req.id).map_err(status)?;
         Ok(stats_to_pb(&spec, state, r))

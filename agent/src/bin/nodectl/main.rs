@@ -57,11 +57,17 @@ enum Cmd {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
     },
+    /// Start a VM, or with -l every VM with those labels.
     Start {
-        id: String,
+        id: Option<String>,
+        #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
     },
+    /// Stop a VM, or with -l every VM with those labels.
     Stop {
-        id: String,
+        id: Option<String>,
+        #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
         /// Kill at once instead of asking the guest to shut down.
         #[arg(long)]
         force: bool,
@@ -72,11 +78,17 @@ enum Cmd {
     Reboot {
         id: String,
     },
+    /// Pause a VM, or with -l every VM with those labels.
     Pause {
-        id: String,
+        id: Option<String>,
+        #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
     },
+    /// Resume a VM, or with -l every VM with those labels.
     Resume {
-        id: String,
+        id: Option<String>,
+        #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
     },
     Delete {
         id: String,
@@ -199,10 +211,15 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum SnapshotCmd {
-    /// Capture a running VM; with --hibernate, stop it too (Start restores it).
+    /// Capture a running VM (`create ID NAME`); with --hibernate, stop it
+    /// too (Start restores it). With -l (`create -l k=v NAME`): a consistent
+    /// snapshot of every VM with those labels, all paused first.
     Create {
-        id: String,
-        name: String,
+        /// ID NAME, or NAME with -l.
+        #[arg(num_args = 1..=2, required = true)]
+        args: Vec<String>,
+        #[arg(short = 'l', long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
         #[arg(long)]
         hibernate: bool,
         /// Only the pages written since the VM's last snapshot.
@@ -488,6 +505,88 @@ fn print_vm(vm: &pb::Vm, json: bool) {
     }
 }
 
+enum Target {
+    One(String),
+    Group(HashMap<String, String>),
+}
+
+/// A VM id, or a label selector (-l): exactly one of them.
+fn target(id: Option<String>, labels: &[String]) -> Result<Target, Failure> {
+    match (id, labels.is_empty()) {
+        (Some(id), true) => Ok(Target::One(id)),
+        (None, false) => Ok(Target::Group(parse_labels(labels)?)),
+        (Some(_), false) => Err(fail(2, "give a VM id or -l KEY=VALUE, not both")),
+        (None, true) => Err(fail(
+            2,
+            "give a VM id, or -l KEY=VALUE for every VM with that label",
+        )),
+    }
+}
+
+/// One action on a label selector; prints a line per member and fails
+/// (exit 1) if any member failed.
+async fn group(
+    vms: &VmServiceClient,
+    selector: HashMap<String, String>,
+    action: pb::GroupAction,
+    json: bool,
+    set: impl FnOnce(&mut pb::GroupActionRequest),
+) -> Result<(), Failure> {
+    let mut req = pb::GroupActionRequest {
+        selector,
+        action: action.into(),
+        ..Default::default()
+    };
+    set(&mut req);
+    let what = format!("{:?} on {} VM group", action, req.selector.len());
+    let reply = progress::with_ticker(&what, json, vms.group(ctx(), &req))
+        .await
+        .map_err(from_ttrpc)?;
+    let failed = reply.results.iter().filter(|r| !r.ok).count();
+    if json {
+        let members: Vec<Value> = (reply.results.iter())
+            .map(|r| {
+                json!({"id": r.id, "ok": r.ok, "error": r.error,
+                       "state": state_name(r.state.enum_value_or_default()),
+                       "snapshot": r.snapshot.as_ref().map(snapshot_json)})
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"results": members, "all_paused_at_ms": reply.all_paused_at_ms,
+                   "resumed_at_ms": reply.resumed_at_ms})
+        );
+    } else if reply.results.is_empty() {
+        println!("no VM matches");
+    } else {
+        let mut rows = vec![["ID", "RESULT", "STATE", "ERROR"]
+            .map(String::from)
+            .to_vec()];
+        for r in &reply.results {
+            rows.push(vec![
+                r.id.clone(),
+                if r.ok { "ok" } else { "FAILED" }.into(),
+                state_name(r.state.enum_value_or_default()).into(),
+                r.error.clone(),
+            ]);
+        }
+        print_table(rows);
+        if reply.all_paused_at_ms > 0 && failed == 0 {
+            println!(
+                "all members paused together for {} ms",
+                reply.resumed_at_ms.saturating_sub(reply.all_paused_at_ms)
+            );
+        }
+    }
+    match failed {
+        0 => Ok(()),
+        n => Err(fail(
+            1,
+            format!("{n} of {} members failed", reply.results.len()),
+        )),
+    }
+}
+
 fn parse_labels(labels: &[String]) -> Result<HashMap<String, String>, Failure> {
     labels
         .iter()
@@ -680,19 +779,48 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             show(vms.create(ctx(), &req).await.map_err(from_ttrpc)?);
         }
-        Cmd::Start { id } => show(vms.start(ctx(), &vm_ref(&id)).await.map_err(from_ttrpc)?),
-        Cmd::Stop { id, force, timeout } => {
-            let req = pb::StopVmRequest {
-                id,
-                force,
-                timeout_ms: timeout.saturating_mul(1000),
-                ..Default::default()
-            };
-            show(vms.stop(ctx(), &req).await.map_err(from_ttrpc)?);
-        }
+        Cmd::Start { id, labels } => match target(id, &labels)? {
+            Target::One(id) => show(vms.start(ctx(), &vm_ref(&id)).await.map_err(from_ttrpc)?),
+            Target::Group(selector) => {
+                group(&vms, selector, pb::GroupAction::GROUP_START, json, |_| {}).await?
+            }
+        },
+        Cmd::Stop {
+            id,
+            labels,
+            force,
+            timeout,
+        } => match target(id, &labels)? {
+            Target::One(id) => {
+                let req = pb::StopVmRequest {
+                    id,
+                    force,
+                    timeout_ms: timeout.saturating_mul(1000),
+                    ..Default::default()
+                };
+                show(vms.stop(ctx(), &req).await.map_err(from_ttrpc)?);
+            }
+            Target::Group(selector) => {
+                let set = |r: &mut pb::GroupActionRequest| {
+                    r.force = force;
+                    r.timeout_ms = timeout.saturating_mul(1000);
+                };
+                group(&vms, selector, pb::GroupAction::GROUP_STOP, json, set).await?
+            }
+        },
         Cmd::Reboot { id } => show(vms.reboot(ctx(), &vm_ref(&id)).await.map_err(from_ttrpc)?),
-        Cmd::Pause { id } => show(vms.pause(ctx(), &vm_ref(&id)).await.map_err(from_ttrpc)?),
-        Cmd::Resume { id } => show(vms.resume(ctx(), &vm_ref(&id)).await.map_err(from_ttrpc)?),
+        Cmd::Pause { id, labels } => match target(id, &labels)? {
+            Target::One(id) => show(vms.pause(ctx(), &vm_ref(&id)).await.map_err(from_ttrpc)?),
+            Target::Group(selector) => {
+                group(&vms, selector, pb::GroupAction::GROUP_PAUSE, json, |_| {}).await?
+            }
+        },
+        Cmd::Resume { id, labels } => match target(id, &labels)? {
+            Target::One(id) => show(vms.resume(ctx(), &vm_ref(&id)).await.map_err(from_ttrpc)?),
+            Target::Group(selector) => {
+                group(&vms, selector, pb::GroupAction::GROUP_RESUME, json, |_| {}).await?
+            }
+        },
         Cmd::Delete { id } => {
             vms.delete(ctx(), &vm_ref(&id)).await.map_err(from_ttrpc)?;
             if json {
@@ -704,12 +832,34 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Console { id, follow, tail } => console(&vms, &id, follow, tail).await?,
         Cmd::Snapshot { action } => match action {
             SnapshotCmd::Create {
-                id,
-                name,
+                args,
+                labels,
                 hibernate,
                 diff,
                 live,
             } => {
+                let (id, name) = match (args.as_slice(), labels.is_empty()) {
+                    ([id, name], true) => (id.clone(), name.clone()),
+                    ([name], false) => {
+                        if hibernate || diff || live {
+                            return Err(fail(
+                                2,
+                                "a group snapshot is full and paused; --hibernate, --diff and --live are for one VM",
+                            ));
+                        }
+                        let selector = parse_labels(&labels)?;
+                        let name = name.clone();
+                        let set = move |r: &mut pb::GroupActionRequest| r.snapshot_name = name;
+                        let action = pb::GroupAction::GROUP_SNAPSHOT;
+                        return group(&vms, selector, action, json, set).await;
+                    }
+                    _ => {
+                        return Err(fail(
+                            2,
+                            "give ID NAME for one VM, or -l KEY=VALUE and NAME for a group",
+                        ))
+                    }
+                };
                 let req = pb::SnapshotVmRequest {
                     id,
                     name,
