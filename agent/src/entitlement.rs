@@ -2,6 +2,7 @@
 //! (vCPUs, weight, cap, memory) against what it received over the last
 //! sampling interval, with the promises it did not get spelled out.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use crate::cgroups::Usage;
@@ -14,6 +15,21 @@ pub struct Sample {
     pub usage: Usage,
     pub vcpu_run_ns: Vec<u64>,
     pub vcpu_wait_ns: Vec<u64>,
+    /// The VMM's device counters and exits (cumulative).
+    pub devices: Vec<DeviceUsage>,
+    pub exits: u64,
+    pub exits_by_reason: BTreeMap<String, u64>,
+}
+
+/// One disk or NIC direction, as its VMM counts it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DeviceUsage {
+    pub device: String,
+    pub direction: String,
+    pub bytes: u64,
+    pub ops: u64,
+    pub throttled_ns: u64,
+    pub limit: crate::spec::RateLimit,
 }
 
 /// What the report says; the ttrpc edge turns it into VmStats.
@@ -32,6 +48,12 @@ pub struct Report {
     pub memory_resident_bytes: u64,
     pub memory_limit_bytes: u64,
     pub breaches: Vec<String>,
+    /// From the latest sample, cumulative for the current VMM.
+    pub devices: Vec<DeviceUsage>,
+    pub exits: u64,
+    pub exits_by_reason: BTreeMap<String, u64>,
+    /// The cgroup's CPU throttling, cumulative for the VM's group.
+    pub throttled_ns_total: u64,
 }
 
 pub const BREACH_MAX: &str = "throttled below cpu_max";
@@ -65,6 +87,10 @@ pub fn measure(prev: &Sample, last: &Sample) -> Report {
         vcpu_run_ns: last.vcpu_run_ns.clone(),
         memory_resident_bytes: last.usage.memory_bytes,
         memory_limit_bytes: last.usage.memory_limit_bytes,
+        devices: last.devices.clone(),
+        exits: last.exits,
+        exits_by_reason: last.exits_by_reason.clone(),
+        throttled_ns_total: last.usage.throttled_ns,
         ..Default::default()
     }
 }
@@ -156,6 +182,9 @@ mod tests {
             },
             vcpu_run_ns: vec![0, 0],
             vcpu_wait_ns: vec![0, 0],
+            devices: Vec::new(),
+            exits: 10,
+            exits_by_reason: BTreeMap::new(),
         };
         let b = Sample {
             at: t0 + Duration::from_secs(2),
@@ -166,9 +195,13 @@ mod tests {
             },
             vcpu_run_ns: vec![5, 6],
             vcpu_wait_ns: vec![400_000_000, 0],
+            devices: Vec::new(),
+            exits: 25,
+            exits_by_reason: [("hlt".to_string(), 25)].into(),
         };
         let r = measure(&a, &b);
         assert_eq!(r.interval_ms, 2000);
+        assert_eq!(r.exits, 25, "cumulative, from the latest sample");
         assert!((r.cpu_used - 0.5).abs() < 1e-9);
         assert!((r.cpu_wait - 0.1).abs() < 1e-9);
         assert_eq!((r.throttled, r.throttled_periods), (true, 5));

@@ -228,11 +228,22 @@ mod tests {
             read_only: true,
             serial: "disk-1".into(),
             image: String::new(),
+            limit: crate::spec::RateLimit {
+                bytes_per_s: 1 << 20,
+                ops_per_s: 100,
+                ..Default::default()
+            },
         });
         full.nics.push(crate::spec::Nic {
             tap: "tap0".into(),
             bridge: "br0".into(),
             mac: "52:54:00:12:34:56".into(),
+            rx_limit: Default::default(),
+            tx_limit: crate::spec::RateLimit {
+                bytes_per_s: 1 << 20,
+                bytes_burst: 4096,
+                ..Default::default()
+            },
         });
         full.cpu.max = 1.5;
         full.cpu.cpuset = "0-1".into();

@@ -480,17 +480,21 @@ impl Manager {
                 spec.name
             )));
         }
-        let mut inner = lock(&entry.inner);
-        if inner.record.state.has_vmm() {
-            // Live: only the shares may change, and they apply at once.
-            let mut same = spec.clone();
-            same.cpu = inner.spec.cpu.clone();
-            same.memory = inner.spec.memory.clone();
-            if same != inner.spec {
+        let (live, old) = {
+            let inner = lock(&entry.inner);
+            (inner.record.state.has_vmm(), inner.spec.clone())
+        };
+        if live {
+            // Live: only the shares and the I/O limits may change, and
+            // they apply at once.
+            let mut same = spec.with_limits_of(&old);
+            same.cpu = old.cpu.clone();
+            same.memory = old.memory.clone();
+            if same != old {
                 return Err(Self::wrong_state(
-                    &inner.spec,
-                    inner.record.state,
-                    "only cpu and memory policies change on a running VM; stop it to change the rest",
+                    &old,
+                    lock(&entry.inner).record.state,
+                    "only cpu and memory policies and rate limits change on a running VM; stop it to change the rest",
                 ));
             }
             if let Ok(layout) = &self.cgroups {
@@ -498,7 +502,23 @@ impl Manager {
                     .apply(&spec.id, &self.cgroup_limits(&spec))
                     .map_err(|e| ApiError::Unavailable(e.to_string()))?;
             }
+            let changed = (spec.rate_limits().into_iter())
+                .zip(old.rate_limits())
+                .filter(|(new, old)| new.2 != old.2)
+                .map(|(new, _)| new);
+            for (device, direction, limit) in changed {
+                let req = berth_proto::vmm::SetRateLimitRequest {
+                    device,
+                    direction: direction.into(),
+                    limit: protobuf::MessageField::some(crate::server::rate_limit_to_pb(limit)),
+                    ..Default::default()
+                };
+                let ctx = ttrpc::context::with_timeout(5_000_000_000);
+                self.vmm_call(&entry, |c| async move { c.set_rate_limit(ctx, &req).await })
+                    .await?;
+            }
         }
+        let mut inner = lock(&entry.inner);
         self.store.save_spec(&entry.dir, &spec).map_err(internal)?;
         inner.spec = spec;
         drop(inner);
@@ -1289,6 +1309,18 @@ impl Manager {
                     usage,
                     vcpu_run_ns: vmm.vcpu_run_ns,
                     vcpu_wait_ns: vmm.vcpu_wait_ns,
+                    exits: vmm.exits,
+                    exits_by_reason: vmm.exits_by_reason.into_iter().collect(),
+                    devices: (vmm.devices.into_iter())
+                        .map(|d| entitlement::DeviceUsage {
+                            limit: crate::server::rate_limit_from_pb(&d.limit),
+                            device: d.device,
+                            direction: d.direction,
+                            bytes: d.bytes,
+                            ops: d.ops,
+                            throttled_ns: d.throttled_ns,
+                        })
+                        .collect(),
                 };
                 let mut samples = lock(&self.samples);
                 let pair = match samples.remove(&id) {

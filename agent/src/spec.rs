@@ -72,6 +72,9 @@ pub struct Disk {
     /// `path`; a writable disk gets a copy of its own at the first Start.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub image: String,
+    /// The disk's I/O limits (reads and writes together).
+    #[serde(default, skip_serializing_if = "RateLimit::is_unlimited")]
+    pub limit: RateLimit,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -82,6 +85,42 @@ pub struct Nic {
     pub bridge: String,
     #[serde(default)]
     pub mac: String,
+    /// Limits on what the guest receives, and on what it sends.
+    #[serde(default, skip_serializing_if = "RateLimit::is_unlimited")]
+    pub rx_limit: RateLimit,
+    #[serde(default, skip_serializing_if = "RateLimit::is_unlimited")]
+    pub tx_limit: RateLimit,
+}
+
+/// Token buckets: 0 rates are unlimited, a 0 burst is a tenth of a
+/// second's worth. Changeable on a running VM with Update.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimit {
+    pub bytes_per_s: u64,
+    pub bytes_burst: u64,
+    pub ops_per_s: u64,
+    pub ops_burst: u64,
+}
+
+impl RateLimit {
+    pub fn is_unlimited(&self) -> bool {
+        *self == RateLimit::default()
+    }
+
+    pub fn to_vmm(self) -> berth_vmm::devices::rate_limiter::LimitConfig {
+        use berth_vmm::devices::rate_limiter::{BucketConfig, LimitConfig};
+        LimitConfig {
+            bytes: BucketConfig {
+                rate_per_s: self.bytes_per_s,
+                burst: self.bytes_burst,
+            },
+            ops: BucketConfig {
+                rate_per_s: self.ops_per_s,
+                burst: self.ops_burst,
+            },
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -235,6 +274,33 @@ fn check_source(
 /// The images a spec names, with the field naming each and the kind it
 /// must be.
 impl VmSpec {
+    /// Every device's limits, as the VMM names them: (device, direction).
+    pub fn rate_limits(&self) -> Vec<(String, &'static str, RateLimit)> {
+        let mut out = Vec::new();
+        for (i, d) in self.disks.iter().enumerate() {
+            out.push((format!("disk{i}"), "io", d.limit));
+        }
+        for (i, n) in self.nics.iter().enumerate() {
+            out.push((format!("nic{i}"), "rx", n.rx_limit));
+            out.push((format!("nic{i}"), "tx", n.tx_limit));
+        }
+        out
+    }
+
+    /// The same spec with every rate limit taken from `other` (to compare
+    /// what else differs).
+    pub fn with_limits_of(&self, other: &VmSpec) -> VmSpec {
+        let mut s = self.clone();
+        for (d, o) in s.disks.iter_mut().zip(&other.disks) {
+            d.limit = o.limit;
+        }
+        for (n, o) in s.nics.iter_mut().zip(&other.nics) {
+            n.rx_limit = o.rx_limit;
+            n.tx_limit = o.tx_limit;
+        }
+        s
+    }
+
     pub fn image_refs(&self) -> Vec<(String, &str, crate::images::ImageKind)> {
         use crate::images::ImageKind;
         let mut refs = Vec::new();
@@ -424,6 +490,7 @@ impl VmSpec {
                     path: d.path.clone(),
                     read_only: d.read_only,
                     serial: (!d.serial.is_empty()).then(|| d.serial.clone()),
+                    limit: d.limit.to_vmm(),
                 })
                 .collect(),
             nics: self
@@ -433,6 +500,8 @@ impl VmSpec {
                     tap: Some(n.tap.clone()),
                     tap_fd: None,
                     mac: (!n.mac.is_empty()).then(|| n.mac.clone()),
+                    rx_limit: n.rx_limit.to_vmm(),
+                    tx_limit: n.tx_limit.to_vmm(),
                 })
                 .collect(),
         }

@@ -9,16 +9,17 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use berth_proto::common::Empty;
+use berth_proto::common::{DeviceStats, Empty, RateLimit};
 use berth_proto::vmm::{
-    ConsoleInput as ConsoleInputMsg, MigrateRequest, MigrationStatus, SnapshotReply,
-    SnapshotRequest, VmmInfo, VmmStats,
+    ConsoleInput as ConsoleInputMsg, MigrateRequest, MigrationStatus, SetRateLimitRequest,
+    SnapshotReply, SnapshotRequest, VmmInfo, VmmStats,
 };
 use berth_proto::vmm_ttrpc::{create_vmm_service, VmmService};
 use ttrpc::r#async::TtrpcContext;
 
 use crate::devices::bus::lock;
 use crate::devices::legacy::serial::{pump_input, SerialDevice};
+use crate::devices::rate_limiter::{BucketConfig, LimitConfig};
 use crate::exit::ExitReason;
 use crate::seccomp::ThreadKind;
 
@@ -67,6 +68,29 @@ pub struct VmmApi {
     pub started_at_ms: u64,
     /// The outgoing migration, once one was asked for.
     pub migration: Mutex<Option<Arc<crate::migration::source::Migration>>>,
+}
+
+fn limit_from_pb(l: &RateLimit) -> LimitConfig {
+    LimitConfig {
+        bytes: BucketConfig {
+            rate_per_s: l.bytes_per_s,
+            burst: l.bytes_burst,
+        },
+        ops: BucketConfig {
+            rate_per_s: l.ops_per_s,
+            burst: l.ops_burst,
+        },
+    }
+}
+
+fn limit_to_pb(l: LimitConfig) -> RateLimit {
+    RateLimit {
+        bytes_per_s: l.bytes.rate_per_s,
+        bytes_burst: l.bytes.burst,
+        ops_per_s: l.ops.rate_per_s,
+        ops_burst: l.ops.burst,
+        ..Default::default()
+    }
 }
 
 fn unavailable(message: String) -> ttrpc::Error {
@@ -331,8 +355,58 @@ impl VmmService for VmmApi {
                 .control
                 .exits
                 .load(std::sync::atomic::Ordering::Relaxed),
+            exits_by_reason: (crate::vstate::vcpu::EXIT_REASONS.iter())
+                .zip(&self.machine.vcpus.control.exits_by_reason)
+                .map(|(name, n)| {
+                    (
+                        name.to_string(),
+                        n.load(std::sync::atomic::Ordering::Relaxed),
+                    )
+                })
+                .collect(),
+            devices: (self.machine.limiters.iter())
+                .map(|d| {
+                    let s = d.limiter.stats();
+                    DeviceStats {
+                        device: d.device.clone(),
+                        direction: d.direction.into(),
+                        bytes: s.bytes,
+                        ops: s.ops,
+                        throttled_ns: s.throttled_ns,
+                        limit: protobuf::MessageField::some(limit_to_pb(d.limiter.config())),
+                        ..Default::default()
+                    }
+                })
+                .collect(),
             ..Default::default()
         })
+    }
+
+    async fn set_rate_limit(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SetRateLimitRequest,
+    ) -> ttrpc::Result<Empty> {
+        let target = (self.machine.limiters.iter())
+            .find(|d| d.device == req.device && d.direction == req.direction)
+            .ok_or_else(|| {
+                let known: Vec<String> = (self.machine.limiters.iter())
+                    .map(|d| format!("{}/{}", d.device, d.direction))
+                    .collect();
+                ttrpc::Error::RpcStatus(ttrpc::get_status(
+                    ttrpc::Code::NOT_FOUND,
+                    format!(
+                        "no device {}/{} (this VM has: {})",
+                        req.device,
+                        req.direction,
+                        known.join(", ")
+                    ),
+                ))
+            })?;
+        target
+            .limiter
+            .update(limit_from_pb(&req.limit.clone().unwrap_or_default()));
+        Ok(Empty::default())
     }
 
     async fn snapshot(

@@ -39,6 +39,9 @@ pub struct DiskConfig {
     /// Answer to the guest's get-id request (at most 20 bytes).
     #[serde(default)]
     pub serial: Option<String>,
+    /// Token buckets for the disk's bytes and requests (both directions).
+    #[serde(default)]
+    pub limit: crate::devices::rate_limiter::LimitConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +59,11 @@ pub struct NicConfig {
     /// interface's position when absent.
     #[serde(default)]
     pub mac: Option<String>,
+    /// Token buckets for what the guest receives and what it sends.
+    #[serde(default)]
+    pub rx_limit: crate::devices::rate_limiter::LimitConfig,
+    #[serde(default)]
+    pub tx_limit: crate::devices::rate_limiter::LimitConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

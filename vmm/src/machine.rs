@@ -26,6 +26,8 @@ pub struct Machine {
     pub serial: Arc<Mutex<SerialDevice>>,
     pub i8042: Arc<Mutex<I8042>>,
     pub transports: crate::builder::Transports,
+    /// Every device's rate limiter, by device name and direction.
+    pub limiters: Arc<Vec<crate::builder::DeviceLimiter>>,
     pub config: crate::config::VmConfig,
     pub flavour: String,
     pub exit: ExitNotifier,

@@ -195,6 +195,11 @@ fn apply_console_flags(args: &Args, config: &mut VmConfig) {
     }
 }
 
+fn number(flag: &str, spec: &str, n: &str) -> Result<u64, String> {
+    n.parse()
+        .map_err(|_| format!("{flag} {spec:?}: {n:?} is not a number"))
+}
+
 fn parse_disk(spec: &str) -> Result<DiskConfig, String> {
     let mut parts = spec.split(',');
     let path = parts.next().filter(|p| !p.is_empty());
@@ -202,14 +207,17 @@ fn parse_disk(spec: &str) -> Result<DiskConfig, String> {
         path: path.ok_or(format!("--disk {spec:?}: no path"))?.into(),
         read_only: false,
         serial: None,
+        limit: Default::default(),
     };
     for opt in parts {
         match opt.split_once('=') {
             None if opt == "ro" => disk.read_only = true,
             Some(("serial", id)) => disk.serial = Some(id.to_string()),
+            Some(("bps", n)) => disk.limit.bytes.rate_per_s = number("--disk", spec, n)?,
+            Some(("iops", n)) => disk.limit.ops.rate_per_s = number("--disk", spec, n)?,
             _ => {
                 return Err(format!(
-                    "--disk {spec:?}: unknown option {opt:?} (ro, serial=ID)"
+                    "--disk {spec:?}: unknown option {opt:?} (ro, serial=ID, bps=N, iops=N)"
                 ))
             }
         }
@@ -222,6 +230,8 @@ fn parse_nic(spec: &str) -> Result<NicConfig, String> {
         tap: None,
         tap_fd: None,
         mac: None,
+        rx_limit: Default::default(),
+        tx_limit: Default::default(),
     };
     for opt in spec.split(',') {
         match opt.split_once('=') {
@@ -233,9 +243,11 @@ fn parse_nic(spec: &str) -> Result<NicConfig, String> {
                 )
             }
             Some(("mac", mac)) => nic.mac = Some(mac.to_string()),
+            Some(("rx_bps", n)) => nic.rx_limit.bytes.rate_per_s = number("--nic", spec, n)?,
+            Some(("tx_bps", n)) => nic.tx_limit.bytes.rate_per_s = number("--nic", spec, n)?,
             _ => {
                 return Err(format!(
-                    "--nic {spec:?}: unknown option {opt:?} (tap=NAME, fd=N, mac=MAC)"
+                    "--nic {spec:?}: unknown option {opt:?} (tap=NAME, fd=N, mac=MAC, rx_bps=N, tx_bps=N)"
                 ))
             }
         }

@@ -55,6 +55,36 @@ pub(crate) fn refuse_unknown_fields(
     }
 }
 
+pub fn rate_limit_from_pb(l: &MessageField<berth_proto::common::RateLimit>) -> spec::RateLimit {
+    l.as_ref()
+        .map(|l| spec::RateLimit {
+            bytes_per_s: l.bytes_per_s,
+            bytes_burst: l.bytes_burst,
+            ops_per_s: l.ops_per_s,
+            ops_burst: l.ops_burst,
+        })
+        .unwrap_or_default()
+}
+
+pub fn rate_limit_to_pb(l: spec::RateLimit) -> berth_proto::common::RateLimit {
+    berth_proto::common::RateLimit {
+        bytes_per_s: l.bytes_per_s,
+        bytes_burst: l.bytes_burst,
+        ops_per_s: l.ops_per_s,
+        ops_burst: l.ops_burst,
+        ..Default::default()
+    }
+}
+
+/// Unlimited stays absent on the wire.
+fn limit_field(l: spec::RateLimit) -> MessageField<berth_proto::common::RateLimit> {
+    if l.is_unlimited() {
+        MessageField::none()
+    } else {
+        MessageField::some(rate_limit_to_pb(l))
+    }
+}
+
 pub fn spec_from_pb(p: &pb::VmSpec) -> Result<VmSpec, ApiError> {
     refuse_unknown_fields("spec", p)?;
     let kernel = p.kernel.clone().unwrap_or_default();
@@ -86,6 +116,7 @@ pub fn spec_from_pb(p: &pb::VmSpec) -> Result<VmSpec, ApiError> {
                 read_only: d.read_only,
                 serial: d.serial.clone(),
                 image: d.image.clone(),
+                limit: rate_limit_from_pb(&d.limit),
             })
             .collect(),
         nics: p
@@ -95,6 +126,8 @@ pub fn spec_from_pb(p: &pb::VmSpec) -> Result<VmSpec, ApiError> {
                 tap: n.tap.clone(),
                 bridge: n.bridge.clone(),
                 mac: n.mac.clone(),
+                rx_limit: rate_limit_from_pb(&n.rx_limit),
+                tx_limit: rate_limit_from_pb(&n.tx_limit),
             })
             .collect(),
         cpu: spec::CpuPolicy {
@@ -156,6 +189,7 @@ pub fn spec_to_pb(s: &VmSpec) -> pb::VmSpec {
                 read_only: d.read_only,
                 serial: d.serial.clone(),
                 image: d.image.clone(),
+                limit: limit_field(d.limit),
                 ..Default::default()
             })
             .collect(),
@@ -166,6 +200,8 @@ pub fn spec_to_pb(s: &VmSpec) -> pb::VmSpec {
                 tap: n.tap.clone(),
                 bridge: n.bridge.clone(),
                 mac: n.mac.clone(),
+                rx_limit: limit_field(n.rx_limit),
+                tx_limit: limit_field(n.tx_limit),
                 ..Default::default()
             })
             .collect(),
@@ -317,6 +353,19 @@ pub fn stats_to_pb(spec: &VmSpec, state: VmState, r: crate::entitlement::Report)
         memory_limit_bytes: r.memory_limit_bytes,
         breaches: r.breaches,
         throttled: r.throttled,
+        exits: r.exits,
+        exits_by_reason: r.exits_by_reason.into_iter().collect(),
+        devices: (r.devices.into_iter())
+            .map(|d| berth_proto::common::DeviceStats {
+                device: d.device,
+                direction: d.direction,
+                bytes: d.bytes,
+                ops: d.ops,
+                throttled_ns: d.throttled_ns,
+                limit: MessageField::some(rate_limit_to_pb(d.limit)),
+                ..Default::default()
+            })
+            .collect(),
         ..Default::default()
     }
 }

@@ -3,7 +3,7 @@
 //! and configures each vCPU. `Vmm::run` then starts the threads.
 
 mod virtio;
-pub use virtio::Transports;
+pub use virtio::{DeviceLimiter, Transports};
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -116,6 +116,7 @@ pub struct Vmm {
     vm: Arc<Vm>,
     config: VmConfig,
     transports: virtio::Transports,
+    limiters: Arc<Vec<virtio::DeviceLimiter>>,
     vcpus: Vec<Vcpu>,
     control: Arc<VcpuControl>,
     serial: Arc<Mutex<SerialDevice>>,
@@ -259,8 +260,11 @@ fn build_vm(
         .map_err(|e| io_err("the port I/O bus")(std::io::Error::other(e)))?;
     let pio = Arc::new(pio);
     let mut mmio = Bus::default();
-    let (device_words, transports) =
-        virtio::attach_devices(&vm, &config.disks, &config.nics, &mut mmio)?;
+    let virtio::Attached {
+        cmdline: device_words,
+        transports,
+        limiters,
+    } = virtio::attach_devices(&vm, &config.disks, &config.nics, &mut mmio)?;
     if let Some(s) = &snapshot {
         if s.virtio.len() != transports.len() {
             return Err(io_err("the virtio devices")(std::io::Error::other(
@@ -355,6 +359,7 @@ fn build_vm(
         vm: Arc::new(vm),
         config: config.clone(),
         transports,
+        limiters: Arc::new(limiters),
         vcpus,
         control,
         serial,
@@ -406,6 +411,7 @@ impl Vmm {
                 serial: self.serial.clone(),
                 i8042: self.i8042.clone(),
                 transports: self.transports.clone(),
+                limiters: self.limiters.clone(),
                 config: self.config.clone(),
                 flavour: self.flavour.to_string(),
                 exit: self.exit.clone(),

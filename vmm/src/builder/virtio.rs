@@ -12,6 +12,7 @@ use super::BuildError;
 use crate::arch::x86_64::layout::MMIO_GAP_START;
 use crate::config::{DiskConfig, NicConfig};
 use crate::devices::bus::Bus;
+use crate::devices::rate_limiter::RateLimiter;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
 use crate::devices::virtio::net::tap::Tap;
@@ -25,15 +26,29 @@ const FIRST_IRQ: u32 = 5;
 const LAST_IRQ: u32 = 23;
 pub const MAX_DEVICES: usize = (LAST_IRQ - FIRST_IRQ + 1) as usize;
 
-fn disk_device(disk: &DiskConfig) -> Result<Box<dyn VirtioDevice>, BuildError> {
-    Ok(Box::new(Block::open(
-        &disk.path,
-        disk.read_only,
-        disk.serial.as_deref(),
-    )?))
+/// A device's rate limiter, as the control API names it: device "disk0"
+/// (direction "io") or "nic0" (directions "rx" and "tx").
+pub struct DeviceLimiter {
+    pub device: String,
+    pub direction: &'static str,
+    pub limiter: Arc<RateLimiter>,
 }
 
-fn nic_device(index: usize, nic: &NicConfig) -> Result<Box<dyn VirtioDevice>, BuildError> {
+type Device = (Box<dyn VirtioDevice>, Vec<DeviceLimiter>);
+
+fn disk_device(index: usize, disk: &DiskConfig) -> Result<Device, BuildError> {
+    let block = Block::open(&disk.path, disk.read_only, disk.serial.as_deref())?;
+    let limiter = block.limiter();
+    limiter.update(disk.limit);
+    let limiters = vec![DeviceLimiter {
+        device: format!("disk{index}"),
+        direction: "io",
+        limiter,
+    }];
+    Ok((Box::new(block), limiters))
+}
+
+fn nic_device(index: usize, nic: &NicConfig) -> Result<Device, BuildError> {
     let tap = match (&nic.tap, nic.tap_fd) {
         (Some(name), _) => Tap::open(name)?,
         (None, Some(fd)) => {
@@ -54,29 +69,61 @@ fn nic_device(index: usize, nic: &NicConfig) -> Result<Box<dyn VirtioDevice>, Bu
             [0x02, 0xb3, pid[2], pid[3], 0x00, index as u8]
         }
     };
-    Ok(Box::new(Net::new(tap, mac)))
+    let net = Net::new(tap, mac).map_err(|source| BuildError::Io {
+        what: "the NIC's rate limiters",
+        source,
+    })?;
+    let limiters = net.limiters();
+    limiters.rx.update(nic.rx_limit);
+    limiters.tx.update(nic.tx_limit);
+    let device = format!("nic{index}");
+    let limiters = vec![
+        DeviceLimiter {
+            device: device.clone(),
+            direction: "rx",
+            limiter: limiters.rx,
+        },
+        DeviceLimiter {
+            device,
+            direction: "tx",
+            limiter: limiters.tx,
+        },
+    ];
+    Ok((Box::new(net), limiters))
 }
 
 pub type Transports = Vec<Arc<Mutex<MmioTransport>>>;
 
-/// Creates every disk and NIC, wires it into `mmio` and KVM, and returns
-/// the command-line words that announce them and the transports.
+/// What `attach_devices` made.
+pub struct Attached {
+    /// The command-line words that announce the devices.
+    pub cmdline: Vec<String>,
+    pub transports: Transports,
+    pub limiters: Vec<DeviceLimiter>,
+}
+
+/// Creates every disk and NIC and wires it into `mmio` and KVM.
 pub fn attach_devices(
     vm: &Vm,
     disks: &[DiskConfig],
     nics: &[NicConfig],
     mmio: &mut Bus,
-) -> Result<(Vec<String>, Transports), BuildError> {
+) -> Result<Attached, BuildError> {
     let count = disks.len() + nics.len();
     if count > MAX_DEVICES {
         return Err(BuildError::TooManyDevices(count));
     }
     let mut devices = Vec::with_capacity(count);
-    for disk in disks {
-        devices.push(disk_device(disk)?);
+    let mut limiters = Vec::new();
+    for (index, disk) in disks.iter().enumerate() {
+        let (device, mut l) = disk_device(index, disk)?;
+        devices.push(device);
+        limiters.append(&mut l);
     }
     for (index, nic) in nics.iter().enumerate() {
-        devices.push(nic_device(index, nic)?);
+        let (device, mut l) = nic_device(index, nic)?;
+        devices.push(device);
+        limiters.append(&mut l);
     }
 
     let mut cmdline = Vec::with_capacity(count);
@@ -107,5 +154,9 @@ pub fn attach_devices(
         transports.push(transport);
         cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
     }
-    Ok((cmdline, transports))
+    Ok(Attached {
+        cmdline,
+        transports,
+        limiters,
+    })
 }

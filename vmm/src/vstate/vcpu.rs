@@ -31,6 +31,34 @@ pub fn install_kick_handler() -> std::io::Result<()> {
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
+/// Why vCPUs came out of KVM_RUN, as Stats names them: port and MMIO
+/// accesses (the device emulation), halts and interrupt windows, a kick
+/// (signal) and everything else.
+pub const EXIT_REASONS: [&str; 8] = [
+    "io_in",
+    "io_out",
+    "mmio_read",
+    "mmio_write",
+    "hlt",
+    "irq_window",
+    "interrupted",
+    "other",
+];
+
+fn exit_reason_index(exit: &Result<VcpuExit<'_>, kvm_ioctls::Error>) -> usize {
+    match exit {
+        Ok(VcpuExit::IoIn(..)) => 0,
+        Ok(VcpuExit::IoOut(..)) => 1,
+        Ok(VcpuExit::MmioRead(..)) => 2,
+        Ok(VcpuExit::MmioWrite(..)) => 3,
+        Ok(VcpuExit::Hlt) => 4,
+        Ok(VcpuExit::IrqWindowOpen) => 5,
+        Ok(VcpuExit::Intr) => 6,
+        Err(e) if e.errno() == libc::EINTR => 6,
+        _ => 7,
+    }
+}
+
 /// Shared by all vCPU threads: pausing, and what they report.
 #[derive(Default)]
 pub struct VcpuControl {
@@ -38,6 +66,8 @@ pub struct VcpuControl {
     changed: Condvar,
     /// Exits handled in userspace, all vCPUs together.
     pub exits: AtomicU64,
+    /// The same by reason, indexed like `EXIT_REASONS`.
+    pub exits_by_reason: [AtomicU64; EXIT_REASONS.len()],
     /// Kernel thread ids of the vCPU threads, by index (0 until started).
     tids: Mutex<Vec<i32>>,
 }
@@ -284,7 +314,9 @@ impl Vcpu {
                 return None;
             }
             // The exit borrows the vCPU: decide what to do, then act on it.
-            let step = match self.fd.run() {
+            let exit = self.fd.run();
+            self.control.exits_by_reason[exit_reason_index(&exit)].fetch_add(1, Ordering::Relaxed);
+            let step = match exit {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !self.pio.read(u64::from(port), data) {
                         data.fill(0xff);

@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::worker::{DeviceWorker, EventHandler};
 use super::{read_config_bytes, ActivateError, ActiveQueue, DeviceSignals, VirtioDevice};
 use super::{TYPE_BLOCK, VIRTIO_F_VERSION_1};
+use crate::devices::rate_limiter::{LimitConfig, RateLimiter};
 use crate::vstate::memory::GuestMemory;
 pub use request::SECTOR_SIZE;
 
@@ -36,6 +37,8 @@ pub enum BlockError {
     },
     #[error("disk serial {0:?} is longer than {ID_BYTES} bytes")]
     SerialTooLong(String),
+    #[error("cannot set up the disk's rate limiter: {0}")]
+    Limiter(std::io::Error),
 }
 
 pub struct Block {
@@ -46,6 +49,7 @@ pub struct Block {
     config: Vec<u8>,
     worker: DeviceWorker<BlockQueue>,
     name: String,
+    limiter: Arc<RateLimiter>,
 }
 
 impl Block {
@@ -86,7 +90,15 @@ impl Block {
                 "blk-{}",
                 path.file_name().unwrap_or_default().to_string_lossy()
             ),
+            limiter: Arc::new(
+                RateLimiter::new(LimitConfig::default()).map_err(BlockError::Limiter)?,
+            ),
         })
+    }
+
+    /// The disk's I/O limiter (bytes and requests; unlimited until set).
+    pub fn limiter(&self) -> Arc<RateLimiter> {
+        self.limiter.clone()
     }
 
     pub fn capacity_sectors(&self) -> u64 {
@@ -135,6 +147,7 @@ impl VirtioDevice for Block {
                 id: self.id,
             },
             buf: Vec::new(),
+            limiter: self.limiter.clone(),
         };
         self.worker.start(&self.name, handler)?;
         Ok(())
@@ -165,7 +178,13 @@ pub struct BlockQueue {
     signals: Arc<DeviceSignals>,
     disk: request::Disk,
     buf: Vec<u8>,
+    limiter: Arc<RateLimiter>,
 }
+
+const NOTIFY_TOKEN: u64 = 0;
+const LIMITER_TOKEN: u64 = 1;
+/// A request's header (16 bytes) and status byte, which are not its data.
+const REQUEST_FRAMING: u64 = 17;
 
 impl BlockQueue {
     /// A queue of `block` served by calling `process` directly, with no
@@ -188,6 +207,7 @@ impl BlockQueue {
                 id: block.id,
             },
             buf: Vec::new(),
+            limiter: block.limiter.clone(),
         })
     }
 
@@ -204,11 +224,20 @@ impl BlockQueue {
                 }
             };
             let Some(chain) = chain else { break };
+            if !self.limiter.admit() {
+                // Left on the ring; the limiter's timer brings us back.
+                self.queue.go_to_previous_position();
+                break;
+            }
             let head = chain.head_index();
+            let data_bytes = (chain.clone().map(|d| u64::from(d.len())))
+                .sum::<u64>()
+                .saturating_sub(REQUEST_FRAMING);
             let Some(used_len) = request::serve(&self.disk, &self.mem, chain, &mut self.buf) else {
                 self.signals.set_needs_reset();
                 break;
             };
+            self.limiter.consume(data_bytes);
             if self.queue.add_used(&self.mem, head, used_len).is_err() {
                 // A head index outside the ring cannot be completed.
                 self.signals.set_needs_reset();
@@ -225,11 +254,18 @@ impl BlockQueue {
 
 impl EventHandler for BlockQueue {
     fn sources(&self) -> Vec<(std::os::fd::RawFd, u64)> {
-        vec![(self.notify.as_raw_fd(), 0)]
+        vec![
+            (self.notify.as_raw_fd(), NOTIFY_TOKEN),
+            (self.limiter.timer_fd(), LIMITER_TOKEN),
+        ]
     }
 
-    fn handle(&mut self, _token: u64, _epoll: &Epoll) {
-        let _ = self.notify.read();
+    fn handle(&mut self, token: u64, _epoll: &Epoll) {
+        if token == LIMITER_TOKEN {
+            self.limiter.timer_fired();
+        } else {
+            let _ = self.notify.read();
+        }
         self.process();
     }
 }

@@ -46,19 +46,13 @@ fn rig(name: &str) -> Rig {
 
 fn queue_for(rig: &Rig, vq: &MockSplitQueue<GuestMemory>, read_only: bool) -> BlockQueue {
     let block = Block::open(&rig.path, read_only, Some("disk-serial-1")).unwrap();
-    BlockQueue {
-        mem: rig.mem.clone(),
-        queue: vq.create_queue::<Queue>().unwrap(),
-        notify: EventFd::new(0).unwrap(),
-        signals: Arc::new(DeviceSignals::new(EventFd::new(0).unwrap())),
-        disk: request::Disk {
-            file: block.file.clone(),
-            read_only,
-            capacity: block.capacity,
-            id: block.id,
-        },
-        buf: Vec::new(),
-    }
+    BlockQueue::detached(
+        &block,
+        rig.mem.clone(),
+        vq.create_queue::<Queue>().unwrap(),
+        Arc::new(DeviceSignals::new(EventFd::new(0).unwrap())),
+    )
+    .unwrap()
 }
 
 /// Descriptors (addr, len, flags) chained in table order from `first`.

@@ -23,6 +23,7 @@ use super::chain;
 use super::worker::{set_watching, DeviceWorker, EventHandler};
 use super::{read_config_bytes, ActivateError, ActiveQueue, DeviceSignals, VirtioDevice};
 use super::{TYPE_NET, VIRTIO_F_VERSION_1};
+use crate::devices::rate_limiter::{LimitConfig, RateLimiter};
 use crate::vstate::memory::GuestMemory;
 use tap::{Tap, VNET_HDR_LEN};
 
@@ -34,20 +35,44 @@ pub(crate) const MAX_FRAME: usize = 65562;
 const RX_TOKEN: u64 = 0;
 const TX_TOKEN: u64 = 1;
 const TAP_TOKEN: u64 = 2;
+const RX_LIMIT_TOKEN: u64 = 3;
+const TX_LIMIT_TOKEN: u64 = 4;
+
+/// Each direction's limiter, seen from the guest: rx is what it receives.
+#[derive(Clone)]
+pub struct NetLimiters {
+    pub rx: Arc<RateLimiter>,
+    pub tx: Arc<RateLimiter>,
+}
+
+impl NetLimiters {
+    pub fn unlimited() -> std::io::Result<NetLimiters> {
+        Ok(NetLimiters {
+            rx: Arc::new(RateLimiter::new(LimitConfig::default())?),
+            tx: Arc::new(RateLimiter::new(LimitConfig::default())?),
+        })
+    }
+}
 
 pub struct Net {
     tap: Tap,
     config: [u8; 6],
     worker: DeviceWorker<NetQueues>,
+    limiters: NetLimiters,
 }
 
 impl Net {
-    pub fn new(tap: Tap, mac: [u8; 6]) -> Self {
-        Net {
+    pub fn new(tap: Tap, mac: [u8; 6]) -> std::io::Result<Self> {
+        Ok(Net {
             tap,
             config: mac,
             worker: DeviceWorker::default(),
-        }
+            limiters: NetLimiters::unlimited()?,
+        })
+    }
+
+    pub fn limiters(&self) -> NetLimiters {
+        self.limiters.clone()
     }
 }
 
@@ -92,6 +117,7 @@ impl VirtioDevice for Net {
             pending: None,
             tx_buf: Vec::with_capacity(MAX_FRAME),
             dropped: 0,
+            limiters: self.limiters.clone(),
         };
         let name = format!("net-{}", self.tap.name());
         self.worker.start(&name, handler)?;
@@ -129,6 +155,7 @@ pub struct NetQueues {
     tx_buf: Vec<u8>,
     /// Frames lost to buffers too small or unreadable.
     dropped: u64,
+    limiters: NetLimiters,
 }
 
 enum Delivery {
@@ -159,6 +186,7 @@ impl NetQueues {
             pending: None,
             tx_buf: Vec::with_capacity(MAX_FRAME),
             dropped: 0,
+            limiters: NetLimiters::unlimited()?,
         })
     }
 
@@ -219,11 +247,17 @@ impl NetQueues {
         let mut delivered = false;
         while !self.signals.needs_reset() {
             if self.pending.is_none() {
+                if !self.limiters.rx.admit() {
+                    // Frames wait in the tap; the limiter's timer resumes us.
+                    let _ = set_watching(epoll, self.tap.as_raw_fd(), TAP_TOKEN, false);
+                    break;
+                }
                 match self.tap.read_frame(&mut self.frame) {
                     Ok(n) if n >= VNET_HDR_LEN => {
                         // No mergeable buffers: every frame is one buffer.
                         self.frame[10..12].copy_from_slice(&1u16.to_le_bytes());
                         self.pending = Some(n);
+                        self.limiters.rx.consume((n - VNET_HDR_LEN) as u64);
                     }
                     Ok(_) => continue,
                     Err(_) => break, // WouldBlock: the tap is empty.
@@ -263,12 +297,19 @@ impl NetQueues {
                 }
             };
             let Some(chain) = chain else { break };
+            if !self.limiters.tx.admit() {
+                // Left on the ring; the limiter's timer brings us back.
+                self.tx.go_to_previous_position();
+                break;
+            }
             let head = chain.head_index();
             let Ok(descs) = chain::collect(chain) else {
                 self.signals.set_needs_reset();
                 break;
             };
             if self.gather(&descs) {
+                let frame_bytes = self.tx_buf.len() - VNET_HDR_LEN;
+                self.limiters.tx.consume(frame_bytes as u64);
                 // A full tap queue drops the frame, as a NIC would.
                 if self.tap.write_frame(&self.tx_buf).is_err() {
                     self.dropped += 1;
@@ -320,6 +361,8 @@ impl EventHandler for NetQueues {
             (self.rx_notify.as_raw_fd(), RX_TOKEN),
             (self.tx_notify.as_raw_fd(), TX_TOKEN),
             (self.tap.as_raw_fd(), TAP_TOKEN),
+            (self.limiters.rx.timer_fd(), RX_LIMIT_TOKEN),
+            (self.limiters.tx.timer_fd(), TX_LIMIT_TOKEN),
         ]
     }
 
@@ -336,6 +379,15 @@ impl EventHandler for NetQueues {
                 self.transmit();
             }
             TAP_TOKEN => self.receive(epoll),
+            RX_LIMIT_TOKEN => {
+                self.limiters.rx.timer_fired();
+                let _ = set_watching(epoll, self.tap.as_raw_fd(), TAP_TOKEN, true);
+                self.receive(epoll);
+            }
+            TX_LIMIT_TOKEN => {
+                self.limiters.tx.timer_fired();
+                self.transmit();
+            }
             _ => {}
         }
     }
