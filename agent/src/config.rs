@@ -47,6 +47,9 @@ pub struct AgentConfig {
     /// missing port means any free one). It is also the address handed to
     /// the source, so it must be one the source can reach.
     pub migration_listen: String,
+    /// Serve Prometheus metrics at http://<this>/metrics ("127.0.0.1:9464");
+    /// off unless set. Anyone who reaches it sees every VM's figures.
+    pub metrics_listen: Option<String>,
     /// How each VMM is confined (docs/security.md).
     pub jail: crate::jail::JailSettings,
 }
@@ -75,6 +78,7 @@ impl Default for AgentConfig {
             vmm_memory_overhead_mib: 64,
             reserve_on_define: false,
             migration_listen: "127.0.0.1".into(),
+            metrics_listen: None,
             jail: crate::jail::JailSettings::default(),
         }
     }

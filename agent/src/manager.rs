@@ -31,6 +31,9 @@ const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const KILL_WAIT: Duration = Duration::from_secs(3);
 const SUPERVISE_EVERY: Duration = Duration::from_millis(100);
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// Usage records are saved every this many samples (nothing is lost in
+/// between: see usage.rs).
+const USAGE_SAVE_EVERY: u64 = 5;
 
 /// An API error: becomes a ttrpc status with this code and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,6 +154,8 @@ pub struct Manager {
     drained: AtomicBool,
     /// The last two samples of each running VM.
     samples: Mutex<HashMap<String, (Sample, Sample)>>,
+    /// Each VM's usage record, once read or first sampled.
+    usage: Mutex<HashMap<String, crate::usage::UsageRecord>>,
     /// Groups of VMs that ended but could not be removed yet.
     groups_to_remove: Mutex<Vec<String>>,
 }
@@ -252,6 +257,7 @@ impl Manager {
             admission: tokio::sync::Mutex::new(()),
             drained: AtomicBool::new(drained),
             samples: Mutex::new(HashMap::new()),
+            usage: Mutex::new(HashMap::new()),
             groups_to_remove: Mutex::new(Vec::new()),
         });
         for l in loaded {
@@ -540,6 +546,7 @@ impl Manager {
         }
         self.store.remove(&entry.dir).map_err(internal)?;
         self.vms.write().unwrap().remove(id);
+        lock(&self.usage).remove(id);
         self.emit(id, "deleted", VmState::Stopped, "deleted");
         Ok(())
     }
@@ -1276,9 +1283,10 @@ impl Manager {
 
     /// Samples every running VM's cgroup and vCPU threads once a second.
     pub async fn sample(self: Arc<Self>) {
-        loop {
+        for round in 0u64.. {
             tokio::time::sleep(SAMPLE_EVERY).await;
             let Ok(layout) = &self.cgroups else { continue };
+            let save_usage = round % USAGE_SAVE_EVERY == 0;
             let running: Vec<(String, Arc<VmEntry>)> = self
                 .vms
                 .read()
@@ -1303,7 +1311,9 @@ impl Manager {
                         |c| async move { c.stats(ctx, &Empty::default()).await },
                     )
                     .await
-                    .unwrap_or_default();
+                    .ok();
+                self.account(&id, &entry, &usage, vmm.as_ref(), save_usage);
+                let vmm = vmm.unwrap_or_default();
                 let sample = Sample {
                     at: std::time::Instant::now(),
                     usage,
@@ -1329,7 +1339,75 @@ impl Manager {
                 };
                 samples.insert(id, pair);
             }
+            let mut usage = lock(&self.usage);
+            for (spec, _, report) in self.reports() {
+                if let Some(record) = usage.get_mut(&spec.id) {
+                    record.count_breaches(&report.breaches);
+                }
+            }
         }
+    }
+
+    /// Adds one reading of a running VM to its usage record; saves the
+    /// record when `save` (or when a new VMM appeared).
+    fn account(
+        &self,
+        id: &str,
+        entry: &Arc<VmEntry>,
+        cgroup: &crate::cgroups::Usage,
+        vmm: Option<&berth_proto::vmm::VmmStats>,
+        save: bool,
+    ) {
+        let (pid, started_at_ms, memory_mib) = {
+            let inner = lock(&entry.inner);
+            (
+                inner.record.pid,
+                inner.record.started_at_ms,
+                inner.spec.memory_mib,
+            )
+        };
+        let devices = vmm.map(|v| {
+            let total = |pred: &dyn Fn(&str, &str) -> bool| -> u64 {
+                (v.devices.iter())
+                    .filter(|d| pred(&d.device, &d.direction))
+                    .map(|d| d.bytes)
+                    .sum()
+            };
+            (
+                total(&|d, _| d.starts_with("disk")),
+                total(&|d, dir| d.starts_with("nic") && dir == "rx"),
+                total(&|d, dir| d.starts_with("nic") && dir == "tx"),
+            )
+        });
+        let reading = crate::usage::Reading {
+            pid,
+            vmm_started_at_ms: started_at_ms,
+            now_ms: now_ms(),
+            memory_mib,
+            cpu_ns: cgroup.cpu_ns,
+            devices,
+        };
+        let mut usage = lock(&self.usage);
+        let record = usage
+            .entry(id.to_string())
+            .or_insert_with(|| crate::usage::UsageRecord::load(&entry.dir.usage()));
+        let new_vmm = record.cursor.pid != pid;
+        record.add(&reading);
+        if save || new_vmm {
+            if let Err(e) = record.save(&entry.dir.usage()) {
+                tracing::error!(vm = %id, "cannot save usage: {e}");
+            }
+        }
+    }
+
+    /// What a VM has used since it was created.
+    pub fn usage(&self, id: &str) -> ApiResult<crate::usage::Usage> {
+        let entry = self.entry(id)?;
+        let mut usage = lock(&self.usage);
+        let record = usage
+            .entry(id.to_string())
+            .or_insert_with(|| crate::usage::UsageRecord::load(&entry.dir.usage()));
+        Ok(record.usage.clone())
     }
 
     /// Entitlement reports of every running VM (judged together, since

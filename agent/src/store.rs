@@ -142,6 +142,10 @@ impl VmDir {
     pub fn run(&self) -> PathBuf {
         self.0.join("run")
     }
+    /// The usage record (usage.rs).
+    pub fn usage(&self) -> PathBuf {
+        self.0.join("usage.json")
+    }
     /// Copies of the writable disks taken from images.
     pub fn disks(&self) -> PathBuf {
         self.0.join("disks")

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use berth_agent::config::AgentConfig;
 use berth_agent::manager::Manager;
+use berth_agent::metrics::ApiMetrics;
 use berth_agent::server::{host_memory_mib, ImageApi, NodeApi, VmApi};
 use berth_agent::spec::Limits;
 use clap::Parser;
@@ -134,16 +135,38 @@ async fn run(args: Args) -> Result<(), String> {
             .bind(tcp)
             .map_err(|e| format!("cannot listen on {tcp}: {e}"))?;
     }
+    let api_metrics = Arc::new(ApiMetrics::default());
     let mut server = server
-        .register_service(berth_proto::vm_ttrpc::create_vm_service(Arc::new(VmApi(
+        .register_service(
+            api_metrics.wrap(berth_proto::vm_ttrpc::create_vm_service(Arc::new(VmApi(
+                manager.clone(),
+            )))),
+        )
+        .register_service(
+            api_metrics.wrap(berth_proto::node_ttrpc::create_node_service(Arc::new(
+                NodeApi(manager.clone()),
+            ))),
+        )
+        .register_service(
+            api_metrics.wrap(berth_proto::image_ttrpc::create_image_service(Arc::new(
+                ImageApi(manager.clone()),
+            ))),
+        );
+    if let Some(listen) = &config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot serve metrics on {listen} (metrics_listen): {e}"))?;
+        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        if !local.ip().is_loopback() {
+            tracing::warn!("metrics on {local}, not a loopback address: anyone who reaches it sees every VM's figures");
+        }
+        tracing::info!("metrics on http://{local}/metrics");
+        tokio::spawn(berth_agent::metrics::serve(
+            listener,
             manager.clone(),
-        ))))
-        .register_service(berth_proto::node_ttrpc::create_node_service(Arc::new(
-            NodeApi(manager.clone()),
-        )))
-        .register_service(berth_proto::image_ttrpc::create_image_service(Arc::new(
-            ImageApi(manager.clone()),
-        )));
+            api_metrics.clone(),
+        ));
+    }
     server
         .start()
         .await

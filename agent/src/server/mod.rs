@@ -370,6 +370,20 @@ pub fn stats_to_pb(spec: &VmSpec, state: VmState, r: crate::entitlement::Report)
     }
 }
 
+pub fn usage_to_pb(u: &crate::usage::Usage) -> pb::Usage {
+    pb::Usage {
+        cpu_seconds: u.cpu_seconds,
+        memory_gib_hours: u.memory_gib_hours,
+        disk_bytes: u.disk_bytes,
+        net_rx_bytes: u.net_rx_bytes,
+        net_tx_bytes: u.net_tx_bytes,
+        running_seconds: u.running_seconds,
+        since_ms: u.since_ms,
+        breaches: u.breaches.clone().into_iter().collect(),
+        ..Default::default()
+    }
+}
+
 fn snapshot_to_pb(s: crate::manager::SnapshotView) -> pb::SnapshotInfo {
     pb::SnapshotInfo {
         vm_id: s.vm_id,
@@ -616,7 +630,9 @@ impl vm_ttrpc::VmService for VmApi {
 
     async fn stats(&self, _: &TtrpcContext, req: pb::VmRef) -> ttrpc::Result<pb::VmStats> {
         let (spec, state, r) = self.0.report(&req.id).map_err(status)?;
-        Ok(stats_to_pb(&spec, state, r))
+        let mut stats = stats_to_pb(&spec, state, r);
+        stats.usage = MessageField::some(usage_to_pb(&self.0.usage(&req.id).map_err(status)?));
+        Ok(stats)
     }
 
     async fn pause(&self, _: &TtrpcContext, req: pb::VmRef) -> ttrpc::Result<pb::Vm> {

@@ -1091,25 +1091,29 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             show(vms.update(ctx(), &req).await.map_err(from_ttrpc)?);
         }
-        Cmd::Top { once, interval } => loop {
-            let list = vms
-                .list(ctx(), &pb::ListVmsRequest::default())
-                .await
-                .map_err(from_ttrpc)?;
-            let mut stats = Vec::new();
-            for vm in &list.vms {
-                stats.push(
-                    vms.stats(ctx(), &vm_ref(&vm.spec.id))
-                        .await
-                        .map_err(from_ttrpc)?,
-                );
+        Cmd::Top { once, interval } => {
+            let mut io = IoRates::default();
+            loop {
+                let list = vms
+                    .list(ctx(), &pb::ListVmsRequest::default())
+                    .await
+                    .map_err(from_ttrpc)?;
+                let mut stats = Vec::new();
+                for vm in &list.vms {
+                    stats.push(
+                        vms.stats(ctx(), &vm_ref(&vm.spec.id))
+                            .await
+                            .map_err(from_ttrpc)?,
+                    );
+                }
+                io.update(&stats);
+                print_top(&stats, &io, json, !once);
+                if once {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(interval.max(1))).await;
             }
-            print_top(&stats, json, !once);
-            if once {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_secs(interval.max(1))).await;
-        },
+        }
         Cmd::Drain => print_capacity(
             &node
                 .drain(ctx(), &Empty::default())
@@ -1308,7 +1312,45 @@ fn print_capacity(c: &Capacity, json: bool) {
     println!("drained         {}", c.drained);
 }
 
-fn print_top(stats: &[pb::VmStats], json: bool, refresh: bool) {
+/// Disk and network bytes per second of each VM, from two readings of its
+/// device counters (none until the second reading).
+#[derive(Default)]
+struct IoRates {
+    last: HashMap<String, (u64, u64, std::time::Instant)>,
+    rates: HashMap<String, (f64, f64)>,
+}
+
+impl IoRates {
+    fn update(&mut self, stats: &[pb::VmStats]) {
+        let now = std::time::Instant::now();
+        for s in stats {
+            let disk: u64 = (s.devices.iter())
+                .filter(|d| d.device.starts_with("disk"))
+                .map(|d| d.bytes)
+                .sum();
+            let net: u64 = (s.devices.iter())
+                .filter(|d| d.device.starts_with("nic"))
+                .map(|d| d.bytes)
+                .sum();
+            if let Some((d0, n0, t0)) = self.last.get(&s.id) {
+                let secs = now.duration_since(*t0).as_secs_f64().max(1e-3);
+                let rate = |a: u64, b: u64| b.saturating_sub(a) as f64 / secs;
+                self.rates
+                    .insert(s.id.clone(), (rate(*d0, disk), rate(*n0, net)));
+            }
+            self.last.insert(s.id.clone(), (disk, net, now));
+        }
+    }
+
+    fn cell(&self, id: &str, pick: fn(&(f64, f64)) -> f64) -> String {
+        self.rates
+            .get(id)
+            .map(|r| format!("{:.1}", pick(r) / f64::from(1 << 20)))
+            .unwrap_or_else(|| "-".into())
+    }
+}
+
+fn print_top(stats: &[pb::VmStats], io: &IoRates, json: bool, refresh: bool) {
     if json {
         let rows: Vec<Value> = stats
             .iter()
@@ -1320,7 +1362,17 @@ fn print_top(stats: &[pb::VmStats], json: bool, refresh: bool) {
                     "throttled": s.throttled, "throttled_periods": s.throttled_periods, "periods": s.periods,
                     "memory_mib": s.memory_mib, "memory_resident_bytes": s.memory_resident_bytes,
                     "memory_limit_bytes": s.memory_limit_bytes, "interval_ms": s.interval_ms,
-                    "breaches": s.breaches,
+                    "breaches": s.breaches, "exits": s.exits,
+                    "devices": s.devices.iter().map(|d| json!({
+                        "device": d.device, "direction": d.direction, "bytes": d.bytes,
+                        "ops": d.ops, "throttled_ns": d.throttled_ns,
+                    })).collect::<Vec<_>>(),
+                    "usage": s.usage.as_ref().map(|u| json!({
+                        "cpu_seconds": u.cpu_seconds, "memory_gib_hours": u.memory_gib_hours,
+                        "disk_bytes": u.disk_bytes, "net_rx_bytes": u.net_rx_bytes,
+                        "net_tx_bytes": u.net_tx_bytes, "running_seconds": u.running_seconds,
+                        "since_ms": u.since_ms, "breaches": u.breaches,
+                    })),
                 })
             })
             .collect();
@@ -1342,6 +1394,8 @@ fn print_top(stats: &[pb::VmStats], json: bool, refresh: bool) {
         "THROTTLED",
         "MEM MiB",
         "LIMIT MiB",
+        "DISK MiB/s",
+        "NET MiB/s",
         "BREACHES",
     ]
     .map(String::from)
@@ -1363,6 +1417,8 @@ fn print_top(stats: &[pb::VmStats], json: bool, refresh: bool) {
             format!("{}/{}", s.throttled_periods, s.periods),
             (s.memory_resident_bytes >> 20).to_string(),
             (s.memory_limit_bytes >> 20).to_string(),
+            io.cell(&s.id, |r| r.0),
+            io.cell(&s.id, |r| r.1),
             s.breaches.join("; "),
         ]);
     }
