@@ -208,10 +208,16 @@ async fn usage_survives_an_agent_kill_9_and_misses_nothing() {
         .unwrap();
     let top: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(top[0]["id"], "burner", "{top}");
-    assert!(top[0]["usage"]["cpu_seconds"].as_f64().unwrap() > 0.0, "{top}");
+    assert!(
+        top[0]["usage"]["cpu_seconds"].as_f64().unwrap() > 0.0,
+        "{top}"
+    );
     let out = agent.nodectl().args(["top", "--once"]).output().unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("DISK MiB/s") && table.contains("burner"), "{table}");
+    assert!(
+        table.contains("DISK MiB/s") && table.contains("burner"),
+        "{table}"
+    );
     agent.kill9();
     // The VM burns on while no agent counts.
     std::thread::sleep(Duration::from_secs(2));

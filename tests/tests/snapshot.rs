@@ -589,3 +589,76 @@ async fn stop_is_answered_before_the_vmm_exits() {
         assert_eq!(out.status.code(), Some(0), "{}", out.describe());
     }
 }
+
+/// A limit changed live is what a snapshot keeps: the restored VM runs
+/// under the new one, not the one it was started with.
+#[tokio::test(flavor = "current_thread")]
+async fn a_snapshot_keeps_a_rate_limit_changed_live() {
+    use berth_tests::contract::common::RateLimit;
+    use berth_tests::contract::vmm::SetRateLimitRequest;
+    let dir = scratch_dir("snapshot-limit");
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let socket = dir.join("vmm.sock");
+    let mut cmd = vmm_command(&probe_elf(), 1, 64, "probe.mode=tick");
+    cmd.arg("--api-socket")
+        .arg(&socket)
+        .arg("--disk")
+        .arg(format!("{},bps=1000000", disk.display()));
+    let mut vm = Running::spawn(cmd);
+    vm.wait_for_output("PROBE tick 1", TIMEOUT);
+    let c = client(&socket).await;
+    let req = SetRateLimitRequest {
+        device: "disk0".into(),
+        direction: "io".into(),
+        limit: protobuf::MessageField::some(RateLimit {
+            bytes_per_s: 2_000_000,
+            ops_per_s: 50,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    c.set_rate_limit(ctx(), &req).await.expect("set_rate_limit");
+    let wrong = SetRateLimitRequest {
+        device: "disk7".into(),
+        direction: "io".into(),
+        ..Default::default()
+    };
+    let err = c.set_rate_limit(ctx(), &wrong).await.unwrap_err();
+    assert!(
+        format!("{err:?}").contains("this VM has: disk0/io"),
+        "{err:?}"
+    );
+    let snap = dir.join("snap");
+    let req = SnapshotRequest {
+        dir: snap.display().to_string(),
+        resume: false,
+        ..Default::default()
+    };
+    c.snapshot(ctx(), &req).await.expect("snapshot");
+    c.stop(ctx(), &Empty::default()).await.expect("stop");
+    vm.wait(TIMEOUT);
+
+    let restored_socket = dir.join("restored.sock");
+    let mut cmd = Command::new(vmm_binary());
+    cmd.arg("--restore")
+        .arg(&snap)
+        .arg("--api-socket")
+        .arg(&restored_socket)
+        .args(["--console-stdout"]);
+    let restored = Running::spawn(cmd);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !restored_socket.exists() {
+        assert!(std::time::Instant::now() < deadline, "no API socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let c = client(&restored_socket).await;
+    let stats = c.stats(ctx(), &Empty::default()).await.unwrap();
+    let limit = stats.devices[0].limit.clone().unwrap();
+    assert_eq!((limit.bytes_per_s, limit.ops_per_s), (2_000_000, 50));
+    c.stop(ctx(), &Empty::default()).await.expect("stop");
+    restored.wait(TIMEOUT);
+}

@@ -67,6 +67,35 @@ impl Machine {
     }
 
     /// The VM's state apart from memory, as a full snapshot describes it.
+    /// The config as it stands now: the one it started with, with the rate
+    /// limits a live SetRateLimit changed since (a snapshot or a migrated
+    /// VM keeps them).
+    pub fn current_config(&self) -> crate::config::VmConfig {
+        let mut config = self.config.clone();
+        for l in self.limiters.iter() {
+            let index = |prefix: &str| l.device.strip_prefix(prefix)?.parse::<usize>().ok();
+            let limit = l.limiter.config();
+            match l.direction {
+                "io" => {
+                    if let Some(d) = index("disk").and_then(|i| config.disks.get_mut(i)) {
+                        d.limit = limit;
+                    }
+                }
+                "rx" | "tx" => {
+                    if let Some(n) = index("nic").and_then(|i| config.nics.get_mut(i)) {
+                        if l.direction == "rx" {
+                            n.rx_limit = limit;
+                        } else {
+                            n.tx_limit = limit;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        config
+    }
+
     /// The vCPUs must be paused and the devices quiesced (`virtio`).
     pub fn capture(&self, virtio: Vec<TransportSnapshot>) -> Result<VmSnapshot, String> {
         let mut vcpus = self.vcpus.save_states(PAUSE_TIMEOUT)?;
@@ -81,7 +110,7 @@ impl Machine {
             cpu_vendor: crate::snapshot::host_cpu_vendor(),
             cpu_model: crate::snapshot::host_cpu_model(),
             kvm_flavour: self.flavour.clone(),
-            config: self.config.clone(),
+            config: self.current_config(),
             regions: self.regions(),
             vcpus,
             vm,

@@ -333,7 +333,7 @@ impl Sender<'_> {
                     .first()
                     .map_or(&[][..], |c| c.as_slice()),
             ),
-            config: machine.config.clone(),
+            config: machine.current_config(),
             regions: machine.regions(),
         };
         self.bytes += write_json(w, FrameType::Hello, &hello)? as u64;
