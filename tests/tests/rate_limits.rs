@@ -215,3 +215,61 @@ async fn a_nic_tx_limit_holds_the_guest_to_its_rate() {
         .args(["link", "del", &tap])
         .status();
 }
+
+/// The receive side: the host offers frames faster than the limit; the
+/// guest gets them at the limit (the tap holds and then drops the rest).
+#[test]
+fn a_nic_rx_limit_holds_what_the_guest_receives_to_its_rate() {
+    use berth_tests::net::TestTap;
+    report_mode("net rx rate limit");
+    const MAC: &str = "52:54:00:be:be:07";
+    const LIMIT: u64 = 2 << 20;
+    let tap = TestTap::create("rl");
+    let mut sender = Running::spawn({
+        let mut cmd = std::process::Command::new("python3");
+        cmd.arg(repo_root().join("tests/support/net_bench_peer.py"))
+            .args(["send", &tap.0, MAC, "4000", "1514"]);
+        cmd
+    });
+    sender.wait_for_output("READY", Duration::from_secs(30));
+    let mut cmd = vmm_command(
+        &probe_elf(),
+        1,
+        64,
+        "probe.mode=netbench probe.bench_tx_frames=1 probe.bench_rx_frames=3000 probe.bench_frame=1514",
+    );
+    cmd.arg("--nic")
+        .arg(format!("tap={},mac={MAC},rx_bps={LIMIT}", tap.0));
+    let mut vm = Running::spawn(cmd);
+    vm.wait_for_output("PROBE bench net_rx ready", Duration::from_secs(60));
+    let start = Instant::now();
+    sender.write_stdin(b"go\n");
+    let end_line = loop {
+        let out = vm.stdout_so_far();
+        // Only a whole line: the last one may still be arriving.
+        if let Some(line) = (out.split_inclusive('\n'))
+            .find(|l| l.starts_with("PROBE bench net_rx end") && l.ends_with('\n'))
+        {
+            break line.trim_end_matches(['\r', '\n']).to_string();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no net_rx end:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let secs = start.elapsed().as_secs_f64();
+    sender.write_stdin(b"stop\n");
+    assert!(end_line.contains("status=0"), "{end_line}");
+    let bytes: u64 = end_line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("bytes=")?.parse().ok())
+        .unwrap();
+    // The default burst is a tenth of a second's worth.
+    within_10_percent(
+        "net_rx bytes",
+        (bytes - LIMIT / 10) as f64 / secs,
+        LIMIT as f64,
+    );
+    vm.wait_for_output("PROBE done", Duration::from_secs(30));
+}
