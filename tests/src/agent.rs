@@ -299,6 +299,16 @@ pub fn wait_console(agent: &TestAgent, id: &str, needle: &str, timeout: Duration
     }
 }
 
+/// The first "PROBE tick <n>" on a console (where a restored VM went on).
+pub fn first_tick(agent: &TestAgent, id: &str) -> Option<u64> {
+    console_text(agent, id).lines().find_map(|l| {
+        l.trim_end_matches('\r')
+            .strip_prefix("PROBE tick ")?
+            .parse()
+            .ok()
+    })
+}
+
 /// The highest "PROBE tick <n>" on a console.
 pub fn last_tick(agent: &TestAgent, id: &str) -> Option<u64> {
     console_text(agent, id)

@@ -574,15 +574,7 @@ async fn snapshot_restore_into_a_new_vm_and_hibernate() {
     assert_eq!(state_of(&vm), pb::VmState::RUNNING);
     assert_ne!(vm.status.pid, get(&c, "orig").await.status.pid);
     wait_console(&agent, "clone", "PROBE tick", BOOT);
-    let first: u64 = console_text(&agent, "clone")
-        .lines()
-        .find_map(|l| {
-            l.trim_end_matches('\r')
-                .strip_prefix("PROBE tick ")?
-                .parse()
-                .ok()
-        })
-        .unwrap();
+    let first = first_tick(&agent, "clone").unwrap();
     assert!(
         (at_snapshot.saturating_sub(1)..=at_snapshot + 1).contains(&first),
         "the clone continues from the snapshot ({first} vs {at_snapshot})"

@@ -178,14 +178,7 @@ async fn group_actions_reach_the_matching_vms_and_a_group_snapshot_is_consistent
         };
         c.vms.restore(ctx(), &req).await.expect("restore");
         wait_console(&agent, &clone, "PROBE tick", BOOT);
-        let first: u64 = (console_text(&agent, &clone).lines())
-            .find_map(|l| {
-                l.trim_end_matches('\r')
-                    .strip_prefix("PROBE tick ")?
-                    .parse()
-                    .ok()
-            })
-            .unwrap();
+        let first = first_tick(&agent, &clone).unwrap();
         assert_eq!(
             first,
             before + 1,

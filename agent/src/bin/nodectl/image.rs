@@ -92,28 +92,26 @@ pub async fn run(images: ImageServiceClient, cmd: ImageCmd, json: bool) -> Resul
                 format: format.unwrap_or_default(),
                 ..Default::default()
             };
-            let mut stream = images.import(ctx()).await.map_err(from_ttrpc)?;
-            if on_node {
+            // The bytes come from here unless the agent reads the file itself.
+            let local = if on_node {
                 header.path = file.display().to_string();
-                stream
-                    .send(&pb::ImageChunk {
-                        header: protobuf::MessageField::some(header),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(from_ttrpc)?;
+                None
             } else {
-                let mut f = std::fs::File::open(&file)
+                let f = std::fs::File::open(&file)
                     .map_err(|e| fail(2, format!("cannot read {}: {e}", file.display())))?;
-                let total = f.metadata().map(|m| m.len()).unwrap_or(0);
-                header.size_bytes = total;
-                stream
-                    .send(&pb::ImageChunk {
-                        header: protobuf::MessageField::some(header),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(from_ttrpc)?;
+                header.size_bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
+                Some(f)
+            };
+            let total = header.size_bytes;
+            let mut stream = images.import(ctx()).await.map_err(from_ttrpc)?;
+            stream
+                .send(&pb::ImageChunk {
+                    header: protobuf::MessageField::some(header),
+                    ..Default::default()
+                })
+                .await
+                .map_err(from_ttrpc)?;
+            if let Some(mut f) = local {
                 let mut bar = Progress::new(format!("importing {name}"), total, json);
                 let mut sent = 0u64;
                 let mut buf = vec![0u8; CHUNK];
