@@ -118,11 +118,12 @@ const DISK_MARKER: &str = "berth-disk-write-4242";
 /// FIFO), snapshots it, restores it into a new berth-vmm, and talks to the
 /// same shell, which then writes a file onto the disk.
 const SNAPSHOT_SCRIPT: &str = r#"
+$CLEAN_TMP
 gunzip -c /guest/rootfs.ext4.gz > /tmp/rootfs.ext4
 mkfifo /tmp/in1 /tmp/in2
 exec 3<>/tmp/in1 4<>/tmp/in2
 waitfor() { for i in $(seq 600); do grep -q "$2" "$1" && return 0; sleep 0.1; done; echo "timeout waiting for $2"; return 1; }
-berth-vmm --kernel /guest/bzImage --vcpus 2 --memory-mib 256 --disk /tmp/rootfs.ext4   --api-socket /tmp/v.sock --console-log /tmp/c1.log --console-in /tmp/in1   --cmdline 'console=ttyS0 reboot=k panic=-1 quiet root=/dev/vda rw' 2>/tmp/e1.log &
+timeout 240 berth-vmm --kernel /guest/bzImage --vcpus 2 --memory-mib 256 --disk /tmp/rootfs.ext4   --api-socket /tmp/v.sock --console-log /tmp/c1.log --console-in /tmp/in1   --cmdline 'console=ttyS0 reboot=k panic=-1 quiet root=/dev/vda rw' 2>/tmp/e1.log &
 waitfor /tmp/c1.log BERTH-GUEST-READY
 sleep 1
 echo 'echo before-snapshot-$((40+2))' >&3
@@ -130,7 +131,7 @@ waitfor /tmp/c1.log before-snapshot-42
 vmmctl --socket /tmp/v.sock snapshot --dir /tmp/snap
 vmmctl --socket /tmp/v.sock stop
 wait
-berth-vmm --restore /tmp/snap --console-log /tmp/c2.log --console-in /tmp/in2 2>/tmp/e2.log &
+timeout 240 berth-vmm --restore /tmp/snap --console-log /tmp/c2.log --console-in /tmp/in2 2>/tmp/e2.log &
 vmm=$!
 sleep 1
 echo 'echo after-restore-$((50+5)); echo restored-file-7 > /after.txt; sync; reboot -f' >&4
@@ -147,6 +148,7 @@ exit $rc
 /// berth-vmm (its NIC moved to tap1). On the destination the counter goes
 /// on, the network works (ping, a download) and the disk takes a write.
 const MIGRATE_SCRIPT: &str = r#"
+$CLEAN_TMP
 ip link set lo up
 gunzip -c /guest/rootfs.ext4.gz > /tmp/rootfs.ext4
 mkdir -p /www && dd if=/dev/urandom of=/www/blob bs=1024 count=512 2>/dev/null
@@ -193,6 +195,12 @@ echo "host-finds-file=$(grep -a -c migrated-file-9 /tmp/rootfs.ext4)"
 exit $rc
 "#;
 
+/// Every scenario runs in the same inner host: one must not find another's
+/// console logs (a stale BERTH-GUEST-READY makes it type into a guest that
+/// is not up yet), FIFOs, sockets or snapshot.
+const CLEAN_TMP: &str = "rm -rf /tmp/in1 /tmp/in2 /tmp/c1.log /tmp/c2.log /tmp/e0.log /tmp/e1.log \
+     /tmp/e2.log /tmp/addr /tmp/addr0 /tmp/snap /tmp/v.sock /tmp/v1.sock /tmp/rootfs.ext4";
+
 /// Whether `guest` shows the md5 of the blob the inner host served (its
 /// `host-blob-md5=` line is in `all`).
 fn guest_fetched_the_blob(all: &str, guest: &str) -> bool {
@@ -220,11 +228,11 @@ fn virtio_scenarios() -> Vec<Scenario> {
     vec![
         Scenario {
             name: "migrate_linux",
-            script: MIGRATE_SCRIPT.to_string(),
+            script: MIGRATE_SCRIPT.replace("$CLEAN_TMP", CLEAN_TMP),
         },
         Scenario {
             name: "snapshot_linux",
-            script: SNAPSHOT_SCRIPT.to_string(),
+            script: SNAPSHOT_SCRIPT.replace("$CLEAN_TMP", CLEAN_TMP),
         },
         Scenario {
             name: "virtio_blk_root",
