@@ -82,6 +82,16 @@ pub struct Event {
     pub message: String,
 }
 
+/// A snapshot being written, as far as it got.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SnapshotProgress {
+    pub active: bool,
+    pub pass: u32,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub exists: bool,
+}
+
 /// A snapshot as callers see it.
 #[derive(Clone, Debug, Default)]
 pub struct SnapshotView {
@@ -641,6 +651,35 @@ impl Manager {
         let mut view = snapshot_view(id, name, &path);
         view.pause_ms = reply.pause_ms;
         Ok(view)
+    }
+
+    /// How far snapshot `name` of `id` has got: read from the progress
+    /// file its VMM keeps in the snapshot's temporary directory, without
+    /// waiting for the VM's operation lock (the Snapshot call holds it).
+    pub fn snapshot_progress(&self, id: &str, name: &str) -> ApiResult<SnapshotProgress> {
+        crate::spec::check_name("name", name)
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let entry = self.entry(id)?;
+        let dir = entry.dir.snapshots();
+        let exists = dir.join(name).join("state.json").exists();
+        let file = dir
+            .join(format!("{name}.tmp"))
+            .join(berth_vmm::snapshot::PROGRESS_FILE);
+        let mut progress = SnapshotProgress {
+            exists,
+            ..Default::default()
+        };
+        if let Ok(v) = std::fs::read(&file)
+            .map_err(|_| ())
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).map_err(|_| ()))
+        {
+            let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+            progress.active = true;
+            progress.pass = n("pass") as u32;
+            progress.done_bytes = n("done_bytes");
+            progress.total_bytes = n("total_bytes");
+        }
+        Ok(progress)
     }
 
     pub fn list_snapshots(&self, id: &str) -> ApiResult<Vec<SnapshotView>> {

@@ -696,3 +696,43 @@ async fn a_restored_clone_can_move_to_another_tap() {
     let (code, msg) = code_of(c.vms.restore(ctx(), &bad).await);
     assert_eq!(code, Code::INVALID_ARGUMENT, "{msg}");
 }
+
+/// A snapshot of a large guest reports its progress while it is written,
+/// and nodectl draws it.
+#[tokio::test(flavor = "current_thread")]
+async fn snapshot_progress_is_reported_while_it_is_written() {
+    report_mode("snapshot progress");
+    let agent = TestAgent::new("agent-snap-progress");
+    let c = agent.clients().await;
+    let mut spec = probe_spec(
+        "big",
+        1,
+        "probe.mode=dirty probe.dirty_mib=512 probe.dirty_rate=0",
+    );
+    spec.memory_mib = 1024;
+    create_and_start(&c, spec).await;
+    wait_console(&agent, "big", "PROBE dirty ready", BOOT);
+    let out = agent
+        .nodectl()
+        .args(["snapshot", "create", "big", "s1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let bars: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("snapshot s1 of big (pass 1)"))
+        .collect();
+    assert!(bars.last().is_some_and(|l| l.contains("100%")), "{stderr}");
+    assert!(
+        bars.iter().any(|l| !l.contains("100%")),
+        "a bar before the end:\n{stderr}"
+    );
+    let req = pb::SnapshotRef {
+        id: "big".into(),
+        name: "s1".into(),
+        ..Default::default()
+    };
+    let done = c.vms.get_snapshot_progress(ctx(), &req).await.unwrap();
+    assert!(!done.active && done.exists, "{done:?}");
+}

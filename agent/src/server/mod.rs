@@ -628,6 +628,25 @@ impl vm_ttrpc::VmService for VmApi {
         })
     }
 
+    async fn get_snapshot_progress(
+        &self,
+        _: &TtrpcContext,
+        req: pb::SnapshotRef,
+    ) -> ttrpc::Result<pb::SnapshotProgress> {
+        let p = self
+            .0
+            .snapshot_progress(&req.id, &req.name)
+            .map_err(status)?;
+        Ok(pb::SnapshotProgress {
+            active: p.active,
+            pass: p.pass,
+            done_bytes: p.done_bytes,
+            total_bytes: p.total_bytes,
+            exists: p.exists,
+            ..Default::default()
+        })
+    }
+
     async fn stats(&self, _: &TtrpcContext, req: pb::VmRef) -> ttrpc::Result<pb::VmStats> {
         let (spec, state, r) = self.0.report(&req.id).map_err(status)?;
         let mut stats = stats_to_pb(&spec, state, r);

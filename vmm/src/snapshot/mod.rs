@@ -114,7 +114,25 @@ pub struct Writer {
     /// Offset of each region in the memory file.
     offsets: Vec<u64>,
     pub pages_written: u64,
+    /// Guest memory bytes gone through in the current pass, and how many
+    /// the pass covers: what `progress.json` in the temporary directory
+    /// shows while the snapshot is written.
+    progress: Progress,
 }
+
+#[derive(Default, serde::Serialize)]
+struct Progress {
+    pass: u32,
+    done_bytes: u64,
+    total_bytes: u64,
+    #[serde(skip)]
+    reported: u64,
+}
+
+/// The file a snapshot in progress reports to, beside its memory file.
+pub const PROGRESS_FILE: &str = "progress.json";
+/// Progress is rewritten every this many bytes.
+const PROGRESS_STEP: u64 = 32 << 20;
 
 impl Writer {
     /// Starts `<dir>.tmp` with a memory file as large as guest RAM (sparse).
@@ -137,7 +155,37 @@ impl Writer {
             memory,
             offsets,
             pages_written: 0,
+            progress: Progress::default(),
         })
+    }
+
+    fn start_pass(&mut self, total_bytes: u64) {
+        self.progress.pass += 1;
+        self.progress.done_bytes = 0;
+        self.progress.total_bytes = total_bytes;
+        self.progress.reported = 0;
+        self.report();
+    }
+
+    fn advance(&mut self, bytes: u64) {
+        self.progress.done_bytes += bytes;
+        let p = &self.progress;
+        if p.done_bytes >= p.reported + PROGRESS_STEP || p.done_bytes == p.total_bytes {
+            self.report();
+        }
+    }
+
+    /// Best effort and not synced: it only feeds progress displays.
+    fn report(&mut self) {
+        self.progress.reported = self.progress.done_bytes;
+        let Ok(text) = serde_json::to_vec(&self.progress) else {
+            return;
+        };
+        let path = self.tmp.join(PROGRESS_FILE);
+        let next = self.tmp.join(".progress.json.next");
+        if std::fs::write(&next, text).is_ok() {
+            let _ = std::fs::rename(&next, &path);
+        }
     }
 
     fn put(&mut self, at: u64, page: &[u8]) -> Result<(), SnapshotError> {
@@ -153,6 +201,7 @@ impl Writer {
     pub fn copy_all(&mut self, mem: &GuestMemory) -> Result<(), SnapshotError> {
         let mut buf = vec![0u8; 1 << 20];
         let zero = [0u8; PAGE];
+        self.start_pass(mem.iter().map(|r| r.len()).sum());
         for (r, region) in mem.iter().enumerate() {
             let base = region.start_addr().0;
             let mut done = 0u64;
@@ -167,6 +216,7 @@ impl Writer {
                     }
                 }
                 done += n as u64;
+                self.advance(n as u64);
             }
         }
         Ok(())
@@ -180,12 +230,14 @@ impl Writer {
         dirty: &[Vec<u64>],
     ) -> Result<(), SnapshotError> {
         let mut page = vec![0u8; PAGE];
+        self.start_pass(count_dirty(dirty) * PAGE as u64);
         for ((r, region), bits) in mem.iter().enumerate().zip(dirty) {
             for offset in dirty_offsets(bits, region.len()) {
                 mem.read_slice(&mut page, GuestAddress(region.start_addr().0 + offset))?;
                 let at = self.offsets[r] + offset;
                 let data = page.clone();
                 self.put(at, &data)?;
+                self.advance(PAGE as u64);
             }
         }
         Ok(())
@@ -202,6 +254,7 @@ impl Writer {
     pub fn finish(self, state: &VmSnapshot) -> Result<(), SnapshotError> {
         let memory_path = self.tmp.join(MEMORY_FILE);
         self.memory.sync_all().map_err(io("sync", &memory_path))?;
+        let _ = std::fs::remove_file(self.tmp.join(PROGRESS_FILE));
         let text = encode_state(state);
         crate::fsutil::write_atomic(&self.tmp.join(STATE_FILE), &text)
             .map_err(io("write", &self.tmp))?;

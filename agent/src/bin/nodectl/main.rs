@@ -505,6 +505,52 @@ fn print_vm(vm: &pb::Vm, json: bool) {
     }
 }
 
+/// Takes a snapshot, drawing a bar per memory pass from the agent's
+/// progress reports while the call runs.
+async fn snapshot_with_progress(
+    vms: &VmServiceClient,
+    req: &pb::SnapshotVmRequest,
+    json: bool,
+) -> Result<pb::SnapshotInfo, Failure> {
+    let what = pb::SnapshotRef {
+        id: req.id.clone(),
+        name: req.name.clone(),
+        ..Default::default()
+    };
+    let call = vms.snapshot(ctx(), req);
+    tokio::pin!(call);
+    let mut bar: Option<(u32, progress::Progress, u64)> = None;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            out = &mut call => {
+                if let Some((_, mut b, total)) = bar.take() {
+                    if out.is_ok() {
+                        b.finish(total);
+                    }
+                }
+                return out.map_err(from_ttrpc);
+            }
+            _ = tick.tick() => {
+                let Ok(p) = vms.get_snapshot_progress(ctx(), &what).await else { continue };
+                if !p.active || p.total_bytes == 0 {
+                    continue;
+                }
+                if bar.as_ref().is_none_or(|(pass, _, _)| *pass != p.pass) {
+                    if let Some((_, mut old, total)) = bar.take() {
+                        old.finish(total);
+                    }
+                    let label = format!("snapshot {} of {} (pass {})", req.name, req.id, p.pass);
+                    bar = Some((p.pass, progress::Progress::new(label, p.total_bytes, json), p.total_bytes));
+                }
+                if let Some((_, b, _)) = bar.as_mut() {
+                    b.update(p.done_bytes);
+                }
+            }
+        }
+    }
+}
+
 enum Target {
     One(String),
     Group(HashMap<String, String>),
@@ -868,10 +914,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     live,
                     ..Default::default()
                 };
-                let what = format!("snapshot {} of {}", req.name, req.id);
-                let info = progress::with_ticker(&what, json, vms.snapshot(ctx(), &req))
-                    .await
-                    .map_err(from_ttrpc)?;
+                let info = snapshot_with_progress(&vms, &req, json).await?;
                 if json {
                     println!("{}", snapshot_json(&info));
                 } else {
