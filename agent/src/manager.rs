@@ -166,6 +166,8 @@ pub struct Manager {
     samples: Mutex<HashMap<String, (Sample, Sample)>>,
     /// Each VM's usage record, once read or first sampled.
     usage: Mutex<HashMap<String, crate::usage::UsageRecord>>,
+    /// Records changed since they were last saved.
+    usage_unsaved: Mutex<std::collections::HashSet<String>>,
     /// Groups of VMs that ended but could not be removed yet.
     groups_to_remove: Mutex<Vec<String>>,
 }
@@ -268,6 +270,7 @@ impl Manager {
             drained: AtomicBool::new(drained),
             samples: Mutex::new(HashMap::new()),
             usage: Mutex::new(HashMap::new()),
+            usage_unsaved: Mutex::new(std::collections::HashSet::new()),
             groups_to_remove: Mutex::new(Vec::new()),
         });
         for l in loaded {
@@ -1379,9 +1382,23 @@ impl Manager {
                 samples.insert(id, pair);
             }
             let mut usage = lock(&self.usage);
-            for (spec, _, report) in self.reports() {
-                if let Some(record) = usage.get_mut(&spec.id) {
+            let mut unsaved = lock(&self.usage_unsaved);
+            for (spec, state, report) in self.reports() {
+                let Some(record) = usage.get_mut(&spec.id) else {
+                    continue;
+                };
+                if !report.breaches.is_empty() {
                     record.count_breaches(&report.breaches);
+                    unsaved.insert(spec.id.clone());
+                }
+                // A VM that stopped gets no more samples: save what its
+                // last ones added now, not at some later round.
+                if !state.has_vmm() && unsaved.remove(&spec.id) {
+                    if let Some(entry) = self.vms.read().unwrap().get(&spec.id) {
+                        if let Err(e) = record.save(&entry.dir.usage()) {
+                            tracing::error!(vm = %spec.id, "cannot save usage: {e}");
+                        }
+                    }
                 }
             }
         }
@@ -1432,10 +1449,19 @@ impl Manager {
             .or_insert_with(|| crate::usage::UsageRecord::load(&entry.dir.usage()));
         let new_vmm = record.cursor.pid != pid;
         record.add(&reading);
+        let mut unsaved = lock(&self.usage_unsaved);
         if save || new_vmm {
-            if let Err(e) = record.save(&entry.dir.usage()) {
-                tracing::error!(vm = %id, "cannot save usage: {e}");
+            match record.save(&entry.dir.usage()) {
+                Ok(()) => {
+                    unsaved.remove(id);
+                }
+                Err(e) => {
+                    tracing::error!(vm = %id, "cannot save usage: {e}");
+                    unsaved.insert(id.to_string());
+                }
             }
+        } else {
+            unsaved.insert(id.to_string());
         }
     }
 

@@ -238,10 +238,33 @@ async fn usage_survives_an_agent_kill_9_and_misses_nothing() {
             );
             assert_eq!(u.since_ms, before.since_ms, "not counted anew");
             assert!(u.running_seconds >= before.running_seconds + 4.0, "{u:?}");
-            return;
+            last = None;
+            break;
         }
         last = Some((u, group));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("usage and the group's CPU time never agreed: {last:?}");
+    assert!(
+        last.is_none(),
+        "usage and the group's CPU time never agreed: {last:?}"
+    );
+
+    // Stopped, the VM gets no more samples: its record is saved at once,
+    // and what Stats says is what the file holds.
+    let req = pb::StopVmRequest {
+        id: "burner".into(),
+        force: true,
+        ..Default::default()
+    };
+    c.vms.stop(ctx(), &req).await.expect("stop");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let u = stats(&c, "burner").await.usage.unwrap();
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(agent.vm_dir("burner").join("usage.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        file["usage"]["cpu_seconds"].as_f64(),
+        Some(u.cpu_seconds),
+        "{file}"
+    );
 }
