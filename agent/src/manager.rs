@@ -221,6 +221,32 @@ fn attach_bridges(spec: &VmSpec) -> Result<(), String> {
     Ok(())
 }
 
+/// `id`'s usage record, read from its file the first time.
+fn usage_record<'a>(
+    usage: &'a mut HashMap<String, crate::usage::UsageRecord>,
+    id: &str,
+    dir: &VmDir,
+) -> &'a mut crate::usage::UsageRecord {
+    usage
+        .entry(id.to_string())
+        .or_insert_with(|| crate::usage::UsageRecord::load(&dir.usage()))
+}
+
+/// Saves `id`'s usage record; it stays marked unsaved if that fails.
+fn save_usage(
+    id: &str,
+    dir: &VmDir,
+    record: &crate::usage::UsageRecord,
+    unsaved: &mut std::collections::HashSet<String>,
+) {
+    match record.save(&dir.usage()) {
+        Ok(()) => {
+            unsaved.remove(id);
+        }
+        Err(e) => tracing::error!(vm = %id, "cannot save usage: {e}"),
+    }
+}
+
 #[derive(serde::Serialize, serde::Deserialize, Default)]
 struct NodeState {
     drained: bool,
@@ -1328,7 +1354,7 @@ impl Manager {
         for round in 0u64.. {
             tokio::time::sleep(SAMPLE_EVERY).await;
             let Ok(layout) = &self.cgroups else { continue };
-            let save_usage = round % USAGE_SAVE_EVERY == 0;
+            let save_now = round % USAGE_SAVE_EVERY == 0;
             let running: Vec<(String, Arc<VmEntry>)> = self
                 .vms
                 .read()
@@ -1354,7 +1380,7 @@ impl Manager {
                     )
                     .await
                     .ok();
-                self.account(&id, &entry, &usage, vmm.as_ref(), save_usage);
+                self.account(&id, &entry, &usage, vmm.as_ref(), save_now);
                 let vmm = vmm.unwrap_or_default();
                 let sample = Sample {
                     at: std::time::Instant::now(),
@@ -1393,11 +1419,9 @@ impl Manager {
                 }
                 // A VM that stopped gets no more samples: save what its
                 // last ones added now, not at some later round.
-                if !state.has_vmm() && unsaved.remove(&spec.id) {
+                if !state.has_vmm() && unsaved.contains(&spec.id) {
                     if let Some(entry) = self.vms.read().unwrap().get(&spec.id) {
-                        if let Err(e) = record.save(&entry.dir.usage()) {
-                            tracing::error!(vm = %spec.id, "cannot save usage: {e}");
-                        }
+                        save_usage(&spec.id, &entry.dir, record, &mut unsaved);
                     }
                 }
             }
@@ -1422,19 +1446,7 @@ impl Manager {
                 inner.spec.memory_mib,
             )
         };
-        let devices = vmm.map(|v| {
-            let total = |pred: &dyn Fn(&str, &str) -> bool| -> u64 {
-                (v.devices.iter())
-                    .filter(|d| pred(&d.device, &d.direction))
-                    .map(|d| d.bytes)
-                    .sum()
-            };
-            (
-                total(&|d, _| d.starts_with("disk")),
-                total(&|d, dir| d.starts_with("nic") && dir == "rx"),
-                total(&|d, dir| d.starts_with("nic") && dir == "tx"),
-            )
-        });
+        let devices = vmm.map(|v| crate::usage::io_totals(&v.devices));
         let reading = crate::usage::Reading {
             pid,
             vmm_started_at_ms: started_at_ms,
@@ -1444,24 +1456,13 @@ impl Manager {
             devices,
         };
         let mut usage = lock(&self.usage);
-        let record = usage
-            .entry(id.to_string())
-            .or_insert_with(|| crate::usage::UsageRecord::load(&entry.dir.usage()));
+        let record = usage_record(&mut usage, id, &entry.dir);
         let new_vmm = record.cursor.pid != pid;
         record.add(&reading);
         let mut unsaved = lock(&self.usage_unsaved);
+        unsaved.insert(id.to_string());
         if save || new_vmm {
-            match record.save(&entry.dir.usage()) {
-                Ok(()) => {
-                    unsaved.remove(id);
-                }
-                Err(e) => {
-                    tracing::error!(vm = %id, "cannot save usage: {e}");
-                    unsaved.insert(id.to_string());
-                }
-            }
-        } else {
-            unsaved.insert(id.to_string());
+            save_usage(id, &entry.dir, record, &mut unsaved);
         }
     }
 
@@ -1469,10 +1470,7 @@ impl Manager {
     pub fn usage(&self, id: &str) -> ApiResult<crate::usage::Usage> {
         let entry = self.entry(id)?;
         let mut usage = lock(&self.usage);
-        let record = usage
-            .entry(id.to_string())
-            .or_insert_with(|| crate::usage::UsageRecord::load(&entry.dir.usage()));
-        Ok(record.usage.clone())
+        Ok(usage_record(&mut usage, id, &entry.dir).usage.clone())
     }
 
     /// Entitlement reports of every running VM (judged together, since

@@ -65,6 +65,21 @@ pub struct Reading {
     pub devices: Option<(u64, u64, u64)>,
 }
 
+/// Bytes a VMM's devices moved: disks, what its NICs received, what they
+/// sent.
+pub fn io_totals(devices: &[berth_proto::common::DeviceStats]) -> (u64, u64, u64) {
+    let mut totals = (0, 0, 0);
+    for d in devices {
+        match (d.device.starts_with("disk"), d.direction.as_str()) {
+            (true, _) => totals.0 += d.bytes,
+            (false, "rx") => totals.1 += d.bytes,
+            (false, "tx") => totals.2 += d.bytes,
+            _ => {}
+        }
+    }
+    totals
+}
+
 /// What grew: counters restart at 0 with a new VMM (and its new group).
 fn growth(old: u64, new: u64) -> u64 {
     if new >= old {
@@ -185,6 +200,24 @@ mod tests {
         assert_eq!(r.usage.running_seconds, 4.5);
         let gib_hours = 4.5 / 3600.0;
         assert!((r.usage.memory_gib_hours - gib_hours).abs() < 1e-12);
+    }
+
+    #[test]
+    fn io_totals_split_disks_from_each_nic_direction() {
+        let dev = |device: &str, direction: &str, bytes| berth_proto::common::DeviceStats {
+            device: device.into(),
+            direction: direction.into(),
+            bytes,
+            ..Default::default()
+        };
+        let devices = [
+            dev("disk0", "io", 1),
+            dev("disk1", "io", 2),
+            dev("nic0", "rx", 10),
+            dev("nic0", "tx", 100),
+            dev("nic1", "rx", 20),
+        ];
+        assert_eq!(io_totals(&devices), (3, 30, 100));
     }
 
     #[test]

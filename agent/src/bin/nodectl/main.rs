@@ -1367,14 +1367,8 @@ impl IoRates {
     fn update(&mut self, stats: &[pb::VmStats]) {
         let now = std::time::Instant::now();
         for s in stats {
-            let disk: u64 = (s.devices.iter())
-                .filter(|d| d.device.starts_with("disk"))
-                .map(|d| d.bytes)
-                .sum();
-            let net: u64 = (s.devices.iter())
-                .filter(|d| d.device.starts_with("nic"))
-                .map(|d| d.bytes)
-                .sum();
+            let (disk, rx, tx) = berth_agent::usage::io_totals(&s.devices);
+            let net = rx + tx;
             if let Some((d0, n0, t0)) = self.last.get(&s.id) {
                 let secs = now.duration_since(*t0).as_secs_f64().max(1e-3);
                 let rate = |a: u64, b: u64| b.saturating_sub(a) as f64 / secs;
