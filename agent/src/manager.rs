@@ -689,26 +689,18 @@ impl Manager {
         crate::spec::check_name("name", name)
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
         let entry = self.entry(id)?;
-        let dir = entry.dir.snapshots();
-        let exists = dir.join(name).join("state.json").exists();
-        let file = dir
-            .join(format!("{name}.tmp"))
-            .join(berth_vmm::snapshot::PROGRESS_FILE);
-        let mut progress = SnapshotProgress {
+        let dir = entry.dir.snapshots().join(name);
+        let exists = dir.join("state.json").exists();
+        let progress = berth_vmm::snapshot::read_progress(&dir);
+        let active = progress.is_some();
+        let p = progress.unwrap_or_default();
+        Ok(SnapshotProgress {
+            active,
+            pass: p.pass,
+            done_bytes: p.done_bytes,
+            total_bytes: p.total_bytes,
             exists,
-            ..Default::default()
-        };
-        if let Ok(v) = std::fs::read(&file)
-            .map_err(|_| ())
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).map_err(|_| ()))
-        {
-            let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
-            progress.active = true;
-            progress.pass = n("pass") as u32;
-            progress.done_bytes = n("done_bytes");
-            progress.total_bytes = n("total_bytes");
-        }
-        Ok(progress)
+        })
     }
 
     pub fn list_snapshots(&self, id: &str) -> ApiResult<Vec<SnapshotView>> {

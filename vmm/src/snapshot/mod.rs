@@ -120,17 +120,26 @@ pub struct Writer {
     progress: Progress,
 }
 
-#[derive(Default, serde::Serialize)]
-struct Progress {
-    pass: u32,
-    done_bytes: u64,
-    total_bytes: u64,
+/// How far a snapshot being written has got, as `progress.json` in its
+/// temporary directory holds it.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// Memory passes so far (a live snapshot makes several).
+    pub pass: u32,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
     #[serde(skip)]
     reported: u64,
 }
 
-/// The file a snapshot in progress reports to, beside its memory file.
-pub const PROGRESS_FILE: &str = "progress.json";
+const PROGRESS_FILE: &str = "progress.json";
+
+/// The progress of snapshot `dir` while it is being written; None when
+/// none is (not begun, or finished).
+pub fn read_progress(dir: &Path) -> Option<Progress> {
+    let bytes = std::fs::read(dir.with_extension("tmp").join(PROGRESS_FILE)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
 /// Progress is rewritten every this many bytes.
 const PROGRESS_STEP: u64 = 32 << 20;
 
