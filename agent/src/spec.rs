@@ -271,8 +271,6 @@ fn check_source(
     }
 }
 
-/// The images a spec names, with the field naming each and the kind it
-/// must be.
 impl VmSpec {
     /// Every device's limits, as the VMM names them: (device, direction).
     pub fn rate_limits(&self) -> Vec<(String, &'static str, RateLimit)> {
@@ -301,6 +299,8 @@ impl VmSpec {
         s
     }
 
+    /// The images a spec names, with the field naming each and the kind
+    /// it must be.
     pub fn image_refs(&self) -> Vec<(String, &str, crate::images::ImageKind)> {
         use crate::images::ImageKind;
         let mut refs = Vec::new();

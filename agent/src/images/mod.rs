@@ -100,6 +100,15 @@ pub fn is_digest(s: &str) -> bool {
         .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
+/// One index entry; an unreadable one is logged and left for the operator.
+fn read_entry(path: &Path) -> Option<ImageRecord> {
+    let read = std::fs::read(path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
+    read.map_err(|e| tracing::error!(path = %path.display(), "unreadable image index entry: {e}"))
+        .ok()
+}
+
 pub struct ImageStore {
     root: PathBuf,
     /// Imports and removals change the index one at a time.
@@ -152,31 +161,24 @@ impl ImageStore {
         };
         for entry in dir.flatten() {
             let path = entry.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                continue;
-            }
-            match std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-            {
-                Ok(record) => out.push(record),
-                Err(e) => {
-                    tracing::error!(path = %path.display(), "unreadable image index entry: {e}")
-                }
+            if path.extension().and_then(|e| e.to_str()) == Some("json") {
+                out.extend(read_entry(&path));
             }
         }
         out.sort_by(|a: &ImageRecord, b| a.name.cmp(&b.name));
         out
     }
 
-    /// By name, or by digest (the first name holding it).
+    /// By name (its own index entry), or by digest (the first name holding
+    /// it).
     pub fn get(&self, reference: &str) -> Result<ImageRecord, ImageError> {
         let found = if is_digest(reference) {
             self.list().into_iter().find(|r| r.digest == reference)
         } else {
             crate::spec::check_name("image", reference)
                 .map_err(|e| ImageError::Invalid(e.to_string()))?;
-            self.list().into_iter().find(|r| r.name == reference)
+            let path = self.index_path(reference);
+            path.exists().then(|| read_entry(&path)).flatten()
         };
         found.ok_or_else(|| ImageError::NotFound(format!("no image {reference:?} in the store")))
     }

@@ -122,12 +122,13 @@ impl Manager {
         let (image, blob) = self.image_file(&field, reference)?;
         std::fs::create_dir_all(entry.dir.disks()).map_err(internal)?;
         let path = entry.dir.disks().join(format!("disk{index}.raw"));
-        if existing.is_some() {
-            tracing::warn!(
-                disk = index,
-                image = reference,
+        if let Some(old) = &existing {
+            let why = if old.image == reference {
+                "its copy is gone: a new one is made from the image"
+            } else {
                 "the disk now names another image: its old copy is replaced"
-            );
+            };
+            tracing::warn!(disk = index, image = reference, "{why}");
             let _ = std::fs::remove_file(&path);
         }
         let method = copy_for_vm(&blob, &path).map_err(image_error)?;
