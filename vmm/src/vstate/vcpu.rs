@@ -113,6 +113,10 @@ impl VcpuControl {
         self.changed.notify_all();
     }
 
+    fn pause_requested(&self) -> bool {
+        crate::devices::bus::lock(&self.state).paused
+    }
+
     /// The vCPU threads park as soon as they start (a restore that stays
     /// paused).
     pub fn start_paused(&self) {
@@ -309,12 +313,20 @@ impl Vcpu {
     /// thread already ended it.
     fn run_until_stopped(&mut self) -> Option<ExitReason> {
         loop {
-            self.control.park_while_paused(&self.exit, self);
             if self.exit.stopping() {
                 return None;
             }
+            // KVM finishes a port or MMIO read we emulated (and, on the fast
+            // path, a port write) only on the next KVM_RUN: until then the
+            // vCPU is still on that instruction, and state saved from it
+            // would make a restored guest repeat the access. So a pausing
+            // vCPU first enters with immediate_exit, which completes the
+            // access and returns EINTR without running the guest.
+            let settling = self.control.pause_requested();
+            self.fd.set_kvm_immediate_exit(u8::from(settling));
             // The exit borrows the vCPU: decide what to do, then act on it.
             let exit = self.fd.run();
+            let settled = settling && matches!(&exit, Err(e) if e.errno() == libc::EINTR);
             self.control.exits_by_reason[exit_reason_index(&exit)].fetch_add(1, Ordering::Relaxed);
             let step = match exit {
                 Ok(VcpuExit::IoIn(port, data)) => {
@@ -359,6 +371,7 @@ impl Vcpu {
             };
             self.control.exits.fetch_add(1, Ordering::Relaxed);
             match step {
+                Step::Continue if settled => self.control.park_while_paused(&self.exit, self),
                 Step::Continue => {}
                 Step::End(reason) => return Some(reason),
                 Step::Fault(message) => return Some(self.fault(message)),
