@@ -4,6 +4,7 @@
 # brackets its output with lines the calling test parses:
 #   HARNESS-BEGIN <name>
 #   HARNESS-END <name> exit=<status> ms=<elapsed>
+# (exit 137 and a HARNESS-TIMEOUT line before it: killed past its budget)
 # and ends with HARNESS-DONE and a power-off.
 export PATH=/bin:/usr/bin
 /bin/busybox --install -s /bin
@@ -11,6 +12,9 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
+
+# Each scenario's budget; the slowest takes about 35 s.
+SCENARIO_SECONDS=180
 
 uptime_ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }
 
@@ -28,8 +32,16 @@ for s in /scenarios/*.sh; do
     name="${name#*-}"
     echo "HARNESS-BEGIN $name"
     t0="$(uptime_ms)"
-    sh "$s" </dev/null
+    # A scenario that hangs must not take the others with it: past its
+    # budget it is killed, what its VMMs logged is shown, and what it left
+    # running is ended.
+    timeout -s KILL "$SCENARIO_SECONDS" sh "$s" </dev/null
     rc=$?
+    if [ "$rc" = 137 ]; then
+        echo "HARNESS-TIMEOUT $name after ${SCENARIO_SECONDS}s"
+        for f in /tmp/*.log; do [ -f "$f" ] && { echo "--- $f"; tail -c 4000 "$f"; }; done
+        killall -9 berth-vmm vmmctl 2>/dev/null
+    fi
     echo "HARNESS-END $name exit=$rc ms=$(( $(uptime_ms) - t0 ))"
 done
 echo "HARNESS-DONE"

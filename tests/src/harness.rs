@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::cpio::CpioWriter;
-use crate::{image_dir, run, vmm_binary, Finished};
+use crate::{image_dir, vmm_binary, Finished};
 
 const INIT: &str = include_str!("../harness/init.sh");
 const MODULES: [&str; 4] = ["irqbypass", "kvm", "kvm-amd", "tun"];
@@ -61,10 +61,12 @@ impl HarnessRun {
             })
         });
         found.unwrap_or_else(|| {
-            panic!(
-                "scenario {name} did not run to its end in the harness:\n{}",
-                self.finished.describe()
-            )
+            let why = if !console.contains("HARNESS-KVM kvm_amd") {
+                "the inner host has no kvm_amd /dev/kvm (does the CPU model offer svm?)"
+            } else {
+                "it did not run to its end in the harness"
+            };
+            panic!("scenario {name}: {why}:\n{}", self.finished.describe())
         })
     }
 }
@@ -269,17 +271,11 @@ pub fn run_scenarios(scenarios: &[Scenario], timeout: Duration) -> HarnessRun {
         .arg("-initrd")
         .arg(&initramfs)
         .args(["-append", "console=ttyS0 quiet panic=-1"]);
-    let finished = run(cmd, timeout);
-    let console = &finished.stdout;
-    assert!(
-        console.contains("HARNESS-KVM kvm_amd"),
-        "the inner host has no kvm_amd /dev/kvm:\n{}",
-        finished.describe()
-    );
-    assert!(
-        console.contains("HARNESS-DONE"),
-        "the inner host did not finish its scenarios:\n{}",
-        finished.describe()
-    );
+    // A run that hangs is killed but not a panic here: the scenarios it did
+    // finish still count, and each missing one fails its own test.
+    let (finished, timed_out) = crate::Running::spawn(cmd).wait_or_kill(timeout);
+    if timed_out {
+        eprintln!("[harness] the inner host did not finish within {timeout:?} and was killed");
+    }
     HarnessRun { finished }
 }

@@ -302,6 +302,12 @@ impl Running {
         finished
     }
 
+    /// Waits for the process to end, killing it past `timeout`; returns
+    /// what it printed and whether it had to be killed.
+    pub fn wait_or_kill(mut self, timeout: Duration) -> (Finished, bool) {
+        self.finish(timeout)
+    }
+
     /// Closes stdin, waits up to `timeout`, kills the process past it.
     fn finish(&mut self, timeout: Duration) -> (Finished, bool) {
         drop(self.child.stdin.take());
