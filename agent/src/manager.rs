@@ -547,21 +547,12 @@ impl Manager {
                     .apply(&spec.id, &self.cgroup_limits(&spec))
                     .map_err(|e| ApiError::Unavailable(e.to_string()))?;
             }
-            let changed = (spec.rate_limits().into_iter())
+            let changed: Vec<_> = (spec.rate_limits().into_iter())
                 .zip(old.rate_limits())
                 .filter(|(new, old)| new.2 != old.2)
-                .map(|(new, _)| new);
-            for (device, direction, limit) in changed {
-                let req = berth_proto::vmm::SetRateLimitRequest {
-                    device,
-                    direction: direction.into(),
-                    limit: protobuf::MessageField::some(crate::server::rate_limit_to_pb(limit)),
-                    ..Default::default()
-                };
-                let ctx = ttrpc::context::with_timeout(5_000_000_000);
-                self.vmm_call(&entry, |c| async move { c.set_rate_limit(ctx, &req).await })
-                    .await?;
-            }
+                .map(|(new, _)| new)
+                .collect();
+            self.push_rate_limits(&entry, changed).await?;
         }
         let mut inner = lock(&entry.inner);
         self.store.save_spec(&entry.dir, &spec).map_err(internal)?;
@@ -614,11 +605,21 @@ impl Manager {
                     }),
                 )
                 .await?;
-                let mut inner = lock(&entry.inner);
-                inner.record.hibernated = None;
-                self.store
-                    .save_record(&entry.dir, &inner.record)
-                    .map_err(internal)?;
+                {
+                    let mut inner = lock(&entry.inner);
+                    inner.record.hibernated = None;
+                    self.store
+                        .save_record(&entry.dir, &inner.record)
+                        .map_err(internal)?;
+                }
+                // The snapshot holds the limits in force when it was taken;
+                // an Update while the VM slept changed the spec since.
+                let limits = lock(&entry.inner).spec.rate_limits();
+                self.push_rate_limits(&entry, limits).await.map_err(|e| {
+                    ApiError::Unavailable(format!(
+                        "VM {id} woke from snapshot {name} but runs with the snapshot's I/O limits, not its spec's: {e}"
+                    ))
+                })?;
             }
             None => self.launch(&entry, "started").await?,
         }
@@ -1094,6 +1095,26 @@ impl Manager {
             _ => VmState::Running,
         };
         self.transition(entry, &mut inner, state, why)
+    }
+
+    /// Sets these I/O limits in the VM's running VMM.
+    async fn push_rate_limits(
+        &self,
+        entry: &VmEntry,
+        limits: impl IntoIterator<Item = (String, &'static str, crate::spec::RateLimit)>,
+    ) -> ApiResult<()> {
+        for (device, direction, limit) in limits {
+            let req = berth_proto::vmm::SetRateLimitRequest {
+                device,
+                direction: direction.into(),
+                limit: protobuf::MessageField::some(crate::server::rate_limit_to_pb(limit)),
+                ..Default::default()
+            };
+            let ctx = ttrpc::context::with_timeout(5_000_000_000);
+            self.vmm_call(entry, |c| async move { c.set_rate_limit(ctx, &req).await })
+                .await?;
+        }
+        Ok(())
     }
 
     async fn vmm_call<F, Fut, T>(&self, entry: &VmEntry, call: F) -> ApiResult<T>

@@ -273,3 +273,51 @@ fn a_nic_rx_limit_holds_what_the_guest_receives_to_its_rate() {
     );
     vm.wait_for_output("PROBE done", Duration::from_secs(30));
 }
+
+/// A limit changed by Update while the VM is hibernated is the one it runs
+/// under when it wakes, not the one its snapshot recorded.
+#[tokio::test(flavor = "current_thread")]
+async fn a_limit_updated_while_hibernated_holds_after_the_wake_up() {
+    report_mode("limit across hibernation");
+    let agent = TestAgent::new("rate-hibernate");
+    let c = agent.clients().await;
+    let disk = agent.dir.join("disks/idle.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut spec = probe_spec("sleeper", 1, "probe.mode=tick");
+    spec.disks.push(pb::Disk {
+        path: disk.display().to_string(),
+        limit: protobuf::MessageField::some(limit(4 << 20, 64 << 10, 0, 0)),
+        ..Default::default()
+    });
+    create_and_start(&c, spec.clone()).await;
+    wait_console(&agent, "sleeper", "PROBE tick 1", Duration::from_secs(60));
+    let req = pb::SnapshotVmRequest {
+        id: "sleeper".into(),
+        name: "nap".into(),
+        hibernate: true,
+        ..Default::default()
+    };
+    c.vms.snapshot(ctx(), &req).await.expect("hibernate");
+
+    spec.disks[0].limit = protobuf::MessageField::some(limit(8 << 20, 128 << 10, 300, 10));
+    let req = pb::UpdateVmRequest {
+        spec: protobuf::MessageField::some(spec),
+        ..Default::default()
+    };
+    c.vms
+        .update(ctx(), &req)
+        .await
+        .expect("update while hibernated");
+    let vm = c.vms.start(ctx(), &vm_ref("sleeper")).await.expect("wake");
+    assert_eq!(state_of(&vm), pb::VmState::RUNNING);
+    let d = device_stats(&c, "sleeper", "disk0", "io", 0).await;
+    let l = &d.limit;
+    assert_eq!(
+        (l.bytes_per_s, l.bytes_burst, l.ops_per_s, l.ops_burst),
+        (8 << 20, 128 << 10, 300, 10),
+        "the VMM runs with the updated limit: {d:?}"
+    );
+}
