@@ -54,15 +54,9 @@ impl Manager {
     }
 
     /// The VMs whose specs name `image` (by its name, or by its digest when
-    /// no other name holds that content).
-    pub fn image_users(&self, image: &ImageRecord) -> Vec<String> {
-        let sole_holder = self
-            .images
-            .list()
-            .iter()
-            .filter(|r| r.digest == image.digest)
-            .count()
-            == 1;
+    /// no other name in `store`, the store's records, holds that content).
+    pub fn image_users(&self, image: &ImageRecord, store: &[ImageRecord]) -> Vec<String> {
+        let sole_holder = store.iter().filter(|r| r.digest == image.digest).count() == 1;
         self.vms
             .read()
             .unwrap_or_else(|e| e.into_inner())

@@ -14,13 +14,14 @@ use crate::manager::{image_error, ApiError, Manager};
 
 pub struct ImageApi(pub Arc<Manager>);
 
-fn image_to_pb(m: &Manager, r: ImageRecord) -> pb::Image {
+/// `store` is every record of the store (read once per request).
+fn image_to_pb(m: &Manager, r: ImageRecord, store: &[ImageRecord]) -> pb::Image {
     let path = m.images.blob_path(&r.digest);
     let disk_bytes = std::fs::metadata(&path)
         .map(|md| std::os::unix::fs::MetadataExt::blocks(&md) * 512)
         .unwrap_or(0);
     pb::Image {
-        used_by: m.image_users(&r),
+        used_by: m.image_users(&r, store),
         copies: m.image_copies(&r),
         name: r.name,
         kind: r.kind.name().into(),
@@ -111,7 +112,7 @@ impl ImageApi {
                     .map_err(|e| ApiError::InvalidArgument(format!("{}: {e}", path.display())))?;
                 importer.write_from(file).map_err(image_error)?;
                 let record = manager.images.commit(importer).map_err(image_error)?;
-                Ok(image_to_pb(&manager, record))
+                Ok(image_to_pb(&manager, record, &manager.images.list()))
             })
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -145,7 +146,7 @@ async fn commit(manager: Arc<Manager>, importer: Importer) -> Result<pb::Image, 
     tokio::task::spawn_blocking(move || {
         let record = manager.images.commit(importer).map_err(image_error)?;
         tracing::info!(image = %record.name, digest = %record.digest, "imported");
-        Ok(image_to_pb(&manager, record))
+        Ok(image_to_pb(&manager, record, &manager.images.list()))
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?
@@ -172,10 +173,11 @@ impl image_ttrpc::ImageService for ImageApi {
             Some(ImageKind::parse(&req.kind).map_err(|e| status(image_error(e)))?)
         };
         let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
-        let images = (self.0.images.list().into_iter())
+        let store = self.0.images.list();
+        let images = (store.iter())
             .filter(|r| kind.is_none_or(|k| r.kind == k))
             .filter(|r| labels.iter().all(|(k, v)| r.labels.get(k) == Some(v)))
-            .map(|r| image_to_pb(&self.0, r))
+            .map(|r| image_to_pb(&self.0, r.clone(), &store))
             .collect();
         Ok(pb::ListImagesResponse {
             images,
@@ -189,7 +191,7 @@ impl image_ttrpc::ImageService for ImageApi {
             .images
             .get(&req.name)
             .map_err(|e| status(image_error(e)))?;
-        Ok(image_to_pb(&self.0, record))
+        Ok(image_to_pb(&self.0, record, &self.0.images.list()))
     }
 
     async fn remove(&self, _: &TtrpcContext, req: pb::ImageRef) -> ttrpc::Result<Empty> {
@@ -198,7 +200,7 @@ impl image_ttrpc::ImageService for ImageApi {
             .images
             .get(&req.name)
             .map_err(|e| status(image_error(e)))?;
-        let users = self.0.image_users(&record);
+        let users = self.0.image_users(&record, &self.0.images.list());
         self.0
             .images
             .remove(&record.name, &users)
