@@ -16,6 +16,7 @@ pub mod jail;
 pub mod manager;
 pub mod metrics;
 pub mod notify;
+pub mod root_lock;
 pub mod server;
 pub mod spec;
 pub mod store;

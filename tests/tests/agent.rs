@@ -116,6 +116,37 @@ async fn agent_kill9_leaves_vms_running_and_the_next_agent_adopts_them() {
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn a_second_agent_on_the_same_state_root_exits_and_the_first_goes_on() {
+    report_mode("second agent on one state root");
+    let agent = TestAgent::new("agent-second");
+    let c = agent.clients().await;
+    let vm = create_and_start(&c, probe_spec("held", 1, "probe.mode=tick")).await;
+    wait_console(&agent, "held", "PROBE tick 1", BOOT);
+
+    // Same config (so the same state root), its own socket.
+    let other = agent.dir.join("other.sock");
+    let mut cmd = std::process::Command::new(berth_tests::binary("berth-agent"));
+    cmd.arg("--config")
+        .arg(&agent.config)
+        .arg("--socket")
+        .arg(&other);
+    let second = berth_tests::Running::spawn(cmd).wait(Duration::from_secs(20));
+    assert_eq!(second.status.code(), Some(1), "{}", second.describe());
+    let holder = format!("in use by another berth-agent (pid {})", agent_pid(&agent));
+    assert!(second.stderr.contains(&holder), "{}", second.describe());
+    assert!(!other.exists(), "the second agent never served");
+
+    // The first agent still owns its VM, which was neither adopted twice
+    // nor restarted.
+    let now = get(&c, "held").await;
+    assert_eq!(state_of(&now), pb::VmState::RUNNING);
+    assert_eq!(now.status.pid, vm.status.pid);
+    assert_eq!(vmm_pids(&agent.dir).len(), 1);
+    let tick = last_tick(&agent, "held").unwrap();
+    wait_console(&agent, "held", &format!("PROBE tick {}", tick + 2), BOOT);
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn vmm_kill9_is_a_crash_seen_within_a_second_and_the_restart_policy_applies() {
     report_mode("vmm kill -9");
     let agent = TestAgent::new("agent-crash");

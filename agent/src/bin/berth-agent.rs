@@ -10,6 +10,7 @@ use std::sync::Arc;
 use berth_agent::config::AgentConfig;
 use berth_agent::manager::Manager;
 use berth_agent::metrics::ApiMetrics;
+use berth_agent::root_lock::StateRootLock;
 use berth_agent::server::{host_memory_mib, ImageApi, NodeApi, VmApi};
 use berth_agent::spec::Limits;
 use clap::Parser;
@@ -109,6 +110,9 @@ async fn run(args: Args) -> Result<(), String> {
                 config.state_root.display()
             )
         })?;
+    // Before anything reads the root or touches a VMM: a second agent on
+    // this root would re-adopt and restart the same VMs.
+    let _root_lock = StateRootLock::acquire(&config.state_root).map_err(|e| e.to_string())?;
     if !config.jail.enabled {
         tracing::warn!("JAIL IS OFF (jail.enabled = false): every VMM runs as root with the host's files in reach; debugging only");
     }
