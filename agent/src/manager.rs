@@ -401,7 +401,12 @@ impl Manager {
         });
     }
 
-    /// Persists the new state, then announces it.
+    /// Persists the new state, then announces it. When the write fails
+    /// (a full disk), memory keeps the VMM's truth so the next command can
+    /// act: an intent (Starting, Stopping) that was not recorded did not
+    /// begin, so the VM stays where it was; any other state reports what
+    /// already happened to the VMM, so memory holds it and the next
+    /// successful write records it.
     fn transition(
         &self,
         entry: &VmEntry,
@@ -409,11 +414,26 @@ impl Manager {
         state: VmState,
         message: &str,
     ) -> ApiResult<()> {
+        let before = (inner.record.state, inner.record.state_changed_ms);
         inner.record.state = state;
         inner.record.state_changed_ms = now_ms();
-        self.store
-            .save_record(&entry.dir, &inner.record)
-            .map_err(internal)?;
+        if let Err(e) = self.store.save_record(&entry.dir, &inner.record) {
+            let intent = matches!(state, VmState::Starting | VmState::Stopping);
+            if intent {
+                (inner.record.state, inner.record.state_changed_ms) = before;
+            }
+            let kept = inner.record.state.name();
+            tracing::error!(
+                vm = %inner.spec.id,
+                "cannot record {} ({message}): {e}; the VM is {kept}",
+                state.name()
+            );
+            return Err(ApiError::Internal(format!(
+                "cannot record VM {} as {}: {e}; it is {kept}, retry once the state root can be written",
+                inner.spec.id,
+                state.name()
+            )));
+        }
         tracing::info!(vm = %inner.spec.id, "{} ({message})", state.name());
         self.emit(&inner.spec.id, "state", state, message);
         Ok(())

@@ -21,6 +21,8 @@ pub struct TestAgent {
     /// Run the agent (and so its VMMs) in this network namespace.
     pub netns: Option<String>,
     process: Option<Running>,
+    /// The state root is a tmpfs this agent mounted.
+    tmpfs_state: bool,
 }
 
 pub struct Clients {
@@ -59,6 +61,29 @@ impl TestAgent {
         env: &[(&str, &str)],
         netns: Option<&str>,
     ) -> TestAgent {
+        let mut agent = Self::unstarted(test, extra, env, netns);
+        agent.start();
+        agent
+    }
+
+    /// A plain agent whose state root is a tmpfs of `size_kib`, so a test
+    /// can fill it (ENOSPC) while the agent runs. Dropping it unmounts it.
+    pub fn with_small_state_root(test: &str, size_kib: u64) -> TestAgent {
+        let mut agent = Self::unstarted(test, "", &[], None);
+        let state = agent.dir.join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_kib}k"), "tmpfs"])
+            .arg(&state)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount a tmpfs on {}", state.display());
+        agent.tmpfs_state = true;
+        agent.start();
+        agent
+    }
+
+    fn unstarted(test: &str, extra: &str, env: &[(&str, &str)], netns: Option<&str>) -> TestAgent {
         let dir = scratch_dir(test);
         let socket = dir.join("agent.sock");
         let config = dir.join("agent.toml");
@@ -81,7 +106,7 @@ impl TestAgent {
         )
         .unwrap();
         std::fs::create_dir_all(dir.join("disks")).unwrap();
-        let mut agent = TestAgent {
+        let agent = TestAgent {
             dir,
             socket,
             config,
@@ -91,8 +116,8 @@ impl TestAgent {
                 .collect(),
             netns: netns.map(str::to_string),
             process: None,
+            tmpfs_state: false,
         };
-        agent.start();
         agent
     }
 
@@ -181,6 +206,12 @@ impl Drop for TestAgent {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        if self.tmpfs_state {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.join("state"))
+                .status();
         }
     }
 }
