@@ -215,24 +215,45 @@ pub fn resolve_in_roots(field: &str, path: &Path, roots: &[PathBuf]) -> Result<P
             format!("{} is not an absolute path", path.display()),
         ));
     }
-    let real =
-        std::fs::canonicalize(path).map_err(|e| err(field, format!("{}: {e}", path.display())))?;
-    let inside = roots.iter().any(|root| {
-        std::fs::canonicalize(root)
-            .map(|r| real.starts_with(r))
-            .unwrap_or(false)
-    });
-    if !inside {
+    let outside = || {
         let roots: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
-        return Err(err(
+        err(
             field,
             format!(
-                "{} resolves to {}, outside the allowed roots [{}]",
+                "{} is outside the allowed roots [{}]",
                 path.display(),
-                real.display(),
                 roots.join(", ")
             ),
-        ));
+        )
+    };
+    let real_roots: Vec<PathBuf> = roots
+        .iter()
+        .filter_map(|root| std::fs::canonicalize(root).ok())
+        .collect();
+    let real = match std::fs::canonicalize(path) {
+        Ok(real) => real,
+        // Only a path that is plainly inside a root may say why it cannot
+        // be opened: for any other, "no such file" against "outside" would
+        // tell a caller which host paths exist.
+        Err(e) => {
+            let plainly_inside = !path
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+                && roots
+                    .iter()
+                    .chain(&real_roots)
+                    .any(|root| path.starts_with(root));
+            return Err(if plainly_inside {
+                err(field, format!("{}: {e}", path.display()))
+            } else {
+                outside()
+            });
+        }
+    };
+    // The resolved path is not named either: it would show where a
+    // symlink outside the roots points.
+    if !real_roots.iter().any(|root| real.starts_with(root)) {
+        return Err(outside());
     }
     if !real.is_file() {
         return Err(err(
@@ -331,6 +352,12 @@ impl VmSpec {
     }
 }
 
+/// Bounds on labels: every List answer carries them, so a few huge ones
+/// would push the whole node's listing past the transport's frame limit.
+pub const MAX_LABELS: usize = 64;
+pub const MAX_LABEL_KEY_BYTES: usize = 63;
+pub const MAX_LABEL_VALUE_BYTES: usize = 256;
+
 /// Host limits a spec is checked against.
 pub struct Limits {
     pub max_vcpus: u32,
@@ -338,20 +365,48 @@ pub struct Limits {
 }
 
 impl VmSpec {
+    fn check_labels(&self) -> Result<(), SpecError> {
+        if self.labels.len() > MAX_LABELS {
+            return Err(err(
+                "labels",
+                format!(
+                    "{} labels, more than the limit of {MAX_LABELS}",
+                    self.labels.len()
+                ),
+            ));
+        }
+        for (key, value) in &self.labels {
+            let shown: String = key.chars().take(MAX_LABEL_KEY_BYTES).collect();
+            if key.is_empty()
+                || key.len() > MAX_LABEL_KEY_BYTES
+                || key.contains('=')
+                || key.contains(',')
+            {
+                return Err(err(
+                    format!("labels.{shown}"),
+                    format!("keys are 1-{MAX_LABEL_KEY_BYTES} bytes without '=' or ','"),
+                ));
+            }
+            if value.len() > MAX_LABEL_VALUE_BYTES {
+                return Err(err(
+                    format!("labels.{key}"),
+                    format!(
+                        "value of {} bytes, more than the limit of {MAX_LABEL_VALUE_BYTES}",
+                        value.len()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks every field; paths are resolved against the config's roots.
     pub fn validate(&self, config: &AgentConfig, limits: &Limits) -> Result<(), SpecError> {
         check_name("id", &self.id)?;
         if !self.name.is_empty() {
             check_name("name", &self.name)?;
         }
-        for key in self.labels.keys() {
-            if key.is_empty() || key.len() > 63 || key.contains('=') || key.contains(',') {
-                return Err(err(
-                    format!("labels.{key}"),
-                    "keys are 1-63 characters without '=' or ','",
-                ));
-            }
-        }
+        self.check_labels()?;
         if self.vcpus == 0 {
             return Err(err("vcpus", "must be at least 1"));
         }
@@ -600,6 +655,60 @@ mod tests {
             let e = s.validate(&config, &LIMITS).unwrap_err();
             assert_eq!(e.field, field, "{e}");
         }
+    }
+
+    #[test]
+    fn labels_are_bounded_and_each_limit_is_named() {
+        let (roots, config) = setup();
+        let mut s = spec(&roots);
+        for i in 0..MAX_LABELS {
+            s.labels
+                .insert(format!("k{i}"), "v".repeat(MAX_LABEL_VALUE_BYTES));
+        }
+        assert_eq!(s.validate(&config, &LIMITS), Ok(()), "the maximum fits");
+        s.labels.insert("one-more".into(), "v".into());
+        let e = s.validate(&config, &LIMITS).unwrap_err();
+        assert_eq!(e.field, "labels");
+        assert!(e.to_string().contains("limit of 64"), "{e}");
+
+        let mut s = spec(&roots);
+        s.labels
+            .insert("big".into(), "v".repeat(MAX_LABEL_VALUE_BYTES + 1));
+        let e = s.validate(&config, &LIMITS).unwrap_err();
+        assert_eq!(e.field, "labels.big");
+        assert!(e.to_string().contains("limit of 256"), "{e}");
+
+        let mut s = spec(&roots);
+        s.labels.insert("k".repeat(1 << 20), "v".into());
+        let e = s.validate(&config, &LIMITS).unwrap_err();
+        assert!(e.to_string().len() < 300, "a huge key is not echoed whole");
+    }
+
+    #[test]
+    fn a_path_outside_the_roots_gets_one_message_whether_or_not_it_exists() {
+        let (roots, config) = setup();
+        let message = |path: &str| {
+            let mut s = spec(&roots);
+            s.kernel.path = path.into();
+            let e = s.validate(&config, &LIMITS).unwrap_err();
+            assert_eq!(e.field, "kernel.path");
+            e.to_string().replace(path, "<path>")
+        };
+        let exists = message("/etc/hostname");
+        assert_eq!(exists, message("/etc/no-such-file-here"));
+        assert!(exists.contains("outside the allowed roots"), "{exists}");
+        let escape = roots.join("escape").display().to_string();
+        let via_symlink = message(&escape);
+        let target = roots.parent().unwrap().join("outside");
+        assert!(
+            !via_symlink.contains(&target.display().to_string()),
+            "the symlink's target is not shown: {via_symlink}"
+        );
+        let dotdot = roots.join("../no-such").display().to_string();
+        assert_eq!(message(&dotdot), exists);
+        // Inside a root, a missing file says so.
+        let missing = roots.join("missing").display().to_string();
+        assert!(message(&missing).contains("No such file"));
     }
 
     #[test]

@@ -474,9 +474,27 @@ async fn follow_migration(vms: &VmServiceClient, id: &str, json: bool) -> Result
     }
 }
 
+/// Widest a table cell is shown; longer values (labels, errors) are cut
+/// with an ellipsis, and `--json` shows them whole.
+const MAX_CELL_CHARS: usize = 60;
+
+/// `cell` cut to `MAX_CELL_CHARS` characters, an ellipsis marking the cut.
+fn fit_cell(cell: &str) -> String {
+    if cell.chars().count() <= MAX_CELL_CHARS {
+        return cell.to_string();
+    }
+    let mut cut: String = cell.chars().take(MAX_CELL_CHARS - 1).collect();
+    cut.push('…');
+    cut
+}
+
 fn print_table(rows: Vec<Vec<String>>) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| fit_cell(c)).collect())
+        .collect();
     let widths: Vec<usize> = (0..rows[0].len())
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     for row in rows {
         let line: Vec<String> = row
@@ -1499,5 +1517,21 @@ fn main() -> ExitCode {
             eprintln!("nodectl: {}", f.message);
             ExitCode::from(f.code)
         }
+    }
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::*;
+
+    #[test]
+    fn long_cells_are_cut_with_an_ellipsis() {
+        assert_eq!(fit_cell("short"), "short");
+        let long = "é".repeat(100_000);
+        let cut = fit_cell(&long);
+        assert_eq!(cut.chars().count(), MAX_CELL_CHARS);
+        assert!(cut.ends_with('…'));
+        let exact = "x".repeat(MAX_CELL_CHARS);
+        assert_eq!(fit_cell(&exact), exact);
     }
 }
