@@ -61,3 +61,68 @@ async fn a_stop_that_cannot_be_recorded_leaves_the_vm_running_and_retryable() {
     let vm = c.vms.start(ctx(), &vm_ref("full")).await.unwrap();
     assert_eq!(state_of(&vm), pb::VmState::RUNNING);
 }
+
+fn create_req(spec: pb::VmSpec) -> pb::CreateVmRequest {
+    pb::CreateVmRequest {
+        spec: protobuf::MessageField::some(spec),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn oversized_labels_are_refused_and_a_listing_of_maximal_vms_works() {
+    report_mode("label limits");
+    let agent = TestAgent::new("label-limits");
+    let c = agent.clients().await;
+    let mut many = probe_spec("many", 1, "probe.mode=tick");
+    for i in 0..65 {
+        many.labels.insert(format!("k{i}"), "v".into());
+    }
+    let (code, msg) = code_of(c.vms.create(ctx(), &create_req(many)).await);
+    assert_eq!(code, Code::INVALID_ARGUMENT, "{msg}");
+    assert!(
+        msg.starts_with("labels:") && msg.contains("limit of 64"),
+        "{msg}"
+    );
+    let mut big = probe_spec("big", 1, "probe.mode=tick");
+    big.labels.insert("note".into(), "x".repeat(1 << 20));
+    let (code, msg) = code_of(c.vms.create(ctx(), &create_req(big)).await);
+    assert_eq!(code, Code::INVALID_ARGUMENT, "{msg}");
+    assert!(msg.contains("limit of 256"), "{msg}");
+    assert!(
+        msg.len() < 300,
+        "the value is not echoed: {} bytes",
+        msg.len()
+    );
+    assert!(
+        !agent.vm_dir("many").exists() && !agent.vm_dir("big").exists(),
+        "a refused Create leaves nothing"
+    );
+
+    // The largest labels allowed, on many VMs: every listing still works.
+    for v in 0..20 {
+        let mut spec = probe_spec(&format!("max{v}"), 1, "probe.mode=tick");
+        for i in 0..64 {
+            spec.labels.insert(format!("{i:0>63}"), "v".repeat(256));
+        }
+        c.vms.create(ctx(), &create_req(spec)).await.unwrap();
+    }
+    let list = c
+        .vms
+        .list(ctx(), &pb::ListVmsRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(list.vms.len(), 20);
+    assert!(list.vms.iter().all(|v| v.spec.labels.len() == 64));
+    let table = agent.nodectl().arg("list").output().unwrap();
+    assert!(table.status.success(), "{table:?}");
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert_eq!(
+        text.lines().count(),
+        21,
+        "a header and a row per VM:\n{text}"
+    );
+    assert!(text.contains('…'), "long label cells are cut:\n{text}");
+    let json = agent.nodectl().args(["list", "--json"]).output().unwrap();
+    assert!(json.status.success(), "{json:?}");
+}
