@@ -203,6 +203,20 @@ pub fn host_cpus() -> u32 {
 
 /// `ip link set <tap> master <bridge> up` for every NIC that names a
 /// bridge. Building the bridge is the controller's business.
+/// Does the VM's VMM serve its control socket (and so is it up)?
+async fn vmm_answers(dir: &VmDir) -> bool {
+    let Ok(client) = vmm_proc::connect(dir).await else {
+        return false;
+    };
+    client
+        .info(
+            ttrpc::context::with_timeout(1_000_000_000),
+            &Empty::default(),
+        )
+        .await
+        .is_ok()
+}
+
 fn attach_bridges(spec: &VmSpec) -> Result<(), String> {
     for nic in spec.nics.iter().filter(|n| !n.bridge.is_empty()) {
         let out = std::process::Command::new("ip")
@@ -346,6 +360,9 @@ impl Manager {
         if !state.has_vmm() || state == VmState::Migrating {
             return;
         }
+        if adopted && state == VmState::Starting && !self.finish_interrupted_start(entry).await {
+            return;
+        }
         if adopted {
             let live = match vmm_proc::connect(&entry.dir).await {
                 Ok(client) => client
@@ -385,6 +402,42 @@ impl Manager {
             inner.record.last_exit = exit.reason.clone();
             let _ = self.transition(entry, &mut inner, VmState::Crashed, &exit.reason);
         }
+    }
+
+    /// An agent died while this VM's VMM was starting. A VMM that comes
+    /// up within the start timeout is taken on (its taps joined to their
+    /// bridges); one that does not is ended. Either way it is never lost.
+    /// Returns whether the VMM runs on.
+    async fn finish_interrupted_start(&self, entry: &VmEntry) -> bool {
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        let up = loop {
+            if vmm_answers(&entry.dir).await {
+                break true;
+            }
+            let gone = lock(&entry.inner)
+                .process
+                .as_mut()
+                .and_then(|p| p.exited(&entry.dir));
+            if gone.is_some() || tokio::time::Instant::now() > deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let spec = lock(&entry.inner).spec.clone();
+        let failure = if up {
+            attach_bridges(&spec).err()
+        } else {
+            Some("the agent restarted while the VMM was starting, and it did not come up".into())
+        };
+        let Some(why) = failure else {
+            tracing::info!(vm = %spec.id, "took on a VMM whose start the last agent did not see end");
+            lock(&entry.inner).record.started_at_ms = now_ms();
+            return true;
+        };
+        tracing::warn!(vm = %spec.id, "{why}; ending it");
+        let process = lock(&entry.inner).process.take();
+        let _ = self.abort_launch(entry, process, why).await;
+        false
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
@@ -1017,9 +1070,7 @@ impl Manager {
         let cgroup_dirs = match self.prepare_cgroup(&spec) {
             Ok(dirs) => dirs,
             Err(e) => {
-                let mut inner = lock(&entry.inner);
-                inner.record.last_exit = e.to_string();
-                self.transition(entry, &mut inner, VmState::Crashed, &e.to_string())?;
+                self.abort_launch(entry, None, e.to_string()).await?;
                 return Err(e);
             }
         };
@@ -1033,10 +1084,7 @@ impl Manager {
         ) {
             Ok(c) => c,
             Err(e) => {
-                self.release_cgroup(&spec.id);
-                let mut inner = lock(&entry.inner);
-                inner.record.last_exit = e.to_string();
-                self.transition(entry, &mut inner, VmState::Crashed, &e.to_string())?;
+                self.abort_launch(entry, None, e.to_string()).await?;
                 return Err(e);
             }
         };
@@ -1052,57 +1100,52 @@ impl Manager {
             Ok(p) => p,
             Err(e) => {
                 let message = format!("cannot start {}: {e}", self.config.vmm_binary().display());
-                self.release_cgroup(&spec.id);
-                let mut inner = lock(&entry.inner);
-                inner.record.last_exit = message.clone();
-                self.transition(entry, &mut inner, VmState::Crashed, &message)?;
+                self.abort_launch(entry, None, message.clone()).await?;
                 return Err(ApiError::Unavailable(message));
             }
         };
+        // The pid is on disk before anything waits on the VMM: an agent
+        // killed from here on finds the VMM at its next start (adopts or
+        // ends it) instead of losing it and starting a second one.
+        let recorded = {
+            let mut inner = lock(&entry.inner);
+            inner.record.pid = process.pid;
+            inner.record.proc_start_ticks = process.start_ticks;
+            self.store.save_record(&entry.dir, &inner.record)
+        };
+        if let Err(e) = recorded.map_err(|e| e.to_string()).and_then(|()| {
+            process
+                .open_gate()
+                .map_err(|e| format!("cannot let it start: {e}"))
+        }) {
+            let message = format!("cannot record the VMM's pid ({e}); it was ended");
+            self.abort_launch(entry, Some(process), message.clone())
+                .await?;
+            return Err(ApiError::Internal(message));
+        }
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         loop {
             if let Some(exit) = process.exited(&entry.dir) {
                 let message = format!("the VMM exited while starting: {}", exit.reason);
-                self.release_cgroup(&spec.id);
-                let mut inner = lock(&entry.inner);
-                inner.record.pid = 0;
-                inner.record.last_exit = exit.reason;
-                self.transition(entry, &mut inner, VmState::Crashed, &message)?;
+                self.abort_launch(entry, None, exit.reason).await?;
                 return Err(ApiError::FailedPrecondition(message));
             }
-            if let Ok(client) = vmm_proc::connect(&entry.dir).await {
-                if client
-                    .info(
-                        ttrpc::context::with_timeout(1_000_000_000),
-                        &Empty::default(),
-                    )
-                    .await
-                    .is_ok()
-                {
-                    break;
-                }
+            if vmm_answers(&entry.dir).await {
+                break;
             }
             if tokio::time::Instant::now() > deadline {
-                process.kill();
-                let _ = process.wait_exit(&entry.dir, KILL_WAIT).await;
-                self.release_cgroup(&spec.id);
                 let message =
                     "the VMM did not answer on its control socket in time; killed".to_string();
-                let mut inner = lock(&entry.inner);
-                inner.record.last_exit = message.clone();
-                self.transition(entry, &mut inner, VmState::Crashed, &message)?;
+                self.abort_launch(entry, Some(process), message.clone())
+                    .await?;
                 return Err(ApiError::Unavailable(message));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // The VMM made the taps; put each into its bridge, if it names one.
         if let Err(message) = attach_bridges(&spec) {
-            process.kill();
-            let _ = process.wait_exit(&entry.dir, KILL_WAIT).await;
-            self.release_cgroup(&spec.id);
-            let mut inner = lock(&entry.inner);
-            inner.record.last_exit = message.clone();
-            self.transition(entry, &mut inner, VmState::Crashed, &message)?;
+            self.abort_launch(entry, Some(process), message.clone())
+                .await?;
             return Err(ApiError::Unavailable(message));
         }
         let mut inner = lock(&entry.inner);
@@ -1115,6 +1158,27 @@ impl Manager {
             _ => VmState::Running,
         };
         self.transition(entry, &mut inner, state, why)
+    }
+
+    /// The one way out of a launch that failed at any step: its VMM (if
+    /// one was spawned) ended, its cgroup released, the VM Crashed with
+    /// why. Nothing of the attempt is left behind.
+    async fn abort_launch(
+        &self,
+        entry: &VmEntry,
+        process: Option<VmmProcess>,
+        why: String,
+    ) -> ApiResult<()> {
+        if let Some(mut process) = process {
+            process.kill();
+            let _ = process.wait_exit(&entry.dir, KILL_WAIT).await;
+        }
+        let mut inner = lock(&entry.inner);
+        self.release_cgroup(&inner.spec.id);
+        inner.record.pid = 0;
+        inner.record.proc_start_ticks = 0;
+        inner.record.last_exit = why.clone();
+        self.transition(entry, &mut inner, VmState::Crashed, &why)
     }
 
     /// Sets these I/O limits in the VM's running VMM.

@@ -3,6 +3,7 @@
 //! time, and asked how it ended through the exit record it writes.
 
 use std::fs::OpenOptions;
+use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -31,6 +32,11 @@ pub struct VmmProcess {
     pub start_ticks: u64,
     /// Present when this agent started the VMM (so it must reap it).
     child: Option<Child>,
+    /// The VMM waits on this pipe before it does anything (`--start-gate
+    /// stdin`): the agent opens it once the pid is on disk, and a VMM
+    /// whose agent died before that sees the pipe close and exits, so no
+    /// VMM ever runs unrecorded.
+    gate: Option<std::process::ChildStdin>,
 }
 
 /// How a VMM ended.
@@ -165,23 +171,34 @@ impl VmmProcess {
                 cmd.arg("--config").arg(dir.vmm_config());
             }
         }
-        let child = cmd
+        let mut child = cmd
             .arg("--api-socket")
             .arg(dir.socket())
             .arg("--exit-file")
             .arg(dir.exit_file())
             .arg("--detach")
-            .stdin(Stdio::null())
+            .arg("--start-gate-stdin")
+            .stdin(Stdio::piped())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
         let pid = child.id() as i32;
         let start_ticks = proc_start_ticks(pid).unwrap_or(0);
+        let gate = child.stdin.take();
         Ok(VmmProcess {
             pid,
             start_ticks,
             child: Some(child),
+            gate,
         })
+    }
+
+    /// Lets a VMM this agent spawned go on, once its pid is recorded.
+    pub fn open_gate(&mut self) -> std::io::Result<()> {
+        match self.gate.take() {
+            Some(mut gate) => gate.write_all(b"g"),
+            None => Ok(()),
+        }
     }
 
     /// A VMM some earlier agent started, if it is still the same process.
@@ -190,6 +207,7 @@ impl VmmProcess {
             pid,
             start_ticks,
             child: None,
+            gate: None,
         })
     }
 

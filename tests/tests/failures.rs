@@ -126,3 +126,106 @@ async fn oversized_labels_are_refused_and_a_listing_of_maximal_vms_works() {
     let json = agent.nodectl().args(["list", "--json"]).output().unwrap();
     assert!(json.status.success(), "{json:?}");
 }
+
+/// Small, seeded and printed, so a failing round can be replayed.
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_agent_killed_during_starts_never_leaves_a_vm_with_two_vmms_or_none_recorded() {
+    report_mode("agent kill -9 during Start");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("seed {seed}");
+    let mut rng = Lcg(seed);
+    let mut agent = TestAgent::new("kill-during-start");
+    let mut ids: Vec<String> = Vec::new();
+    for round in 0..6 {
+        let c = agent.clients().await;
+        let fresh: Vec<String> = (0..4).map(|i| format!("r{round}v{i}")).collect();
+        for id in &fresh {
+            c.vms
+                .create(ctx(), &create_req(probe_spec(id, 1, "probe.mode=tick")))
+                .await
+                .unwrap();
+        }
+        ids.extend(fresh.iter().cloned());
+        let starts: Vec<_> = fresh
+            .iter()
+            .map(|id| {
+                let vms = c.vms.clone();
+                let r = vm_ref(id);
+                tokio::spawn(async move { vms.start(ctx(), &r).await })
+            })
+            .collect();
+        let delay = 20 + rng.below(300);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        agent.kill9();
+        for s in starts {
+            let _ = s.await;
+        }
+        drop(c);
+        agent.start();
+        let c = agent.clients().await;
+        for id in &ids {
+            let vm = get(&c, id).await;
+            let pids = vmm_pids(&agent.vm_dir(id));
+            let state = state_of(&vm);
+            assert!(
+                pids.len() <= 1,
+                "round {round} (killed after {delay} ms): {id} has VMMs {pids:?}"
+            );
+            match pids.first() {
+                Some(&pid) => {
+                    assert!(
+                        matches!(state, pb::VmState::RUNNING),
+                        "round {round} (killed after {delay} ms): {id} has VMM {pid} but is {state:?} ({})",
+                        vm.status.last_exit
+                    );
+                    assert_eq!(
+                        vm.status.pid as i32, pid,
+                        "{id}: the VMM recorded is the one running"
+                    );
+                }
+                None => assert!(
+                    !matches!(
+                        state,
+                        pb::VmState::RUNNING | pb::VmState::PAUSED | pb::VmState::STARTING
+                    ),
+                    "round {round}: {id} is {state:?} with no VMM"
+                ),
+            }
+        }
+        // Whatever a VM ended as, Start gives it exactly one VMM and its
+        // guest runs; then the round's VMs stop, to leave room for the next.
+        for id in &fresh {
+            let vm = get(&c, id).await;
+            if state_of(&vm) != pb::VmState::RUNNING {
+                let started = c.vms.start(ctx(), &vm_ref(id)).await.unwrap();
+                assert_eq!(state_of(&started), pb::VmState::RUNNING);
+            }
+            assert_eq!(vmm_pids(&agent.vm_dir(id)).len(), 1, "{id}");
+            wait_console(&agent, id, "PROBE tick 1", BOOT);
+        }
+        for id in &fresh {
+            let force = pb::StopVmRequest {
+                id: id.clone(),
+                force: true,
+                ..Default::default()
+            };
+            c.vms.stop(ctx(), &force).await.unwrap();
+            assert!(vmm_pids(&agent.vm_dir(id)).is_empty(), "{id}");
+        }
+    }
+}

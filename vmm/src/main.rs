@@ -54,6 +54,11 @@ struct Args {
     /// process group, as the agent does for every VMM.
     #[arg(long)]
     detach: bool,
+    /// Wait for one byte on stdin before doing anything. The agent sends
+    /// it once this VMM's pid is on disk; end of file instead means the
+    /// agent died first, and a VMM no agent knows of must not run.
+    #[arg(long)]
+    start_gate_stdin: bool,
     /// Join this cgroup directory (repeat for each v1 hierarchy) before any
     /// thread starts, so every vCPU and device thread is accounted to it.
     #[arg(long = "cgroup", value_name = "DIR")]
@@ -271,6 +276,17 @@ fn main() -> ExitCode {
     if args.detach {
         if let Err(e) = nix::unistd::setsid() {
             eprintln!("berth-vmm: error: cannot start a new session: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    if args.start_gate_stdin {
+        let mut byte = [0u8; 1];
+        if !matches!(std::io::Read::read(&mut std::io::stdin(), &mut byte), Ok(1)) {
+            let reason = "the agent that started this VMM went away before recording it";
+            eprintln!("berth-vmm: error: {reason}");
+            if let Some(path) = &args.exit_file {
+                write_exit_file(path, 1, reason);
+            }
             return ExitCode::from(1);
         }
     }

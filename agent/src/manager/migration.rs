@@ -216,6 +216,24 @@ impl Manager {
                 self.config.vmm_binary().display()
             ))
         })?;
+        // Recorded before it may start, as in every launch: a restarted
+        // agent finds this VMM rather than losing it.
+        let recorded = {
+            let mut inner = lock(&entry.inner);
+            inner.record.pid = process.pid;
+            inner.record.proc_start_ticks = process.start_ticks;
+            self.store.save_record(&entry.dir, &inner.record)
+        };
+        if let Err(e) = recorded
+            .map_err(|e| e.to_string())
+            .and_then(|()| process.open_gate().map_err(|e| e.to_string()))
+        {
+            process.kill();
+            let _ = process.wait_exit(&entry.dir, Duration::from_secs(3)).await;
+            return Err(ApiError::Internal(format!(
+                "cannot record the receiving VMM's pid ({e}); it was ended"
+            )));
+        }
         let deadline = tokio::time::Instant::now() + LISTEN_TIMEOUT;
         let address = loop {
             if let Ok(address) = std::fs::read_to_string(entry.dir.migration_address()) {
