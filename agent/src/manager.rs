@@ -203,6 +203,27 @@ pub fn host_cpus() -> u32 {
 
 /// `ip link set <tap> master <bridge> up` for every NIC that names a
 /// bridge. Building the bridge is the controller's business.
+/// A VMM that answered with an error keeps its code and only its message
+/// (a full disk is its FAILED_PRECONDITION, not "unreachable"); a VMM that
+/// did not answer is UNAVAILABLE.
+fn vmm_error(e: ttrpc::Error) -> ApiError {
+    match e {
+        ttrpc::Error::RpcStatus(s) => {
+            let message = format!("the VMM refused: {}", s.message());
+            match s.code() {
+                ttrpc::Code::INVALID_ARGUMENT => ApiError::InvalidArgument(message),
+                ttrpc::Code::NOT_FOUND => ApiError::NotFound(message),
+                ttrpc::Code::ALREADY_EXISTS => ApiError::AlreadyExists(message),
+                ttrpc::Code::FAILED_PRECONDITION => ApiError::FailedPrecondition(message),
+                ttrpc::Code::RESOURCE_EXHAUSTED => ApiError::ResourceExhausted(message),
+                ttrpc::Code::UNAVAILABLE => ApiError::Unavailable(message),
+                _ => ApiError::Internal(message),
+            }
+        }
+        other => ApiError::Unavailable(format!("the VMM did not answer: {other}")),
+    }
+}
+
 /// Does the VM's VMM serve its control socket (and so is it up)?
 async fn vmm_answers(dir: &VmDir) -> bool {
     let Ok(client) = vmm_proc::connect(dir).await else {
@@ -1209,9 +1230,7 @@ impl Manager {
         let client = vmm_proc::connect(&entry.dir)
             .await
             .map_err(ApiError::Unavailable)?;
-        call(client)
-            .await
-            .map_err(|e| ApiError::Unavailable(format!("the VMM refused: {e}")))
+        call(client).await.map_err(vmm_error)
     }
 
     pub async fn pause(&self, id: &str) -> ApiResult<VmView> {

@@ -235,8 +235,13 @@ impl Store {
             path: dir.0.clone(),
             source,
         })?;
-        write_json(&dir.spec(), spec)?;
-        write_json(&dir.state(), record)?;
+        // A Create that cannot write both documents leaves no directory:
+        // an empty or half-written one would be quarantined at the next load.
+        let written = write_json(&dir.spec(), spec).and_then(|()| write_json(&dir.state(), record));
+        if let Err(e) = written {
+            let _ = std::fs::remove_dir_all(&dir.0);
+            return Err(e);
+        }
         Ok(dir)
     }
 

@@ -50,6 +50,40 @@ async fn a_stop_that_cannot_be_recorded_leaves_the_vm_running_and_retryable() {
     assert_eq!(now.status.pid, vm.status.pid);
     assert_eq!(vmm_pids(&agent.dir), vec![pid]);
 
+    // A snapshot or a Create that hits the full disk fails with its code
+    // and a one-line message, and leaves nothing behind.
+    let snap = agent
+        .nodectl()
+        .args(["snapshot", "create", "full", "s1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&snap.stderr);
+    assert_ne!(snap.status.code(), Some(0), "{err}");
+    assert_ne!(
+        snap.status.code(),
+        Some(7),
+        "the agent is reachable: {err}\nvmm.log: {}",
+        std::fs::read_to_string(agent.vm_dir("full").join("vmm.log")).unwrap_or_default()
+    );
+    assert!(!err.contains("special_fields"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let snapshots = agent.vm_dir("full").join("snapshots");
+    let left: Vec<_> = std::fs::read_dir(&snapshots)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {}: {left:?}", snapshots.display());
+    assert_eq!(state_of(&get(&c, "full").await), pb::VmState::RUNNING);
+    let (code, msg) = code_of(
+        c.vms
+            .create(ctx(), &create_req(probe_spec("more", 1, "probe.mode=tick")))
+            .await,
+    );
+    assert_eq!(code, Code::INTERNAL, "{msg}");
+    assert!(
+        !agent.vm_dir("more").exists(),
+        "a failed Create leaves no directory"
+    );
+
     // Once there is room again, the same command works.
     std::fs::remove_file(&filler).unwrap();
     let stopped = c.vms.stop(ctx(), &force).await.unwrap();

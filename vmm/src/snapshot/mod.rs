@@ -147,7 +147,7 @@ impl Writer {
     /// Starts `<dir>.tmp` with a memory file as large as guest RAM (sparse).
     pub fn begin(dir: &Path, mem: &GuestMemory) -> Result<Writer, SnapshotError> {
         let tmp = dir.with_extension("tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
+        remove_unfinished(&tmp);
         std::fs::create_dir_all(&tmp).map_err(io("create", &tmp))?;
         let path = tmp.join(MEMORY_FILE);
         let memory = File::create(&path).map_err(io("create", &path))?;
@@ -277,6 +277,42 @@ impl Writer {
                 .map_err(io("sync", parent))?;
         }
         Ok(())
+    }
+}
+
+/// A snapshot that did not finish (a full disk, a failed pass, a cancel)
+/// leaves no `<dir>.tmp` behind; after `finish` the directory has moved
+/// and there is nothing to remove. The files are removed by name, not
+/// by listing the directory: the control thread's seccomp filter has no
+/// getdents64, and a cleanup must not cost the VM.
+impl Drop for Writer {
+    fn drop(&mut self) {
+        remove_unfinished(&self.tmp);
+    }
+}
+
+/// Removes a snapshot's temporary directory by the names a `Writer` puts
+/// in it (an earlier VMM's as well as ours).
+fn remove_unfinished(tmp: &Path) {
+    if !tmp.exists() {
+        return;
+    }
+    let state_temp = format!(".{STATE_FILE}.tmp.");
+    let names = [
+        MEMORY_FILE,
+        PROGRESS_FILE,
+        ".progress.json.next",
+        STATE_FILE,
+    ];
+    for name in names {
+        let _ = std::fs::remove_file(tmp.join(name));
+    }
+    let _ = std::fs::remove_file(tmp.join(format!("{state_temp}{}", std::process::id())));
+    if std::fs::remove_dir(tmp).is_err() && tmp.exists() {
+        eprintln!(
+            "berth-vmm: warning: {} holds files of another writer; left in place",
+            tmp.display()
+        );
     }
 }
 

@@ -1,7 +1,8 @@
 //! nodectl: the operator's CLI for berth-agent, over the same socket a
 //! controller uses. Tables for people, `--json` for scripts. Exit status:
 //! 0 ok, 1 other error, 2 invalid argument, 3 not found, 4 wrong state,
-//! 5 already exists, 6 does not fit, 7 agent unreachable.
+//! 5 already exists, 6 does not fit, 7 agent unreachable, 8 a VMM or host
+//! resource the agent needs is unavailable.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -281,7 +282,9 @@ fn from_ttrpc(e: ttrpc::Error) -> Failure {
                 ttrpc::Code::FAILED_PRECONDITION => 4,
                 ttrpc::Code::ALREADY_EXISTS => 5,
                 ttrpc::Code::RESOURCE_EXHAUSTED => 6,
-                ttrpc::Code::UNAVAILABLE => 7,
+                // The agent answered: what it could not reach is a VMM
+                // or a host resource, not itself.
+                ttrpc::Code::UNAVAILABLE => 8,
                 _ => 1,
             };
             fail(code, s.message().to_string())
