@@ -21,6 +21,7 @@ pub const FUZZ_ROOT: &str = "/usr";
 const LIMITS: Limits = Limits {
     max_vcpus: 64,
     host_memory_mib: 1 << 20,
+    flavour: berth_proto::vmm_process::host::Flavour::Unknown,
 };
 
 /// The request types, in the order of the selector byte.
@@ -163,7 +164,7 @@ fn admit(spec: &VmSpec) -> Result<(), String> {
         panic!("the agent accepted a spec its VMM refuses: {e}");
     }
     let json = serde_json::to_vec_pretty(&vmm).expect("plain data serialises");
-    let parsed: berth_vmm::config::VmConfig =
+    let parsed: berth_proto::vmm_process::config::VmConfig =
         serde_json::from_slice(&json).expect("the VMM reads the config back");
     assert_eq!(parsed, vmm);
     Ok(())
@@ -196,8 +197,26 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
     }
 
+    /// The saved inputs of the agent_api target, in name order (not the
+    /// READMEs or hidden files beside them).
     fn inputs(kind: &str) -> Vec<(PathBuf, Vec<u8>)> {
-        berth_vmm::fuzzing::saved_inputs(&fuzz_dir().join(kind).join("agent_api"))
+        let dir = fuzz_dir().join(kind).join("agent_api");
+        let mut inputs: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| !p.to_string_lossy().ends_with(".md"))
+            .filter(|p| {
+                !p.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .starts_with('.')
+            })
+            .filter_map(|p| std::fs::read(&p).ok().map(|bytes| (p, bytes)))
+            .collect();
+        inputs.sort();
+        inputs
     }
 
     #[test]

@@ -5,8 +5,8 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
+use berth_proto::vmm_process::launch::VmmArgs;
 use serde::Deserialize;
 
 use crate::store::VmDir;
@@ -97,27 +97,16 @@ impl JailPlan {
         Ok(())
     }
 
-    pub fn add_args(&self, cmd: &mut Command, dir: &VmDir, settings: &JailSettings) {
-        cmd.arg("--jail-root")
-            .arg(dir.jail_root())
-            .arg("--jail-uid")
-            .arg(self.uid.to_string())
-            .arg("--jail-gid")
-            .arg(self.uid.to_string())
-            .arg("--jail-max-open-files")
-            .arg(settings.max_open_files.to_string());
-        if settings.core_dumps {
-            cmd.arg("--jail-core-dumps");
-        }
-        for path in &self.read_only {
-            cmd.arg("--jail-ro").arg(path);
-        }
-        for path in &self.read_write {
-            cmd.arg("--jail-rw").arg(path);
-        }
-        for tap in &self.taps {
-            cmd.arg("--jail-tap").arg(tap);
-        }
+    /// Sets the jail flags of a VMM's launch.
+    pub fn add_args(&self, args: &mut VmmArgs, dir: &VmDir, settings: &JailSettings) {
+        args.jail_root = Some(dir.jail_root());
+        args.jail_uid = Some(self.uid);
+        args.jail_gid = Some(self.uid);
+        args.jail_max_open_files = settings.max_open_files;
+        args.jail_core_dumps = settings.core_dumps;
+        args.jail_ro = self.read_only.clone();
+        args.jail_rw = self.read_write.clone();
+        args.jail_taps = self.taps.clone();
     }
 }
 

@@ -10,6 +10,7 @@ pub mod cgroups;
 pub mod config;
 pub mod doctor;
 pub mod entitlement;
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod images;
 pub mod jail;

@@ -16,11 +16,12 @@ use crate::config::AgentConfig;
 use crate::entitlement::{self, Report, Sample};
 use crate::spec::{Limits, RestartKind, VmSpec};
 use crate::store::{Store, VmDir, VmRecord, VmState};
-use crate::vmm_proc::{self, Launch, RestoreFrom, VmmExit, VmmProcess};
+use crate::vmm_proc::{self, RestoreFrom, VmmExit, VmmProcess};
 
 mod confine;
 mod group;
 mod images;
+mod launch;
 mod migration;
 pub use group::{GroupAction, GroupOutcome, MemberResult};
 pub use images::image_error;
@@ -47,6 +48,21 @@ pub enum ApiError {
     Internal(String),
 }
 
+impl ApiError {
+    /// What went wrong, without the kind.
+    pub fn message(&self) -> &str {
+        match self {
+            ApiError::InvalidArgument(m)
+            | ApiError::NotFound(m)
+            | ApiError::AlreadyExists(m)
+            | ApiError::FailedPrecondition(m)
+            | ApiError::ResourceExhausted(m)
+            | ApiError::Unavailable(m)
+            | ApiError::Internal(m) => m,
+        }
+    }
+}
+
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (kind, msg) = match self {
@@ -69,7 +85,7 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 }
 
 pub fn now_ms() -> u64 {
-    berth_vmm::api::now_ms()
+    berth_proto::vmm_process::now_ms()
 }
 
 /// A state change or other happening, as Watch streams it.
@@ -107,8 +123,8 @@ pub struct SnapshotView {
 fn snapshot_view(vm_id: &str, name: &str, path: &std::path::Path) -> SnapshotView {
     use std::os::unix::fs::MetadataExt;
     let files = [
-        berth_vmm::snapshot::STATE_FILE,
-        berth_vmm::snapshot::MEMORY_FILE,
+        berth_proto::vmm_process::snapshot::STATE_FILE,
+        berth_proto::vmm_process::snapshot::MEMORY_FILE,
     ];
     let meta: Vec<std::fs::Metadata> = files
         .iter()
@@ -786,7 +802,7 @@ impl Manager {
         let entry = self.entry(id)?;
         let dir = entry.dir.snapshots().join(name);
         let exists = dir.join("state.json").exists();
-        let progress = berth_vmm::snapshot::read_progress(&dir);
+        let progress = berth_proto::vmm_process::snapshot::read_progress(&dir);
         let active = progress.is_some();
         let p = progress.unwrap_or_default();
         Ok(SnapshotProgress {
@@ -803,7 +819,11 @@ impl Manager {
         let mut names: Vec<String> = std::fs::read_dir(entry.dir.snapshots())
             .map(|d| {
                 d.flatten()
-                    .filter(|e| e.path().join(berth_vmm::snapshot::STATE_FILE).exists())
+                    .filter(|e| {
+                        e.path()
+                            .join(berth_proto::vmm_process::snapshot::STATE_FILE)
+                            .exists()
+                    })
                     .map(|e| e.file_name().to_string_lossy().into_owned())
                     .collect()
             })
@@ -837,7 +857,9 @@ impl Manager {
         let path = entry.dir.snapshots().join(snapshot);
         if snapshot.is_empty()
             || snapshot.contains('/')
-            || !path.join(berth_vmm::snapshot::STATE_FILE).exists()
+            || !path
+                .join(berth_proto::vmm_process::snapshot::STATE_FILE)
+                .exists()
         {
             return Err(ApiError::NotFound(format!(
                 "VM {id} has no snapshot {snapshot:?}"
@@ -859,8 +881,11 @@ impl Manager {
         let source = self.entry(id)?;
         let path = Self::existing_snapshot(&source, id, snapshot)?;
         // Refuse a snapshot this host cannot run before anything changes.
-        berth_vmm::snapshot::read_state(&path)
-            .map_err(|e| ApiError::FailedPrecondition(e.to_string()))?;
+        berth_proto::vmm_process::snapshot::Header::check_restorable(
+            &path,
+            &berth_proto::vmm_process::host::cpu_vendor(),
+        )
+        .map_err(|e| ApiError::FailedPrecondition(e.to_string()))?;
         let target = if new_id.is_empty() {
             if !taps.is_empty() {
                 let mut spec = lock(&source.inner).spec.clone();
@@ -993,8 +1018,11 @@ impl Manager {
 
     pub fn set_drained(&self, drained: bool) -> ApiResult<()> {
         let bytes = serde_json::to_vec(&NodeState { drained }).expect("plain data");
-        berth_vmm::fsutil::write_atomic(&self.config.state_root.join("node.json"), &bytes)
-            .map_err(internal)?;
+        berth_proto::vmm_process::files::write_atomic(
+            &self.config.state_root.join("node.json"),
+            &bytes,
+        )
+        .map_err(internal)?;
         self.drained.store(drained, Ordering::SeqCst);
         let message = if drained {
             "node drained"
@@ -1067,139 +1095,6 @@ impl Manager {
     /// Spawns the VMM and waits until its control socket answers.
     async fn launch(&self, entry: &Arc<VmEntry>, why: &str) -> ApiResult<()> {
         self.launch_from(entry, why, None).await
-    }
-
-    /// Spawns the VMM (booting, or restoring from a snapshot) and waits until its control socket answers.
-    async fn launch_from(
-        &self,
-        entry: &Arc<VmEntry>,
-        why: &str,
-        restore: Option<RestoreFrom<'_>>,
-    ) -> ApiResult<()> {
-        let (mut config, spec) = {
-            let mut inner = lock(&entry.inner);
-            if inner.record.state != VmState::Starting {
-                self.transition(entry, &mut inner, VmState::Starting, why)?;
-            }
-            (
-                inner
-                    .spec
-                    .vmm_config(&entry.dir.console_log(), self.config.console_log_max_bytes),
-                inner.spec.clone(),
-            )
-        };
-        let cgroup_dirs = match self.prepare_cgroup(&spec) {
-            Ok(dirs) => dirs,
-            Err(e) => {
-                self.abort_launch(entry, None, e.to_string()).await?;
-                return Err(e);
-            }
-        };
-        let taps = nic_taps(&spec, restore.as_ref().map_or(&[][..], |r| r.taps));
-        let confinement = match self.confine(
-            entry,
-            &spec,
-            &mut config,
-            restore.as_ref().map(|r| r.snapshot),
-            taps,
-        ) {
-            Ok(c) => c,
-            Err(e) => {
-                self.abort_launch(entry, None, e.to_string()).await?;
-                return Err(e);
-            }
-        };
-        let process = VmmProcess::spawn(
-            &self.config.vmm_binary(),
-            &entry.dir,
-            &config,
-            &cgroup_dirs,
-            restore.map_or(Launch::Boot, Launch::Restore),
-            &confinement,
-        );
-        let mut process = match process {
-            Ok(p) => p,
-            Err(e) => {
-                let message = format!("cannot start {}: {e}", self.config.vmm_binary().display());
-                self.abort_launch(entry, None, message.clone()).await?;
-                return Err(ApiError::Unavailable(message));
-            }
-        };
-        // The pid is on disk before anything waits on the VMM: an agent
-        // killed from here on finds the VMM at its next start (adopts or
-        // ends it) instead of losing it and starting a second one.
-        let recorded = {
-            let mut inner = lock(&entry.inner);
-            inner.record.pid = process.pid;
-            inner.record.proc_start_ticks = process.start_ticks;
-            self.store.save_record(&entry.dir, &inner.record)
-        };
-        if let Err(e) = recorded.map_err(|e| e.to_string()).and_then(|()| {
-            process
-                .open_gate()
-                .map_err(|e| format!("cannot let it start: {e}"))
-        }) {
-            let message = format!("cannot record the VMM's pid ({e}); it was ended");
-            self.abort_launch(entry, Some(process), message.clone())
-                .await?;
-            return Err(ApiError::Internal(message));
-        }
-        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(exit) = process.exited(&entry.dir) {
-                let message = format!("the VMM exited while starting: {}", exit.reason);
-                self.abort_launch(entry, None, exit.reason).await?;
-                return Err(ApiError::FailedPrecondition(message));
-            }
-            if vmm_answers(&entry.dir).await {
-                break;
-            }
-            if tokio::time::Instant::now() > deadline {
-                let message =
-                    "the VMM did not answer on its control socket in time; killed".to_string();
-                self.abort_launch(entry, Some(process), message.clone())
-                    .await?;
-                return Err(ApiError::Unavailable(message));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        // The VMM made the taps; put each into its bridge, if it names one.
-        if let Err(message) = attach_bridges(&spec) {
-            self.abort_launch(entry, Some(process), message.clone())
-                .await?;
-            return Err(ApiError::Unavailable(message));
-        }
-        let mut inner = lock(&entry.inner);
-        inner.record.pid = process.pid;
-        inner.record.proc_start_ticks = process.start_ticks;
-        inner.record.started_at_ms = now_ms();
-        inner.process = Some(process);
-        let state = match restore {
-            Some(RestoreFrom { paused: true, .. }) => VmState::Paused,
-            _ => VmState::Running,
-        };
-        self.transition(entry, &mut inner, state, why)
-    }
-
-    /// The one way out of a launch that failed at any step: its VMM (if
-    /// one was spawned) ended, its cgroup released, the VM Crashed with
-    /// why. Nothing of the attempt is left behind.
-    async fn abort_launch(
-        &self,
-        entry: &VmEntry,
-        process: Option<VmmProcess>,
-        why: String,
-    ) -> ApiResult<()> {
-        if let Some(mut process) = process {
-            process.kill();
-            let _ = process.wait_exit(&entry.dir, KILL_WAIT).await;
-        }
-        let mut inner = lock(&entry.inner);
-        self.release_cgroup(&inner.spec.id);
-        inner.record.pid = 0;
-        inner.record.proc_start_ticks = 0;
-        inner.record.last_exit = why.clone();
-        self.transition(entry, &mut inner, VmState::Crashed, &why)
     }
 
     /// Sets these I/O limits in the VM's running VMM.

@@ -108,8 +108,8 @@ impl RateLimit {
         *self == RateLimit::default()
     }
 
-    pub fn to_vmm(self) -> berth_vmm::devices::rate_limiter::LimitConfig {
-        use berth_vmm::devices::rate_limiter::{BucketConfig, LimitConfig};
+    pub fn to_vmm(self) -> berth_proto::vmm_process::config::LimitConfig {
+        use berth_proto::vmm_process::config::{BucketConfig, LimitConfig};
         LimitConfig {
             bytes: BucketConfig {
                 rate_per_s: self.bytes_per_s,
@@ -362,6 +362,8 @@ pub const MAX_LABEL_VALUE_BYTES: usize = 256;
 pub struct Limits {
     pub max_vcpus: u32,
     pub host_memory_mib: u64,
+    /// Which KVM the node has (from `berth-vmm --host-info`).
+    pub flavour: berth_proto::vmm_process::host::Flavour,
 }
 
 impl VmSpec {
@@ -401,6 +403,41 @@ impl VmSpec {
     }
 
     /// Checks every field; paths are resolved against the config's roots.
+    /// Disks (source, roots, serial) and NICs (tap name, MAC).
+    fn check_devices(&self, config: &AgentConfig) -> Result<(), SpecError> {
+        for (i, disk) in self.disks.iter().enumerate() {
+            let field = format!("disks[{i}]");
+            check_source(&field, "path", "image", Some(&disk.path), &disk.image, true)?;
+            if disk.image.is_empty() {
+                resolve_in_roots(&format!("{field}.path"), &disk.path, &config.disk_roots)?;
+            }
+            if disk.serial.len() > 20 {
+                return Err(err(format!("disks[{i}].serial"), "longer than 20 bytes"));
+            }
+        }
+        for (i, nic) in self.nics.iter().enumerate() {
+            if nic.tap.is_empty()
+                || nic.tap.len() > 15
+                || nic.tap.contains('/')
+                || nic.tap.contains(char::is_whitespace)
+            {
+                return Err(err(
+                    format!("nics[{i}].tap"),
+                    format!("{:?} is not a valid interface name", nic.tap),
+                ));
+            }
+            if !nic.mac.is_empty()
+                && berth_proto::vmm_process::config::parse_mac(&nic.mac).is_none()
+            {
+                return Err(err(
+                    format!("nics[{i}].mac"),
+                    format!("{:?} is not a MAC like 52:54:00:12:34:56", nic.mac),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn validate(&self, config: &AgentConfig, limits: &Limits) -> Result<(), SpecError> {
         check_name("id", &self.id)?;
         if !self.name.is_empty() {
@@ -464,35 +501,7 @@ impl VmSpec {
         if self.kernel.cmdline.len() >= 2048 {
             return Err(err("kernel.cmdline", "longer than 2047 bytes"));
         }
-        for (i, disk) in self.disks.iter().enumerate() {
-            let field = format!("disks[{i}]");
-            check_source(&field, "path", "image", Some(&disk.path), &disk.image, true)?;
-            if disk.image.is_empty() {
-                resolve_in_roots(&format!("{field}.path"), &disk.path, &config.disk_roots)?;
-            }
-            if disk.serial.len() > 20 {
-                return Err(err(format!("disks[{i}].serial"), "longer than 20 bytes"));
-            }
-        }
-        for (i, nic) in self.nics.iter().enumerate() {
-            if nic.tap.is_empty()
-                || nic.tap.len() > 15
-                || nic.tap.contains('/')
-                || nic.tap.contains(char::is_whitespace)
-            {
-                return Err(err(
-                    format!("nics[{i}].tap"),
-                    format!("{:?} is not a valid interface name", nic.tap),
-                ));
-            }
-            if !nic.mac.is_empty() && berth_vmm::devices::virtio::net::parse_mac(&nic.mac).is_none()
-            {
-                return Err(err(
-                    format!("nics[{i}].mac"),
-                    format!("{:?} is not a MAC like 52:54:00:12:34:56", nic.mac),
-                ));
-            }
-        }
+        self.check_devices(config)?;
         if !(1..=10000).contains(&self.cpu.weight) {
             return Err(err(
                 "cpu.weight",
@@ -522,8 +531,8 @@ impl VmSpec {
         &self,
         console_log: &Path,
         console_log_max_bytes: u64,
-    ) -> berth_vmm::config::VmConfig {
-        use berth_vmm::config::*;
+    ) -> berth_proto::vmm_process::config::VmConfig {
+        use berth_proto::vmm_process::config::*;
         VmConfig {
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
@@ -599,6 +608,7 @@ mod tests {
     const LIMITS: Limits = Limits {
         max_vcpus: 64,
         host_memory_mib: 4096,
+        flavour: berth_proto::vmm_process::host::Flavour::Unknown,
     };
 
     #[test]

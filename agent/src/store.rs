@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use berth_vmm::fsutil::write_atomic;
+use berth_proto::vmm_process::files::write_atomic;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::VmSpec;

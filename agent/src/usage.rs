@@ -155,7 +155,7 @@ impl UsageRecord {
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
         let mut bytes = serde_json::to_vec_pretty(self).expect("plain data serialises");
         bytes.push(b'\n');
-        berth_vmm::fsutil::write_atomic(path, &bytes)
+        berth_proto::vmm_process::files::write_atomic(path, &bytes)
     }
 }
 

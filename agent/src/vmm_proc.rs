@@ -5,12 +5,15 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use berth_proto::vmm_process::config::VmConfig;
+use berth_proto::vmm_process::exit::{ExitRecord, SECCOMP_EXIT_STATUS};
+use berth_proto::vmm_process::files::write_atomic;
+use berth_proto::vmm_process::host::HostInfo;
+use berth_proto::vmm_process::launch::VmmArgs;
 use berth_proto::vmm_ttrpc::VmmServiceClient;
-use berth_vmm::config::VmConfig;
-use berth_vmm::fsutil::write_atomic;
 
 use crate::store::VmDir;
 
@@ -54,12 +57,6 @@ impl VmmExit {
     }
 }
 
-#[derive(serde::Deserialize)]
-struct ExitRecord {
-    code: i32,
-    reason: String,
-}
-
 /// Boot a VMM from a snapshot instead of from its config.
 #[derive(Clone, Copy)]
 pub struct RestoreFrom<'a> {
@@ -95,10 +92,33 @@ pub struct Confinement<'a> {
     pub settings: &'a crate::jail::JailSettings,
 }
 
-fn tap_args(cmd: &mut Command, taps: &[(String, String)]) {
-    for (old, new) in taps {
-        cmd.arg("--tap").arg(format!("{old}={new}"));
+fn tap_overrides(taps: &[(String, String)]) -> Vec<String> {
+    taps.iter()
+        .map(|(old, new)| VmmArgs::tap_override(old, new))
+        .collect()
+}
+
+/// What the VMM binary says this host offers (`berth-vmm --host-info`).
+pub fn host_info(binary: &Path) -> Result<HostInfo, String> {
+    let args = VmmArgs {
+        host_info: true,
+        ..VmmArgs::default()
+    };
+    let what = format!("{} --host-info", binary.display());
+    let output = args
+        .to_command(binary)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "{what} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
     }
+    serde_json::from_slice(&output.stdout)
+        .map_err(|e| format!("{what} printed something that is not host info: {e}"))
 }
 
 impl VmmProcess {
@@ -126,16 +146,18 @@ impl VmmProcess {
             .create(true)
             .append(true)
             .open(dir.vmm_log())?;
-        let mut cmd = Command::new(binary);
+        let mut args = VmmArgs {
+            no_seccomp: !confinement.settings.seccomp,
+            cgroups: cgroups.to_vec(),
+            api_socket: Some(dir.socket()),
+            exit_file: Some(dir.exit_file()),
+            detach: true,
+            start_gate_stdin: true,
+            ..VmmArgs::default()
+        };
         if let Some(plan) = &confinement.jail {
             plan.prepare(dir)?;
-            plan.add_args(&mut cmd, dir, confinement.settings);
-        }
-        if !confinement.settings.seccomp {
-            cmd.arg("--no-seccomp");
-        }
-        for group in cgroups {
-            cmd.arg("--cgroup").arg(group);
+            plan.add_args(&mut args, dir, confinement.settings);
         }
         match how {
             // The snapshot carries the VM's config; only the console moves.
@@ -144,40 +166,24 @@ impl VmmProcess {
                 paused,
                 taps,
             }) => {
-                cmd.arg("--restore")
-                    .arg(snapshot)
-                    .arg("--console-log")
-                    .arg(dir.console_log());
-                if paused {
-                    cmd.arg("--paused");
-                }
-                tap_args(&mut cmd, taps);
+                args.restore = Some(snapshot.to_owned());
+                args.console_log = Some(dir.console_log());
+                args.paused = paused;
+                args.tap_overrides = tap_overrides(taps);
             }
             // The source sends the config; the console and taps are ours.
             Launch::Incoming(incoming) => {
-                cmd.arg("--migrate-listen")
-                    .arg(incoming.listen)
-                    .arg("--migrate-expires-at-ms")
-                    .arg(incoming.expires_at_ms.to_string())
-                    .arg("--migrate-address-file")
-                    .arg(dir.migration_address())
-                    .arg("--console-log")
-                    .arg(dir.console_log())
-                    // Not on the command line, where any local user could read it.
-                    .env("BERTH_MIGRATE_TOKEN", incoming.token);
-                tap_args(&mut cmd, incoming.taps);
+                args.migrate_listen = Some(incoming.listen.to_string());
+                args.migrate_expires_at_ms = Some(incoming.expires_at_ms);
+                args.migrate_address_file = Some(dir.migration_address());
+                args.console_log = Some(dir.console_log());
+                args.migrate_token = Some(incoming.token.to_string());
+                args.tap_overrides = tap_overrides(incoming.taps);
             }
-            Launch::Boot => {
-                cmd.arg("--config").arg(dir.vmm_config());
-            }
+            Launch::Boot => args.config = Some(dir.vmm_config()),
         }
-        let mut child = cmd
-            .arg("--api-socket")
-            .arg(dir.socket())
-            .arg("--exit-file")
-            .arg(dir.exit_file())
-            .arg("--detach")
-            .arg("--start-gate-stdin")
+        let mut child = args
+            .to_command(binary)
             .stdin(Stdio::piped())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -255,19 +261,17 @@ impl VmmProcess {
 
 /// How the VMM ended, from its exit record, else from its wait status.
 pub fn read_exit(dir: &VmDir, status: Option<std::process::ExitStatus>) -> VmmExit {
-    if let Ok(text) = std::fs::read(dir.exit_file()) {
-        if let Ok(record) = serde_json::from_slice::<ExitRecord>(&text) {
-            return VmmExit {
-                code: Some(record.code),
-                reason: record.reason,
-            };
-        }
+    if let Some(record) = ExitRecord::read(&dir.exit_file()) {
+        return VmmExit {
+            code: Some(record.code),
+            reason: record.reason,
+        };
     }
     use std::os::unix::process::ExitStatusExt;
     let reason = match status {
         Some(s) if s.signal().is_some() => format!("VMM killed by signal {}", s.signal().unwrap()),
         // berth-vmm's SIGSYS handler exits 159 without an exit record.
-        Some(s) if s.code() == Some(berth_vmm::seccomp::EXIT_STATUS) => format!(
+        Some(s) if s.code() == Some(SECCOMP_EXIT_STATUS) => format!(
             "VMM stopped by its seccomp filter: a forbidden system call (named in {})",
             dir.vmm_log().display()
         ),

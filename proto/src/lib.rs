@@ -5,6 +5,9 @@
 //! agent and each `berth-vmm` (`VmmService`). The code generated from them
 //! lives in this crate only; the rest of Berth converts to plain Rust types
 //! at the edge.
+//!
+//! [`vmm_process`] is the other half of the agent ↔ VMM contract: how the
+//! agent launches a VMM and what files they share.
 
 #[allow(
     clippy::all,
@@ -18,6 +21,8 @@ mod generated {
 }
 
 pub use generated::*;
+
+pub mod vmm_process;
 
 /// The version of the `berth.v1` API this build speaks.
 pub const API_VERSION: &str = "v1";

@@ -100,7 +100,7 @@ impl TestAgent {
                 } else {
                     format!("disk_roots = [{:?}]\n", dir.join("disks"))
                 },
-                binary("berth-vmm"),
+                crate::vmm_binary(),
                 cgroup_parent(test),
             ),
         )

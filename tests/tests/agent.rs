@@ -397,6 +397,29 @@ async fn garbage_state_is_quarantined_and_reported_and_the_rest_load() {
     );
 }
 
+/// The agent learns KVM facts from `berth-vmm --host-info` (it opens no
+/// /dev/kvm itself) and reports them.
+#[tokio::test(flavor = "current_thread")]
+async fn the_node_reports_the_kvm_its_vmm_binary_found() {
+    report_mode("agent host info");
+    let agent = TestAgent::new("agent-host-info");
+    let c = agent.clients().await;
+    let node = node_info(&c).await;
+    let loaded = |m: &str| std::path::Path::new("/sys/module").join(m).exists();
+    let (hypervisor, module) = if loaded("kvm_pvm") {
+        ("pvm", "kvm_pvm")
+    } else if loaded("kvm_intel") {
+        ("hardware", "kvm_intel")
+    } else {
+        ("hardware", "kvm_amd")
+    };
+    assert_eq!(
+        (node.hypervisor.as_str(), node.kvm_module.as_str()),
+        (hypervisor, module)
+    );
+    assert!((1..=254).contains(&node.max_vcpus), "{}", node.max_vcpus);
+}
+
 #[test]
 fn nodectl_json_parses_and_tables_show_the_vm() {
     report_mode("nodectl");

@@ -33,12 +33,7 @@ fn absolute(path: &Path) -> std::path::PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use berth_proto::vmm_process::now_ms;
 
 /// Console input from the API, fed to the serial device in order by one
 /// thread (a full receive FIFO makes it wait, never drop).

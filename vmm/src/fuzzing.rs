@@ -23,6 +23,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::layout::create_guest_memory;
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::block::{Block, BlockQueue, SECTOR_SIZE};
 use crate::devices::virtio::mmio::MmioTransport;
@@ -32,10 +33,10 @@ use crate::devices::virtio::{
     chain, read_config_bytes, ActivateError, ActiveQueue, DeviceSignals, VirtioDevice,
     VIRTIO_F_VERSION_1,
 };
+use crate::memory::GuestMemory;
 use crate::migration::destination::put_page;
 use crate::migration::protocol::{self, Frame, FrameType, ProtocolError};
 use crate::snapshot::{self, VmSnapshot};
-use crate::vstate::memory::{create_guest_memory, GuestMemory};
 
 /// Guest RAM of every target: small, so that the fuzzer's addresses land in
 /// it often, and cheap to map for each input.

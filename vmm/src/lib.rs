@@ -1,7 +1,7 @@
 //! berth-vmm: one process per guest, straight over /dev/kvm.
 //!
 //! Where things live: `config` (the VM description), `arch` (boot protocol
-//! and CPU setup), `vstate` (KVM VM, memory and vCPU threads), `devices`
+//! and CPU setup), `memory` (guest RAM), `vstate` (KVM VM and vCPU threads), `devices`
 //! (emulated hardware), `builder` (wires a VM from its config), `exit` (why
 //! a VM ended), `machine` (a running VM's parts), `snapshot` and
 //! `migration` (the live-migration protocol, both ends), `jail` (the
@@ -14,10 +14,11 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod exit;
-pub mod fsutil;
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod jail;
 pub mod machine;
+pub mod memory;
 pub mod migration;
 pub mod seccomp;
 pub mod snapshot;

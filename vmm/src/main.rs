@@ -3,121 +3,15 @@
 //! stop by SIGTERM/SIGINT, 1 for an error before the guest ran, 2 for a guest
 //! the VMM could not continue (internal error, failed entry, triple fault).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 
+use berth_proto::vmm_process::exit::ExitRecord;
+use berth_proto::vmm_process::launch::VmmArgs as Args;
 use berth_vmm::builder;
 use berth_vmm::config::{DiskConfig, KernelConfig, NicConfig, SerialConfig, SerialInput, VmConfig};
 use berth_vmm::seccomp::ThreadKind;
 use clap::Parser;
-
-#[derive(Parser, Debug)]
-#[command(name = "berth-vmm", version, about = "Boot one guest over /dev/kvm")]
-struct Args {
-    /// VM config file (JSON, or TOML with a .toml extension); flags override it.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Kernel: ELF vmlinux or bzImage.
-    #[arg(long)]
-    kernel: Option<PathBuf>,
-    #[arg(long)]
-    initrd: Option<PathBuf>,
-    #[arg(long)]
-    cmdline: Option<String>,
-    #[arg(long)]
-    vcpus: Option<u32>,
-    #[arg(long)]
-    memory_mib: Option<u64>,
-    /// Append console output to this file.
-    #[arg(long)]
-    console_log: Option<PathBuf>,
-    /// Copy console output to stdout.
-    #[arg(long)]
-    console_stdout: bool,
-    /// Console input: "stdin", or a file/FIFO path.
-    #[arg(long)]
-    console_in: Option<String>,
-    /// A virtio-blk disk: PATH[,ro][,serial=ID]; repeat for more (vda, vdb, ...).
-    #[arg(long = "disk", value_name = "PATH[,ro][,serial=ID]")]
-    disks: Vec<String>,
-    /// A virtio-net NIC: tap=NAME[,mac=MAC] or fd=N[,mac=MAC]; repeat for more.
-    #[arg(long = "nic", value_name = "tap=NAME|fd=N[,mac=MAC]")]
-    nics: Vec<String>,
-    /// Serve the control API (berth.v1 VmmService) on this unix socket.
-    #[arg(long)]
-    api_socket: Option<PathBuf>,
-    /// On exit, write {"code": .., "reason": ".."} to this file (atomically),
-    /// so a supervisor that is not our parent learns how we ended.
-    #[arg(long)]
-    exit_file: Option<PathBuf>,
-    /// Start a new session (setsid), detached from the caller's terminal and
-    /// process group, as the agent does for every VMM.
-    #[arg(long)]
-    detach: bool,
-    /// Wait for one byte on stdin before doing anything. The agent sends
-    /// it once this VMM's pid is on disk; end of file instead means the
-    /// agent died first, and a VMM no agent knows of must not run.
-    #[arg(long)]
-    start_gate_stdin: bool,
-    /// Join this cgroup directory (repeat for each v1 hierarchy) before any
-    /// thread starts, so every vCPU and device thread is accounted to it.
-    #[arg(long = "cgroup", value_name = "DIR")]
-    cgroups: Vec<PathBuf>,
-    /// Restore the VM from this snapshot directory instead of booting; the
-    /// console flags still apply.
-    #[arg(long)]
-    restore: Option<PathBuf>,
-    /// With --restore: keep the guest paused until the API resumes it.
-    #[arg(long)]
-    paused: bool,
-    /// With --restore: attach the NIC whose tap was OLD to NEW instead.
-    #[arg(long = "tap", value_name = "OLD=NEW")]
-    tap_overrides: Vec<String>,
-    /// Receive a live migration on this address (host:port; port 0 picks
-    /// one) instead of booting; the console, tap and API flags still apply.
-    #[arg(long, value_name = "ADDR")]
-    migrate_listen: Option<String>,
-    /// With --migrate-listen: the token the source must present (at least 16 characters).
-    #[arg(long, env = "BERTH_MIGRATE_TOKEN", hide_env_values = true)]
-    migrate_token: Option<String>,
-    /// With --migrate-listen: give up if no source arrived by this time (Unix ms).
-    #[arg(long, value_name = "UNIX_MS")]
-    migrate_expires_at_ms: Option<u64>,
-    /// With --migrate-listen: write the address actually bound here (atomically).
-    #[arg(long)]
-    migrate_address_file: Option<PathBuf>,
-    /// KVM device to open.
-    #[arg(long, default_value = "/dev/kvm")]
-    kvm_device: PathBuf,
-    /// Jail this VMM (docs/security.md): pivot_root into this empty
-    /// directory holding only the --jail-ro/--jail-rw paths and the devices,
-    /// then run as --jail-uid/--jail-gid with no capabilities.
-    #[arg(long, value_name = "DIR")]
-    jail_root: Option<PathBuf>,
-    #[arg(long, requires = "jail_root")]
-    jail_uid: Option<u32>,
-    #[arg(long, requires = "jail_root")]
-    jail_gid: Option<u32>,
-    /// A file or directory the jailed VMM may read (repeat).
-    #[arg(long = "jail-ro", value_name = "PATH", requires = "jail_root")]
-    jail_ro: Vec<PathBuf>,
-    /// A file or directory the jailed VMM may write (repeat).
-    #[arg(long = "jail-rw", value_name = "PATH", requires = "jail_root")]
-    jail_rw: Vec<PathBuf>,
-    /// A tap to attach before privileges are dropped (repeat).
-    #[arg(long = "jail-tap", value_name = "NAME", requires = "jail_root")]
-    jail_taps: Vec<String>,
-    /// RLIMIT_NOFILE in the jail.
-    #[arg(long, default_value_t = 4096)]
-    jail_max_open_files: u64,
-    /// Allow core dumps in the jail (they contain guest memory).
-    #[arg(long)]
-    jail_core_dumps: bool,
-    /// Run without the per-thread seccomp filters (debugging only: a
-    /// compromised thread could then make any system call).
-    #[arg(long)]
-    no_seccomp: bool,
-}
 
 const DEFAULT_VCPUS: u32 = 1;
 const DEFAULT_MEMORY_MIB: u64 = 128;
@@ -262,17 +156,25 @@ fn parse_nic(spec: &str) -> Result<NicConfig, String> {
 
 /// Records how the VMM ended for a supervisor that cannot wait for us.
 fn write_exit_file(path: &Path, code: i32, reason: &str) {
-    let text = format!(
-        "{{\"code\": {code}, \"reason\": {}}}\n",
-        serde_json::to_string(reason).unwrap_or_default()
-    );
-    if let Err(e) = berth_vmm::fsutil::write_atomic(path, text.as_bytes()) {
+    let record = ExitRecord {
+        code,
+        reason: reason.to_string(),
+    };
+    if let Err(e) = record.write(path) {
         eprintln!("berth-vmm: cannot write exit file {}: {e}", path.display());
     }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.host_info {
+        let info = berth_vmm::vstate::kvm::host_info(&args.kvm_device);
+        println!(
+            "{}",
+            serde_json::to_string(&info).expect("plain data serialises")
+        );
+        return ExitCode::SUCCESS;
+    }
     if args.detach {
         if let Err(e) = nix::unistd::setsid() {
             eprintln!("berth-vmm: error: cannot start a new session: {e}");
@@ -343,8 +245,13 @@ fn enter_jail(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Test-only: `BERTH_TEST_JAIL_PROBE=PATH[:PATH...]` reports whether the
-/// jailed VMM can open each path, so a test can see what the jail hides.
+/// Test-only (feature `test-hooks`): `BERTH_TEST_JAIL_PROBE=PATH[:PATH...]`
+/// reports whether the jailed VMM can open each path, so a test can see
+/// what the jail hides.
+#[cfg(not(feature = "test-hooks"))]
+fn jail_probe() {}
+
+#[cfg(feature = "test-hooks")]
 fn jail_probe() {
     let Some(paths) = std::env::var_os("BERTH_TEST_JAIL_PROBE") else {
         return;
@@ -359,7 +266,7 @@ fn jail_probe() {
 
 /// Filters every thread started from here on (docs/security.md).
 fn start_seccomp(args: &Args) -> Result<(), String> {
-    use berth_vmm::seccomp::{self, Filters, Inventory};
+    use berth_vmm::seccomp::{self, Filters};
     if args.no_seccomp {
         eprintln!(
             "berth-vmm: WARNING: seccomp is OFF (--no-seccomp): any thread of this VMM may make \
@@ -367,9 +274,7 @@ fn start_seccomp(args: &Args) -> Result<(), String> {
         );
         return Ok(());
     }
-    let filters = Inventory::built_in()
-        .and_then(|inventory| Filters::compile(&inventory))
-        .map_err(|e| e.to_string())?;
+    let filters = Filters::built_in().map_err(|e| e.to_string())?;
     seccomp::enable(filters).map_err(|e| e.to_string())
 }
 
@@ -399,7 +304,7 @@ fn run_incoming(args: &Args, address: &str) -> (i32, String) {
         Err(e) => return fail(format!("cannot read the bound address: {e}")),
     };
     if let Some(path) = &args.migrate_address_file {
-        if let Err(e) = berth_vmm::fsutil::write_atomic(path, bound.as_bytes()) {
+        if let Err(e) = berth_proto::vmm_process::files::write_atomic(path, bound.as_bytes()) {
             return fail(format!("cannot write {}: {e}", path.display()));
         }
     }

@@ -32,3 +32,40 @@ fn malformed_config_file_names_the_file_and_the_problem() {
         "{stderr}"
     );
 }
+
+/// The KVM module /sys/module shows loaded, as --host-info names it.
+fn loaded_flavour() -> &'static str {
+    let loaded = |m: &str| std::path::Path::new("/sys/module").join(m).exists();
+    if loaded("kvm_pvm") {
+        "pvm"
+    } else if loaded("kvm_intel") {
+        "intel"
+    } else if loaded("kvm_amd") {
+        "amd"
+    } else {
+        "unknown"
+    }
+}
+
+#[test]
+fn host_info_names_the_loaded_kvm_and_its_vcpu_limit() {
+    let out = vmm().arg("--host-info").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["flavour"], loaded_flavour(), "{info}");
+    let max = info["max_vcpus"].as_u64().unwrap();
+    if std::path::Path::new("/dev/kvm").exists() {
+        assert!((1..=254).contains(&max), "{info}");
+        assert!(info["kvm_error"].is_null(), "{info}");
+    }
+
+    let out = vmm()
+        .args(["--host-info", "--kvm-device", "/nonexistent/kvm"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["max_vcpus"], 0, "{info}");
+    let why = info["kvm_error"].as_str().unwrap();
+    assert!(why.contains("/nonexistent/kvm does not exist"), "{why}");
+}

@@ -11,7 +11,7 @@ use berth_agent::config::AgentConfig;
 use berth_agent::manager::Manager;
 use berth_agent::metrics::ApiMetrics;
 use berth_agent::root_lock::StateRootLock;
-use berth_agent::server::{host_memory_mib, ImageApi, NodeApi, VmApi};
+use berth_agent::server::{ImageApi, NodeApi, VmApi};
 use berth_agent::spec::Limits;
 use clap::Parser;
 
@@ -49,13 +49,24 @@ fn load_config(args: &Args) -> Result<AgentConfig, String> {
     Ok(config)
 }
 
-fn max_vcpus() -> u32 {
-    match berth_vmm::vstate::kvm::open("/dev/kvm".as_ref()) {
-        Ok(kvm) => (kvm.get_max_vcpus() as u32).min(berth_vmm::arch::x86_64::mptable::MAX_CPUS),
+/// What the node offers guests. KVM facts come from the VMM binary
+/// (`berth-vmm --host-info`): the agent itself never opens /dev/kvm.
+fn host_limits(config: &AgentConfig) -> Limits {
+    use berth_proto::vmm_process::host;
+    let info = match berth_agent::vmm_proc::host_info(&config.vmm_binary()) {
+        Ok(info) => info,
         Err(e) => {
             tracing::error!("{e}; VMs cannot start on this node");
-            0
+            host::HostInfo::default()
         }
+    };
+    if let Some(e) = &info.kvm_error {
+        tracing::error!("{e}; VMs cannot start on this node");
+    }
+    Limits {
+        max_vcpus: info.max_vcpus,
+        host_memory_mib: host::memory_mib().unwrap_or(0),
+        flavour: info.flavour,
     }
 }
 
@@ -92,12 +103,31 @@ fn secure_socket(config: &AgentConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// The Prometheus endpoint (`metrics_listen`), on a task of its own.
+async fn serve_metrics(
+    listen: &str,
+    manager: &Arc<Manager>,
+    api_metrics: &Arc<ApiMetrics>,
+) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot serve metrics on {listen} (metrics_listen): {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    if !local.ip().is_loopback() {
+        tracing::warn!("metrics on {local}, not a loopback address: anyone who reaches it sees every VM's figures");
+    }
+    tracing::info!("metrics on http://{local}/metrics");
+    tokio::spawn(berth_agent::metrics::serve(
+        listener,
+        manager.clone(),
+        api_metrics.clone(),
+    ));
+    Ok(())
+}
+
 async fn run(args: Args) -> Result<(), String> {
     let mut config = load_config(&args)?;
-    let limits = Limits {
-        max_vcpus: max_vcpus(),
-        host_memory_mib: host_memory_mib(),
-    };
+    let limits = host_limits(&config);
     config.jail.check()?;
     // A jailed VMM opens its run and snapshot directories refusing
     // symlinks, so the state root is used by its real path.
@@ -157,19 +187,7 @@ async fn run(args: Args) -> Result<(), String> {
             ))),
         );
     if let Some(listen) = &config.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|e| format!("cannot serve metrics on {listen} (metrics_listen): {e}"))?;
-        let local = listener.local_addr().map_err(|e| e.to_string())?;
-        if !local.ip().is_loopback() {
-            tracing::warn!("metrics on {local}, not a loopback address: anyone who reaches it sees every VM's figures");
-        }
-        tracing::info!("metrics on http://{local}/metrics");
-        tokio::spawn(berth_agent::metrics::serve(
-            listener,
-            manager.clone(),
-            api_metrics.clone(),
-        ));
+        serve_metrics(listen, &manager, &api_metrics).await?;
     }
     server
         .start()

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use berth_vmm::fsutil::write_atomic;
+use berth_proto::vmm_process::files::write_atomic;
 use serde::{Deserialize, Serialize};
 
 pub use copy::{copy_for_vm, CopyMethod};

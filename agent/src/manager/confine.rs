@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use berth_vmm::config::VmConfig;
+use berth_proto::vmm_process::config::VmConfig;
 
 use super::{lock, ApiError, ApiResult, Manager, VmEntry};
 use crate::jail::JailPlan;

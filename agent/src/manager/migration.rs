@@ -14,7 +14,7 @@ use super::{
 };
 use crate::spec::VmSpec;
 use crate::store::{MigrationRecord, VmRecord, VmState};
-use crate::vmm_proc::{self, IncomingFrom, Launch, VmmProcess};
+use crate::vmm_proc::{self, IncomingFrom, Launch};
 
 const WATCH_EVERY: Duration = Duration::from_millis(100);
 /// How long a receiving VMM may take to bind and report its address.
@@ -197,43 +197,15 @@ impl Manager {
         let mut config =
             spec.vmm_config(&entry.dir.console_log(), self.config.console_log_max_bytes);
         let confinement = self.confine(entry, &spec, &mut config, None, nic_taps(&spec, taps))?;
-        let mut process = VmmProcess::spawn(
-            &self.config.vmm_binary(),
-            &entry.dir,
-            &config,
-            &cgroup_dirs,
-            Launch::Incoming(IncomingFrom {
-                listen: &listen,
-                token: &token,
-                expires_at_ms,
-                taps,
-            }),
-            &confinement,
-        )
-        .map_err(|e| {
-            ApiError::Unavailable(format!(
-                "cannot start {}: {e}",
-                self.config.vmm_binary().display()
-            ))
-        })?;
-        // Recorded before it may start, as in every launch: a restarted
-        // agent finds this VMM rather than losing it.
-        let recorded = {
-            let mut inner = lock(&entry.inner);
-            inner.record.pid = process.pid;
-            inner.record.proc_start_ticks = process.start_ticks;
-            self.store.save_record(&entry.dir, &inner.record)
-        };
-        if let Err(e) = recorded
-            .map_err(|e| e.to_string())
-            .and_then(|()| process.open_gate().map_err(|e| e.to_string()))
-        {
-            process.kill();
-            let _ = process.wait_exit(&entry.dir, Duration::from_secs(3)).await;
-            return Err(ApiError::Internal(format!(
-                "cannot record the receiving VMM's pid ({e}); it was ended"
-            )));
-        }
+        let how = Launch::Incoming(IncomingFrom {
+            listen: &listen,
+            token: &token,
+            expires_at_ms,
+            taps,
+        });
+        let mut process = self
+            .spawn_recorded(entry, &config, &cgroup_dirs, how, &confinement)
+            .await?;
         let deadline = tokio::time::Instant::now() + LISTEN_TIMEOUT;
         let address = loop {
             if let Ok(address) = std::fs::read_to_string(entry.dir.migration_address()) {

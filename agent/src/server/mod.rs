@@ -730,19 +730,12 @@ impl vm_ttrpc::VmService for VmApi {
 
 /// Vendor, model name and flags of the host CPU, from /proc/cpuinfo.
 fn cpu_identity() -> (String, String, Vec<String>) {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |key: &str| {
-        info.lines()
-            .find(|l| l.split(':').next().map(str::trim) == Some(key))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_string())
-            .unwrap_or_default()
-    };
-    let flags = field("flags")
+    use berth_proto::vmm_process::host;
+    let flags = host::cpuinfo_field("flags")
         .split_whitespace()
         .map(String::from)
         .collect();
-    (field("vendor_id"), field("model name"), flags)
+    (host::cpu_vendor(), host::cpu_model(), flags)
 }
 
 fn disk_space(role: &str, path: &std::path::Path) -> DiskSpace {
@@ -788,7 +781,7 @@ pub fn capacity_pb(m: &Manager) -> Capacity {
         free_memory_mib: c.allocatable_memory_mib.saturating_sub(c.held_memory_mib),
         disks,
         max_vcpus: m.limits.max_vcpus,
-        hypervisor: hypervisor().0.into(),
+        hypervisor: m.limits.flavour.kind_and_module().0.into(),
         cpu_vendor: vendor,
         cpu_model: model,
         cpu_flags: flags,
@@ -804,34 +797,12 @@ pub fn capacity_pb(m: &Manager) -> Capacity {
     }
 }
 
-fn hypervisor() -> (&'static str, &'static str) {
-    match berth_vmm::vstate::kvm::Flavour::detect() {
-        berth_vmm::vstate::kvm::Flavour::Intel => ("hardware", "kvm_intel"),
-        berth_vmm::vstate::kvm::Flavour::Amd => ("hardware", "kvm_amd"),
-        berth_vmm::vstate::kvm::Flavour::Pvm => ("pvm", "kvm_pvm"),
-        berth_vmm::vstate::kvm::Flavour::Unknown => ("unknown", ""),
-    }
-}
-
 pub struct NodeApi(pub Arc<Manager>);
-
-pub fn host_memory_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .map(|kib| kib / 1024)
-        .unwrap_or(0)
-}
 
 #[async_trait::async_trait]
 impl node_ttrpc::NodeService for NodeApi {
     async fn get_node(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<NodeInfo> {
-        let (hypervisor, module) = hypervisor();
+        let (hypervisor, module) = self.0.limits.flavour.kind_and_module();
         Ok(NodeInfo {
             hostname: nix::unistd::gethostname()
                 .map(|h| h.to_string_lossy().into_owned())

@@ -18,6 +18,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::layout::create_guest_memory;
 use crate::arch::x86_64::{boot, cpuid, mptable, regs};
 use crate::config::{ConfigError, SerialInput, VmConfig};
 use crate::devices::bus::Bus;
@@ -28,7 +29,6 @@ use crate::devices::legacy::serial::{
 };
 use crate::exit::{ExitNotifier, ExitReason};
 use crate::vstate::kvm::{self, Flavour, KvmOpenError};
-use crate::vstate::memory::create_guest_memory;
 use crate::vstate::vcpu::{self, Vcpu, VcpuControl, VcpuSet};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -99,15 +99,7 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
 /// Host RAM in MiB, from /proc/meminfo, read once (the jail reads it
 /// before a jailed VMM loses /proc/meminfo).
 pub fn host_memory_mib() -> Option<u64> {
-    static MIB: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    *MIB.get_or_init(read_host_memory_mib)
-}
-
-fn read_host_memory_mib() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024)
+    berth_proto::vmm_process::host::memory_mib()
 }
 
 /// A VM ready to run: memory loaded, devices wired, vCPUs configured.
@@ -153,7 +145,7 @@ pub fn restore(
 /// A VM from state and memory that arrived over a migration connection.
 pub fn restore_migrated(
     snapshot: crate::snapshot::VmSnapshot,
-    memory: crate::vstate::memory::GuestMemory,
+    memory: crate::memory::GuestMemory,
     config: &VmConfig,
     kvm_device: &Path,
 ) -> Result<Vmm, BuildError> {
@@ -163,14 +155,11 @@ pub fn restore_migrated(
 fn build_vm(
     config: &VmConfig,
     kvm_device: &Path,
-    restore: Option<(
-        crate::snapshot::VmSnapshot,
-        crate::vstate::memory::GuestMemory,
-    )>,
+    restore: Option<(crate::snapshot::VmSnapshot, crate::memory::GuestMemory)>,
 ) -> Result<Vmm, BuildError> {
     config.validate()?;
     let kvm_fd = kvm::open(kvm_device)?;
-    let flavour = Flavour::detect();
+    let flavour = kvm::detect_flavour();
 
     let max_vcpus = kvm_fd.get_max_vcpus() as u32;
     if config.vcpus > max_vcpus {

@@ -18,38 +18,15 @@ use std::time::{Duration, Instant};
 
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
-use serde::{Deserialize, Serialize};
 
-/// One bucket: `rate_per_s` 0 means unlimited. `burst` 0 means a tenth of
-/// a second's worth (at least 1).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BucketConfig {
-    pub rate_per_s: u64,
-    pub burst: u64,
-}
+pub use berth_proto::vmm_process::config::{BucketConfig, LimitConfig};
 
-impl BucketConfig {
-    fn capacity(self) -> f64 {
-        if self.burst > 0 {
-            self.burst as f64
-        } else {
-            (self.rate_per_s / 10).max(1) as f64
-        }
-    }
-}
-
-/// A device's (or a direction's) limits.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitConfig {
-    pub bytes: BucketConfig,
-    pub ops: BucketConfig,
-}
-
-impl LimitConfig {
-    pub fn is_unlimited(&self) -> bool {
-        self.bytes.rate_per_s == 0 && self.ops.rate_per_s == 0
+/// Tokens a full bucket holds: its burst, or a tenth of a second's worth.
+fn capacity(config: BucketConfig) -> f64 {
+    if config.burst > 0 {
+        config.burst as f64
+    } else {
+        (config.rate_per_s / 10).max(1) as f64
     }
 }
 
@@ -63,14 +40,14 @@ impl Bucket {
     fn new(config: BucketConfig) -> Bucket {
         Bucket {
             config,
-            tokens: config.capacity(),
+            tokens: capacity(config),
         }
     }
 
     fn refill(&mut self, elapsed: Duration) {
         if self.config.rate_per_s > 0 {
             let added = self.config.rate_per_s as f64 * elapsed.as_secs_f64();
-            self.tokens = (self.tokens + added).min(self.config.capacity());
+            self.tokens = (self.tokens + added).min(capacity(self.config));
         }
     }
 
@@ -216,9 +193,9 @@ impl RateLimiter {
             let was_unlimited = bucket.config.rate_per_s == 0;
             bucket.config = new;
             bucket.tokens = if was_unlimited {
-                new.capacity()
+                capacity(new)
             } else {
-                bucket.tokens.min(new.capacity())
+                bucket.tokens.min(capacity(new))
             };
         }
         if state.blocked_since.is_some() {

@@ -597,6 +597,7 @@ fn decode(text: &[u8]) -> Result<VmSnapshot, snapshot::SnapshotError> {
 #[test]
 fn snapshot_state_files_are_checked_before_use() {
     use crate::snapshot::SnapshotError as E;
+    use berth_proto::vmm_process::snapshot::HeaderError as H;
     let host = snapshot::host_cpu_vendor();
     let good = snapshot::encode_state(&sample_state(&host, 1));
     assert!(decode(&good).is_ok());
@@ -610,12 +611,27 @@ fn snapshot_state_files_are_checked_before_use() {
             .unwrap()
             .replacen(snapshot::FORMAT_VERSION, "2.0.0", 1);
     let other = snapshot::encode_state(&sample_state("OtherVendor", 0));
-    assert!(matches!(decode(b"BERTH-SNAPSHOT"), Err(E::BadMagic(_))));
-    assert!(matches!(decode(b"QEMU 1.0.0\n{}"), Err(E::BadMagic(_))));
-    assert!(matches!(decode(later.as_bytes()), Err(E::Version { .. })));
-    assert!(matches!(decode(&flipped), Err(E::Checksum(_))));
-    assert!(matches!(decode(&good[..newline + 10]), Err(E::Checksum(_))));
-    assert!(matches!(decode(&other), Err(E::CpuVendor { .. })));
+    assert!(matches!(
+        decode(b"BERTH-SNAPSHOT"),
+        Err(E::Header(H::BadMagic(_)))
+    ));
+    assert!(matches!(
+        decode(b"QEMU 1.0.0\n{}"),
+        Err(E::Header(H::BadMagic(_)))
+    ));
+    assert!(matches!(
+        decode(later.as_bytes()),
+        Err(E::Header(H::Version { .. }))
+    ));
+    assert!(matches!(decode(&flipped), Err(E::Header(H::Checksum(_)))));
+    assert!(matches!(
+        decode(&good[..newline + 10]),
+        Err(E::Header(H::Checksum(_)))
+    ));
+    assert!(matches!(
+        decode(&other),
+        Err(E::Header(H::CpuVendor { .. }))
+    ));
     for body in [
         &b"{}"[..],
         b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",
@@ -1014,7 +1030,9 @@ fn seeds_reach_the_parsers() {
             "snapshot_state" => match decode(&state_text(bytes[0], &bytes[1..])) {
                 Ok(_) => true,
                 // Whole files name a vendor: one of the pair matches the host.
-                Err(snapshot::SnapshotError::CpuVendor { .. }) => bytes[0] & 1 == 0,
+                Err(snapshot::SnapshotError::Header(
+                    berth_proto::vmm_process::snapshot::HeaderError::CpuVendor { .. },
+                )) => bytes[0] & 1 == 0,
                 Err(_) => false,
             },
             _ => migration(&bytes).iter().filter(|o| o.is_ok()).count() >= 5,

@@ -95,7 +95,7 @@ pub fn enter(config: &JailConfig) -> Result<(), JailError> {
     }
     let last_cap = last_capability();
     // Host facts the VMM reports later, read while /proc and /sys are here.
-    crate::vstate::kvm::Flavour::detect();
+    crate::vstate::kvm::detect_flavour();
     crate::snapshot::host_cpuinfo();
     crate::builder::host_memory_mib();
     for name in &config.taps {

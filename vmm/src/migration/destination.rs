@@ -16,20 +16,29 @@ use super::protocol::{
     FrameType, ProtocolError, PAGE,
 };
 use crate::arch::x86_64::cpuid;
+use crate::arch::x86_64::layout::create_guest_memory;
+use crate::memory::GuestMemory;
 use crate::seccomp::ThreadKind;
 use crate::snapshot::VmSnapshot;
-use crate::vstate::memory::{create_guest_memory, GuestMemory};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Test hooks, from BERTH_TEST_MIGRATION_FAULT in the destination VMM's
-/// environment: `drop-ack` (run the VM but close instead of sending Ack),
-/// `hide-cpu-feature` (pretend this host lacks the FPU bit of CPUID leaf 1),
-/// `drop-before-ready` (close after the state arrives, before Ready).
+/// Test hooks (feature `test-hooks`), from BERTH_TEST_MIGRATION_FAULT in
+/// the destination VMM's environment: `drop-ack` (run the VM but close
+/// instead of sending Ack), `hide-cpu-feature` (pretend this host lacks the
+/// FPU bit of CPUID leaf 1), `drop-before-ready` (close after the state
+/// arrives, before Ready).
+#[cfg(feature = "test-hooks")]
 pub fn test_fault(name: &str) -> bool {
     std::env::var("BERTH_TEST_MIGRATION_FAULT")
         .map(|v| v.split(',').any(|f| f == name))
         .unwrap_or(false)
+}
+
+/// Without the `test-hooks` feature no fault is ever injected.
+#[cfg(not(feature = "test-hooks"))]
+pub fn test_fault(_: &str) -> bool {
+    false
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -595,7 +595,7 @@ impl Sender<'_> {
         let mut zeros = Vec::new();
         let mut page = vec![0u8; PAGE];
         for (region, bits) in mem.iter().zip(dirty) {
-            for offset in crate::vstate::memory::dirty_offsets(bits, region.len()) {
+            for offset in crate::memory::dirty_offsets(bits, region.len()) {
                 let gpa = region.start_addr().0 + offset;
                 mem.read_slice(&mut page, GuestAddress(gpa))
                     .map_err(|e| Failure::Local(e.to_string()))?;

@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
-use super::{AllowList, SeccompError, ThreadKind};
+use super::filters::{AllowList, SeccompError, ThreadKind};
 
 const BUILT_IN: &str = include_str!("inventory.toml");
 

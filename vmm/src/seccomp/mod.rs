@@ -1,8 +1,10 @@
 //! Per-thread seccomp filters for berth-vmm.
 //!
 //! Every thread belongs to one [`ThreadKind`] and runs under that kind's
-//! allow-list, compiled at start-up from `inventory.toml` (kept in the repo,
-//! checked by tests). A system call outside the list raises SIGSYS; the
+//! allow-list from `inventory.toml` (kept in the repo, checked by tests),
+//! compiled to BPF when the VMM is built (`build.rs`), so a starting VMM
+//! neither parses TOML nor runs the filter compiler: that code would stay
+//! resident in every VMM process. A system call outside the list raises SIGSYS; the
 //! handler in `sigsys` names the call on stderr and ends the process.
 //!
 //! A thread inherits the filter of the thread that created it, and stacked
@@ -11,6 +13,7 @@
 //! kinds creates them, and each new thread installs its own kind's filter
 //! before it runs any of its code.
 
+mod filters;
 mod inventory;
 mod sigsys;
 
@@ -19,112 +22,20 @@ use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 use std::thread::JoinHandle;
 
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
-};
+use seccompiler::BpfProgram;
 
+pub use filters::{AllowList, Filters, SeccompError, ThreadKind};
 pub use inventory::Inventory;
 pub use sigsys::EXIT_STATUS;
 
-/// What a thread does, which decides what it may ask of the kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ThreadKind {
-    /// Runs KVM_RUN and emulates the port and MMIO accesses it exits with.
-    Vcpu,
-    /// A virtio device worker: queues, disk files, taps.
-    Device,
-    /// The main thread, the control API, signals and console input.
-    Control,
-    /// Live migration: the sender, the receiver and the status responder.
-    Migration,
-}
-
-impl ThreadKind {
-    pub const ALL: [ThreadKind; 4] = [
-        ThreadKind::Vcpu,
-        ThreadKind::Device,
-        ThreadKind::Control,
-        ThreadKind::Migration,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            ThreadKind::Vcpu => "vcpu",
-            ThreadKind::Device => "device",
-            ThreadKind::Control => "control",
-            ThreadKind::Migration => "migration",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<ThreadKind> {
-        ThreadKind::ALL.into_iter().find(|k| k.name() == name)
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SeccompError {
-    #[error("the seccomp inventory is invalid: {0}")]
-    Inventory(String),
-    #[error("cannot compile the {kind} seccomp filter: {source}")]
-    Compile {
-        kind: &'static str,
-        source: seccompiler::BackendError,
-    },
-    #[error("cannot install the {kind} seccomp filter: {source}")]
-    Install {
-        kind: &'static str,
-        source: seccompiler::Error,
-    },
-    #[error("cannot start the thread launcher: {0}")]
-    Launcher(std::io::Error),
-    #[error("seccomp filters are already on")]
-    AlreadyOn,
-}
-
-/// The compiled filters, one per kind plus their union for the launcher.
-pub struct Filters {
-    programs: BTreeMap<ThreadKind, BpfProgram>,
-    union: BpfProgram,
-}
+/// The built-in inventory's filters, as `build.rs` compiled them.
+const BUILT_IN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp-filters.bin"));
 
 impl Filters {
-    pub fn compile(inventory: &Inventory) -> Result<Filters, SeccompError> {
-        let mut programs = BTreeMap::new();
-        for kind in ThreadKind::ALL {
-            programs.insert(kind, compile(kind.name(), inventory.allowed(kind)?)?);
-        }
-        let union = compile("launcher", inventory.union()?)?;
-        Ok(Filters { programs, union })
+    /// The filters this binary was built with.
+    pub fn built_in() -> Result<Filters, SeccompError> {
+        Filters::from_bytes(BUILT_IN)
     }
-}
-
-/// System call numbers, each with the ioctl requests it is limited to
-/// (empty: any arguments).
-pub type AllowList = BTreeMap<i64, Vec<u64>>;
-
-fn compile(kind: &'static str, allowed: AllowList) -> Result<BpfProgram, SeccompError> {
-    let compile_err = |source| SeccompError::Compile { kind, source };
-    let mut rules = BTreeMap::new();
-    for (nr, requests) in allowed {
-        let mut syscall_rules = Vec::new();
-        for request in requests {
-            // ioctl's request is an unsigned int in the kernel: the low
-            // 32 bits are all that count.
-            let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)
-                .map_err(compile_err)?;
-            syscall_rules.push(SeccompRule::new(vec![cond]).map_err(compile_err)?);
-        }
-        rules.insert(nr, syscall_rules);
-    }
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Trap,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(compile_err)?;
-    BpfProgram::try_from(filter).map_err(compile_err)
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -133,9 +44,10 @@ struct State {
     /// Each kind's filter (the union went to the launcher).
     programs: BTreeMap<ThreadKind, BpfProgram>,
     launcher: Mutex<mpsc::Sender<Job>>,
-    /// Test-only: `BERTH_TEST_SECCOMP_VIOLATION=<kind>` makes every thread
-    /// of that kind make a system call no kind may make, right after it
-    /// enters its filter, so a test can watch the filter stop the VMM.
+    /// Test-only (feature `test-hooks`): `BERTH_TEST_SECCOMP_VIOLATION=<kind>`
+    /// makes every thread of that kind make a system call no kind may make,
+    /// right after it enters its filter, so a test can watch the filter
+    /// stop the VMM.
     violate_in: Option<ThreadKind>,
 }
 
@@ -173,11 +85,21 @@ pub fn enable(filters: Filters) -> Result<(), SeccompError> {
         .set(State {
             programs,
             launcher: Mutex::new(tx),
-            violate_in: std::env::var("BERTH_TEST_SECCOMP_VIOLATION")
-                .ok()
-                .and_then(|k| ThreadKind::from_name(&k)),
+            violate_in: test_violation(),
         })
         .map_err(|_| SeccompError::AlreadyOn)
+}
+
+#[cfg(feature = "test-hooks")]
+fn test_violation() -> Option<ThreadKind> {
+    std::env::var("BERTH_TEST_SECCOMP_VIOLATION")
+        .ok()
+        .and_then(|k| ThreadKind::from_name(&k))
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn test_violation() -> Option<ThreadKind> {
+    None
 }
 
 /// Puts the calling thread under `kind`'s filter (nothing when filtering is

@@ -10,7 +10,7 @@ use std::cell::Cell;
 use super::ThreadKind;
 
 /// The exit status of a VMM stopped by its seccomp filter.
-pub const EXIT_STATUS: i32 = 159;
+pub const EXIT_STATUS: i32 = berth_proto::vmm_process::exit::SECCOMP_EXIT_STATUS;
 
 thread_local! {
     // const-initialised Copy: reading it allocates nothing, safe in a handler.

@@ -10,6 +10,16 @@ fn the_built_in_inventory_compiles_for_every_kind() {
 }
 
 #[test]
+fn the_filters_built_in_at_build_time_are_the_inventory_compiled_now() {
+    let compiled = Filters::compile(&Inventory::built_in().unwrap()).unwrap();
+    let built_in = Filters::built_in().unwrap();
+    assert_eq!(built_in, compiled);
+    assert_eq!(Filters::from_bytes(&compiled.to_bytes()).unwrap(), compiled);
+    let bytes = compiled.to_bytes();
+    assert!(Filters::from_bytes(&bytes[..bytes.len() - 3]).is_err());
+}
+
+#[test]
 fn no_kind_may_start_programs_trace_or_change_identity() {
     let inventory = Inventory::built_in().unwrap();
     let forbidden = [

@@ -25,14 +25,13 @@ use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
 };
 
-use crate::vstate::memory::{dirty_offsets, GuestMemory};
+use crate::memory::{dirty_offsets, GuestMemory};
 pub use state::VmSnapshot;
 
-pub const MAGIC: &str = "BERTH-SNAPSHOT";
-/// Semver of the snapshot format, independent of the crate's version.
-pub const FORMAT_VERSION: &str = "1.0.0";
-pub const STATE_FILE: &str = "state.json";
-pub const MEMORY_FILE: &str = "memory.img";
+pub use berth_proto::vmm_process::snapshot::{
+    fnv1a, read_progress, Progress, FORMAT_VERSION, MAGIC, MEMORY_FILE, PROGRESS_FILE, STATE_FILE,
+};
+use berth_proto::vmm_process::snapshot::{temporary_dir, Header, HeaderError};
 const PAGE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,18 +42,12 @@ pub enum SnapshotError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{0} is not a Berth snapshot (bad magic)")]
-    BadMagic(PathBuf),
-    #[error(
-        "snapshot format {found} cannot be restored by this berth-vmm (format {FORMAT_VERSION})"
-    )]
-    Version { found: String },
-    #[error("snapshot state {0} is corrupt: checksum mismatch")]
-    Checksum(PathBuf),
+    /// What the header says (magic, format, checksum, CPU vendor), as the
+    /// agent checks it too.
+    #[error(transparent)]
+    Header(#[from] HeaderError),
     #[error("snapshot state {path} cannot be decoded: {message}")]
     Decode { path: PathBuf, message: String },
-    #[error("snapshot was taken on a {taken} CPU; this host has a {here} CPU")]
-    CpuVendor { taken: String, here: String },
     #[error("memory file {path} is {found} bytes; the snapshot needs {expected}")]
     MemorySize {
         path: PathBuf,
@@ -74,36 +67,20 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Snapsho
     move |source| SnapshotError::Io { what, path, source }
 }
 
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
 /// /proc/cpuinfo, read once: a jailed VMM's /proc no longer has it, so
 /// the jail reads it before it enters.
 pub fn host_cpuinfo() -> &'static str {
-    static CPUINFO: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    CPUINFO.get_or_init(|| std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default())
-}
-
-fn cpuinfo_field(key: &str) -> String {
-    host_cpuinfo()
-        .lines()
-        .find(|l| l.split(':').next().map(str::trim) == Some(key))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, v)| v.trim().to_string())
-        .unwrap_or_default()
+    berth_proto::vmm_process::host::cpuinfo()
 }
 
 /// The host CPU's vendor string (GenuineIntel, AuthenticAMD).
 pub fn host_cpu_vendor() -> String {
-    cpuinfo_field("vendor_id")
+    berth_proto::vmm_process::host::cpu_vendor()
 }
 
 /// The host CPU's model name.
 pub fn host_cpu_model() -> String {
-    cpuinfo_field("model name")
+    berth_proto::vmm_process::host::cpu_model()
 }
 
 /// A snapshot being written: its temporary directory and memory file.
@@ -118,35 +95,17 @@ pub struct Writer {
     /// the pass covers: what `progress.json` in the temporary directory
     /// shows while the snapshot is written.
     progress: Progress,
-}
-
-/// How far a snapshot being written has got, as `progress.json` in its
-/// temporary directory holds it.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Progress {
-    /// Memory passes so far (a live snapshot makes several).
-    pub pass: u32,
-    pub done_bytes: u64,
-    pub total_bytes: u64,
-    #[serde(skip)]
+    /// `done_bytes` when `progress.json` was last written.
     reported: u64,
 }
 
-const PROGRESS_FILE: &str = "progress.json";
-
-/// The progress of snapshot `dir` while it is being written; None when
-/// none is (not begun, or finished).
-pub fn read_progress(dir: &Path) -> Option<Progress> {
-    let bytes = std::fs::read(dir.with_extension("tmp").join(PROGRESS_FILE)).ok()?;
-    serde_json::from_slice(&bytes).ok()
-}
 /// Progress is rewritten every this many bytes.
 const PROGRESS_STEP: u64 = 32 << 20;
 
 impl Writer {
     /// Starts `<dir>.tmp` with a memory file as large as guest RAM (sparse).
     pub fn begin(dir: &Path, mem: &GuestMemory) -> Result<Writer, SnapshotError> {
-        let tmp = dir.with_extension("tmp");
+        let tmp = temporary_dir(dir);
         remove_unfinished(&tmp);
         std::fs::create_dir_all(&tmp).map_err(io("create", &tmp))?;
         let path = tmp.join(MEMORY_FILE);
@@ -165,6 +124,7 @@ impl Writer {
             offsets,
             pages_written: 0,
             progress: Progress::default(),
+            reported: 0,
         })
     }
 
@@ -172,21 +132,21 @@ impl Writer {
         self.progress.pass += 1;
         self.progress.done_bytes = 0;
         self.progress.total_bytes = total_bytes;
-        self.progress.reported = 0;
+        self.reported = 0;
         self.report();
     }
 
     fn advance(&mut self, bytes: u64) {
         self.progress.done_bytes += bytes;
         let p = &self.progress;
-        if p.done_bytes >= p.reported + PROGRESS_STEP || p.done_bytes == p.total_bytes {
+        if p.done_bytes >= self.reported + PROGRESS_STEP || p.done_bytes == p.total_bytes {
             self.report();
         }
     }
 
     /// Best effort and not synced: it only feeds progress displays.
     fn report(&mut self) {
-        self.progress.reported = self.progress.done_bytes;
+        self.reported = self.progress.done_bytes;
         let Ok(text) = serde_json::to_vec(&self.progress) else {
             return;
         };
@@ -265,7 +225,7 @@ impl Writer {
         self.memory.sync_all().map_err(io("sync", &memory_path))?;
         let _ = std::fs::remove_file(self.tmp.join(PROGRESS_FILE));
         let text = encode_state(state);
-        crate::fsutil::write_atomic(&self.tmp.join(STATE_FILE), &text)
+        berth_proto::vmm_process::files::write_atomic(&self.tmp.join(STATE_FILE), &text)
             .map_err(io("write", &self.tmp))?;
         if self.dir.exists() {
             std::fs::remove_dir_all(&self.dir).map_err(io("replace", &self.dir))?;
@@ -319,17 +279,13 @@ fn remove_unfinished(tmp: &Path) {
 /// The bytes of a state file: the header line, then the encoded state.
 pub fn encode_state(state: &VmSnapshot) -> Vec<u8> {
     let body = serde_json::to_vec(state).expect("plain data serialises");
-    let header = format!(
-        "{MAGIC} {FORMAT_VERSION} berth={} vendor={} model={:?} kvm={:?} checksum={:016x}\n",
-        env!("CARGO_PKG_VERSION"),
-        state.cpu_vendor,
-        state.cpu_model.replace(' ', "_"),
-        state.kvm_flavour.replace(' ', "_"),
-        fnv1a(&body)
-    );
-    let mut text = header.into_bytes();
-    text.extend_from_slice(&body);
-    text
+    let header = Header {
+        format_version: FORMAT_VERSION.into(),
+        cpu_vendor: state.cpu_vendor.clone(),
+        cpu_model: state.cpu_model.clone(),
+        kvm_flavour: state.kvm_flavour.clone(),
+    };
+    header.encode(&body)
 }
 
 /// Number of pages set in per-region dirty bitmaps.
@@ -351,41 +307,18 @@ pub fn read_state(dir: &Path) -> Result<VmSnapshot, SnapshotError> {
 /// Checks and decodes the bytes of a state file (`path` names it in errors):
 /// magic, version, checksum, CPU vendor.
 pub fn decode_state(path: &Path, text: &[u8]) -> Result<VmSnapshot, SnapshotError> {
-    let path = path.to_owned();
-    let newline = text
-        .iter()
-        .position(|&b| b == b'\n')
-        .ok_or_else(|| SnapshotError::BadMagic(path.clone()))?;
-    let header = String::from_utf8_lossy(&text[..newline]).into_owned();
-    let body = &text[newline + 1..];
-    let mut words = header.split_whitespace();
-    if words.next() != Some(MAGIC) {
-        return Err(SnapshotError::BadMagic(path));
-    }
-    let version = words.next().unwrap_or_default().to_string();
-    if version.split('.').next() != FORMAT_VERSION.split('.').next() {
-        return Err(SnapshotError::Version { found: version });
-    }
-    let field = |key: &str| {
-        header
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(key))
-            .unwrap_or_default()
-            .to_string()
-    };
-    if field("checksum=") != format!("{:016x}", fnv1a(body)) {
-        return Err(SnapshotError::Checksum(path));
-    }
+    let (header, body) = Header::split(path, text)?;
     let state: VmSnapshot = serde_json::from_slice(body).map_err(|e| SnapshotError::Decode {
-        path: path.clone(),
+        path: path.to_owned(),
         message: e.to_string(),
     })?;
     let here = host_cpu_vendor();
-    if state.cpu_vendor != here || field("vendor=") != here {
-        return Err(SnapshotError::CpuVendor {
+    if state.cpu_vendor != here || header.cpu_vendor != here {
+        return Err(HeaderError::CpuVendor {
             taken: state.cpu_vendor.clone(),
             here,
-        });
+        }
+        .into());
     }
     Ok(state)
 }

@@ -1,28 +1,16 @@
 //! Opening /dev/kvm and telling which KVM it is: hardware (VT-x / AMD-V) or
 //! the software PVM of some nested hosts, where stock Linux cannot boot.
 
-use std::fmt;
 use std::path::Path;
 
+pub use berth_proto::vmm_process::host::{Flavour, HostInfo};
 use kvm_ioctls::Kvm;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Flavour {
-    Intel,
-    Amd,
-    Pvm,
-    Unknown,
-}
-
-impl Flavour {
-    /// Which KVM module is loaded, looked up once: a jailed VMM no longer
-    /// sees /sys, so the jail asks before it enters.
-    pub fn detect() -> Self {
-        static DETECTED: std::sync::OnceLock<Flavour> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(Flavour::probe_sysfs)
-    }
-
-    fn probe_sysfs() -> Self {
+/// Which KVM module is loaded, looked up once: a jailed VMM no longer
+/// sees /sys, so the jail asks before it enters.
+pub fn detect_flavour() -> Flavour {
+    static DETECTED: std::sync::OnceLock<Flavour> = std::sync::OnceLock::new();
+    *DETECTED.get_or_init(|| {
         let loaded = |m: &str| Path::new("/sys/module").join(m).exists();
         if loaded("kvm_pvm") {
             Flavour::Pvm
@@ -33,21 +21,24 @@ impl Flavour {
         } else {
             Flavour::Unknown
         }
-    }
-
-    pub fn is_hardware(self) -> bool {
-        matches!(self, Flavour::Intel | Flavour::Amd)
-    }
+    })
 }
 
-impl fmt::Display for Flavour {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Flavour::Intel => "hardware (kvm_intel)",
-            Flavour::Amd => "hardware (kvm_amd)",
-            Flavour::Pvm => "software (kvm_pvm)",
-            Flavour::Unknown => "unknown",
-        })
+/// What `berth-vmm --host-info` prints: the flavour, and how many vCPUs a
+/// guest may have (KVM's limit, capped by what an MP table describes).
+pub fn host_info(device: &Path) -> HostInfo {
+    let flavour = detect_flavour();
+    match open(device) {
+        Ok(kvm) => HostInfo {
+            flavour,
+            max_vcpus: (kvm.get_max_vcpus() as u32).min(crate::arch::x86_64::mptable::MAX_CPUS),
+            kvm_error: None,
+        },
+        Err(e) => HostInfo {
+            flavour,
+            max_vcpus: 0,
+            kvm_error: Some(e.to_string()),
+        },
     }
 }
 

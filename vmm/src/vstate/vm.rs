@@ -7,8 +7,8 @@ use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::memory::GuestMemory;
 use crate::arch::x86_64::layout::KVM_TSS_ADDRESS;
+use crate::memory::GuestMemory;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {

@@ -12,7 +12,7 @@ use linux_loader::loader::KernelLoader;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::layout::*;
-use crate::vstate::memory::GuestMemory;
+use crate::memory::GuestMemory;
 
 const PAGE_SIZE: u64 = 4096;
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -272,7 +272,7 @@ pub fn write_zero_page(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vstate::memory::create_guest_memory;
+    use crate::arch::x86_64::layout::create_guest_memory;
 
     #[test]
     fn zero_page_carries_cmdline_initrd_and_e820() {

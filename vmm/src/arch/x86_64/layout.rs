@@ -66,6 +66,18 @@ pub fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
     map
 }
 
+/// Guest RAM of `size` bytes, laid out in the regions `ram_regions` gives
+/// (below and above the 32-bit MMIO gap).
+pub fn create_guest_memory(
+    size: u64,
+) -> Result<crate::memory::GuestMemory, vm_memory::mmap::FromRangesError> {
+    let ranges: Vec<(vm_memory::GuestAddress, usize)> = ram_regions(size)
+        .into_iter()
+        .map(|(start, len)| (vm_memory::GuestAddress(start), len as usize))
+        .collect();
+    crate::memory::GuestMemory::from_ranges(&ranges)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{APIC_DEFAULT_PHYS_BASE, EBDA_START, HIMEM_START, IOAPIC_ADDR};
-use crate::vstate::memory::GuestMemory;
+use crate::memory::GuestMemory;
 
 /// Local APIC and IOAPIC versions KVM's in-kernel models report.
 const APIC_VERSION: u8 = 0x14;

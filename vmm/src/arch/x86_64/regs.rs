@@ -7,7 +7,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::gdt::{segment_from_gdt, BOOT_GDT, CODE_INDEX, DATA_INDEX, TSS_INDEX};
 use super::layout::*;
-use crate::vstate::memory::GuestMemory;
+use crate::memory::GuestMemory;
 
 const X86_CR0_PE: u64 = 0x1;
 const X86_CR0_PG: u64 = 0x8000_0000;

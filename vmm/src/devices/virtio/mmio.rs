@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{status, ActiveQueue, DeviceSignals, QueueSnapshot, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
-use crate::vstate::memory::GuestMemory;
+use crate::memory::GuestMemory;
 
 /// Each device's register window.
 pub const MMIO_WINDOW: u64 = 0x1000;

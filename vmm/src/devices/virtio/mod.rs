@@ -16,7 +16,7 @@ pub mod worker;
 use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::vstate::memory::GuestMemory;
+use crate::memory::GuestMemory;
 pub use signals::DeviceSignals;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;

@@ -16,7 +16,7 @@ use super::worker::{DeviceWorker, EventHandler};
 use super::{read_config_bytes, ActivateError, ActiveQueue, DeviceSignals, VirtioDevice};
 use super::{TYPE_BLOCK, VIRTIO_F_VERSION_1};
 use crate::devices::rate_limiter::{LimitConfig, RateLimiter};
-use crate::vstate::memory::GuestMemory;
+use crate::memory::GuestMemory;
 pub use request::SECTOR_SIZE;
 
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -189,6 +189,7 @@ const REQUEST_FRAMING: u64 = 17;
 impl BlockQueue {
     /// A queue of `block` served by calling `process` directly, with no
     /// worker thread (fuzzing and tests).
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn detached(
         block: &Block,
         mem: GuestMemory,

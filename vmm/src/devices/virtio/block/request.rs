@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::ID_BYTES;
 use crate::devices::virtio::chain;
-use crate::vstate::memory::GuestMemory;
+use crate::memory::GuestMemory;
 
 pub const SECTOR_SIZE: u64 = 512;
 const HEADER_LEN: u32 = 16;

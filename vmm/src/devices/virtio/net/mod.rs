@@ -24,7 +24,7 @@ use super::worker::{set_watching, DeviceWorker, EventHandler};
 use super::{read_config_bytes, ActivateError, ActiveQueue, DeviceSignals, VirtioDevice};
 use super::{TYPE_NET, VIRTIO_F_VERSION_1};
 use crate::devices::rate_limiter::{LimitConfig, RateLimiter};
-use crate::vstate::memory::GuestMemory;
+use crate::memory::GuestMemory;
 use tap::{Tap, VNET_HDR_LEN};
 
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
@@ -167,6 +167,7 @@ enum Delivery {
 impl NetQueues {
     /// Queues served by calling `receive` and `transmit` directly, with no
     /// worker thread (fuzzing and tests).
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn detached(
         mem: GuestMemory,
         rx: Queue,
@@ -191,6 +192,7 @@ impl NetQueues {
     }
 
     /// Frames lost so far (buffers too small or unreadable, a full tap).
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn dropped(&self) -> u64 {
         self.dropped
     }
@@ -393,19 +395,7 @@ impl EventHandler for NetQueues {
     }
 }
 
-/// Parses "52:54:00:12:34:56".
-pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
-    for byte in &mut mac {
-        let part = parts.next()?;
-        if part.len() != 2 {
-            return None;
-        }
-        *byte = u8::from_str_radix(part, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
+pub use berth_proto::vmm_process::config::parse_mac;
 
 #[cfg(test)]
 mod tests {

@@ -169,6 +169,7 @@ impl Tap {
 
     /// Any fd that reads and writes whole frames (a datagram socket) in
     /// place of a tap, unchecked: for fuzzing and tests.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn from_file_unchecked(file: File, name: &str) -> Tap {
         Tap {
             file,

@@ -1,5 +1,6 @@
 //! Files that must never be seen half-written: written to a temporary file
 //! beside the target, fsynced, renamed over it, and the directory fsynced.
+//! Both processes write their records this way.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};

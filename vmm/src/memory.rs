@@ -1,20 +1,14 @@
 //! Guest RAM: anonymous mappings with a dirty bitmap, so that what our own
 //! devices write is tracked next to KVM's dirty log (snapshots, migration).
 
-use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+//! It depends on no other module: the architecture lays it out
+//! (`arch::x86_64::layout::create_guest_memory`), devices, vCPUs and
+//! snapshots use it.
 
-use crate::arch::x86_64::layout::ram_regions;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::GuestMemoryMmap;
 
 pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
-
-pub fn create_guest_memory(size: u64) -> Result<GuestMemory, vm_memory::mmap::FromRangesError> {
-    let ranges: Vec<(GuestAddress, usize)> = ram_regions(size)
-        .into_iter()
-        .map(|(start, len)| (GuestAddress(start), len as usize))
-        .collect();
-    GuestMemory::from_ranges(&ranges)
-}
 
 /// Byte offsets of the pages set in one region's dirty bitmap (one bit per
 /// 4 KiB page, as `Vm::take_dirty` returns it), below `region_len`.

@@ -1,0 +1,171 @@
+//! The launcher: one way to bring up a VMM for a VM (boot, restore,
+//! reboot, restart and, through `spawn_recorded`, incoming migration):
+//! cgroup → confinement → spawn with its pid recorded before it may run →
+//! control socket answering → bridges, with one cleanup path when any step
+//! fails.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_proto::vmm_process::config::VmConfig;
+
+use super::{
+    attach_bridges, lock, nic_taps, now_ms, vmm_answers, ApiError, ApiResult, Manager, VmEntry,
+    KILL_WAIT, START_TIMEOUT,
+};
+use crate::store::VmState;
+use crate::vmm_proc::{Confinement, Launch, RestoreFrom, VmmProcess};
+
+impl Manager {
+    /// Spawns a VMM and records its pid and start time before it may run
+    /// (the start gate): an agent killed at any later point finds this VMM
+    /// at its next start instead of losing it. On an error no VMM runs:
+    /// one that was spawned has been ended.
+    pub(super) async fn spawn_recorded(
+        &self,
+        entry: &VmEntry,
+        config: &VmConfig,
+        cgroup_dirs: &[PathBuf],
+        how: Launch<'_>,
+        confinement: &Confinement<'_>,
+    ) -> ApiResult<VmmProcess> {
+        let binary = self.config.vmm_binary();
+        let mut process =
+            VmmProcess::spawn(&binary, &entry.dir, config, cgroup_dirs, how, confinement).map_err(
+                |e| ApiError::Unavailable(format!("cannot start {}: {e}", binary.display())),
+            )?;
+        let recorded = {
+            let mut inner = lock(&entry.inner);
+            inner.record.pid = process.pid;
+            inner.record.proc_start_ticks = process.start_ticks;
+            self.store.save_record(&entry.dir, &inner.record)
+        };
+        let gated = recorded.map_err(|e| e.to_string()).and_then(|()| {
+            process
+                .open_gate()
+                .map_err(|e| format!("cannot let it start: {e}"))
+        });
+        if let Err(e) = gated {
+            process.kill();
+            let _ = process.wait_exit(&entry.dir, KILL_WAIT).await;
+            let mut inner = lock(&entry.inner);
+            inner.record.pid = 0;
+            inner.record.proc_start_ticks = 0;
+            return Err(ApiError::Internal(format!(
+                "cannot record the VMM's pid ({e}); it was ended"
+            )));
+        }
+        Ok(process)
+    }
+
+    /// Spawns the VMM (booting, or restoring from a snapshot) and waits until its control socket answers.
+    pub(super) async fn launch_from(
+        &self,
+        entry: &Arc<VmEntry>,
+        why: &str,
+        restore: Option<RestoreFrom<'_>>,
+    ) -> ApiResult<()> {
+        let (mut config, spec) = {
+            let mut inner = lock(&entry.inner);
+            if inner.record.state != VmState::Starting {
+                self.transition(entry, &mut inner, VmState::Starting, why)?;
+            }
+            (
+                inner
+                    .spec
+                    .vmm_config(&entry.dir.console_log(), self.config.console_log_max_bytes),
+                inner.spec.clone(),
+            )
+        };
+        let cgroup_dirs = match self.prepare_cgroup(&spec) {
+            Ok(dirs) => dirs,
+            Err(e) => {
+                self.abort_launch(entry, None, e.to_string()).await?;
+                return Err(e);
+            }
+        };
+        let taps = nic_taps(&spec, restore.as_ref().map_or(&[][..], |r| r.taps));
+        let confinement = match self.confine(
+            entry,
+            &spec,
+            &mut config,
+            restore.as_ref().map(|r| r.snapshot),
+            taps,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                self.abort_launch(entry, None, e.to_string()).await?;
+                return Err(e);
+            }
+        };
+        let how = restore.map_or(Launch::Boot, Launch::Restore);
+        let mut process = match self
+            .spawn_recorded(entry, &config, &cgroup_dirs, how, &confinement)
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                self.abort_launch(entry, None, e.message().to_string())
+                    .await?;
+                return Err(e);
+            }
+        };
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(exit) = process.exited(&entry.dir) {
+                let message = format!("the VMM exited while starting: {}", exit.reason);
+                self.abort_launch(entry, None, exit.reason).await?;
+                return Err(ApiError::FailedPrecondition(message));
+            }
+            if vmm_answers(&entry.dir).await {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let message =
+                    "the VMM did not answer on its control socket in time; killed".to_string();
+                self.abort_launch(entry, Some(process), message.clone())
+                    .await?;
+                return Err(ApiError::Unavailable(message));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The VMM made the taps; put each into its bridge, if it names one.
+        if let Err(message) = attach_bridges(&spec) {
+            self.abort_launch(entry, Some(process), message.clone())
+                .await?;
+            return Err(ApiError::Unavailable(message));
+        }
+        let mut inner = lock(&entry.inner);
+        inner.record.pid = process.pid;
+        inner.record.proc_start_ticks = process.start_ticks;
+        inner.record.started_at_ms = now_ms();
+        inner.process = Some(process);
+        let state = match restore {
+            Some(RestoreFrom { paused: true, .. }) => VmState::Paused,
+            _ => VmState::Running,
+        };
+        self.transition(entry, &mut inner, state, why)
+    }
+
+    /// The one way out of a launch that failed at any step: its VMM (if
+    /// one was spawned) ended, its cgroup released, the VM Crashed with
+    /// why. Nothing of the attempt is left behind.
+    pub(super) async fn abort_launch(
+        &self,
+        entry: &VmEntry,
+        process: Option<VmmProcess>,
+        why: String,
+    ) -> ApiResult<()> {
+        if let Some(mut process) = process {
+            process.kill();
+            let _ = process.wait_exit(&entry.dir, KILL_WAIT).await;
+        }
+        let mut inner = lock(&entry.inner);
+        self.release_cgroup(&inner.spec.id);
+        inner.record.pid = 0;
+        inner.record.proc_start_ticks = 0;
+        inner.record.last_exit = why.clone();
+        self.transition(entry, &mut inner, VmState::Crashed, &why)
+    }
+}

@@ -1,0 +1,64 @@
+//! How a VMM ended, for a supervisor that is not its parent: berth-vmm
+//! writes `{"code": .., "reason": ".."}` to its `--exit-file` (atomically)
+//! as its last act; the agent reads it after the process is gone.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::files::write_atomic;
+
+/// The status berth-vmm's SIGSYS handler exits with when a thread made a
+/// system call its seccomp filter forbids. It leaves no exit record: the
+/// handler may not do file I/O.
+pub const SECCOMP_EXIT_STATUS: i32 = 159;
+
+/// The exit codes berth-vmm uses.
+pub mod code {
+    /// The guest reset or shut down, or the VMM was stopped by SIGTERM/SIGINT.
+    pub const CLEAN: i32 = 0;
+    /// An error before the guest ran (bad config, jail, cgroup, gate).
+    pub const NOT_STARTED: i32 = 1;
+    /// The VMM could not continue the guest (internal error, triple fault).
+    pub const GUEST_FAILED: i32 = 2;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    pub code: i32,
+    pub reason: String,
+}
+
+impl ExitRecord {
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let mut text = serde_json::to_vec(self).expect("plain data serialises");
+        text.push(b'\n');
+        write_atomic(path, &text)
+    }
+
+    /// The record at `path`; None when there is none or it is not one.
+    pub fn read(path: &Path) -> Option<ExitRecord> {
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_reads_back_and_a_torn_one_reads_as_none() {
+        let dir = std::env::temp_dir().join(format!("berth-exit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("exit.json");
+        let record = ExitRecord {
+            code: code::GUEST_FAILED,
+            reason: "triple fault \"here\"".into(),
+        };
+        record.write(&path).unwrap();
+        assert_eq!(ExitRecord::read(&path), Some(record));
+        std::fs::write(&path, b"{\"code\": 1, \"rea").unwrap();
+        assert_eq!(ExitRecord::read(&path), None);
+        assert_eq!(ExitRecord::read(&dir.join("missing")), None);
+    }
+}
