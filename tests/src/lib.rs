@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod cpio;
+pub mod first_run;
 pub mod harness;
 pub mod net;
 
@@ -63,8 +64,28 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// berth-vmm as the tests need it: with its fault hooks (feature
+/// `test-hooks`), which `cargo build --workspace` / `cargo test --workspace`
+/// turn on through this crate. A `cargo build -p berth-vmm` since then
+/// replaced it with one without them, which the hook tests cannot use.
 pub fn vmm_binary() -> PathBuf {
-    binary("berth-vmm")
+    static CHECKED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    CHECKED
+        .get_or_init(|| {
+            let path = binary("berth-vmm");
+            let hooks = std::process::Command::new("grep")
+                .args(["-qa", "BERTH_TEST_MIGRATION_FAULT"])
+                .arg(&path)
+                .status()
+                .expect("grep");
+            assert!(
+                hooks.success(),
+                "{} was built without its test hooks (feature test-hooks): run `cargo build --workspace` (or `cargo test --workspace`) before these tests",
+                path.display()
+            );
+            path
+        })
+        .clone()
 }
 
 /// Where slow artefacts are cached, outside the repo (same rule as

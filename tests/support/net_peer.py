@@ -30,7 +30,10 @@ def main():
             if addr[2] == socket.PACKET_OUTGOING:
                 continue
             payload = data[14:].rstrip(b"\0").decode("ascii", "replace")
-            print(f"RECV src={mac(data[6:12])} dst={mac(data[:6])} len={len(data)} payload={payload}", flush=True)
+            print(
+                f"RECV src={mac(data[6:12])} dst={mac(data[:6])} len={len(data)} payload={payload}",
+                flush=True,
+            )
 
     threading.Thread(target=receive, daemon=True).start()
     print("READY", flush=True)
