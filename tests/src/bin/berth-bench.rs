@@ -996,9 +996,22 @@ fn report_pair(what: &str, unit: &str, a: (&str, Vec<f64>), b: (&str, Vec<f64>))
     ratio
 }
 
+/// Milliseconds from the VMM's execve to its first KVM_RUN (under strace).
+fn exec_to_first_run_ms(peer: Peer, vmm: &Path, probe: &Path) -> f64 {
+    let trace = std::env::temp_dir().join(format!("berth-bench-trace-{}", std::process::id()));
+    let cmd = berth_tests::first_run::traced(&peer.command(vmm, probe, "boot"), &trace);
+    time_boot(cmd);
+    let text = std::fs::read_to_string(&trace).expect("strace wrote its trace");
+    let _ = std::fs::remove_file(&trace);
+    let span = berth_tests::first_run::exec_to_first_run(&text)
+        .unwrap_or_else(|| panic!("no execve then KVM_RUN in the trace of {peer:?}"));
+    span * 1e3
+}
+
 fn bench_boot() {
     let vmm = release_vmm();
     let probe = probe_elf();
+    let mut to_run = [Vec::new(), Vec::new()];
     let mut first = [Vec::new(), Vec::new()];
     let mut done = [Vec::new(), Vec::new()];
     let mut rss = [Vec::new(), Vec::new()];
@@ -1012,8 +1025,11 @@ fn bench_boot() {
             first[i].push(f.as_secs_f64() * 1e3);
             done[i].push(d.as_secs_f64() * 1e3);
             rss[i].push(rss_overhead_kib(peer.command(&vmm, &probe, "echo")) as f64 / 1024.0);
+            to_run[i].push(exec_to_first_run_ms(peer, &vmm, &probe));
         }
     }
+    let [bt, qt] = to_run;
+    let to_run_ratio = report("execve -> first KVM_RUN", "ms", bt, qt);
     let [bf, qf] = first;
     let [bd, qd] = done;
     let [br, qr] = rss;
@@ -1024,6 +1040,8 @@ fn bench_boot() {
     println!("METRIC boot.first_byte_ratio {first_ratio:.3}");
     println!("METRIC boot.done_ratio {done_ratio:.3}");
     println!("METRIC boot.rss_overhead_mib {berth_rss:.2}");
+    println!("(execve -> first KVM_RUN is timed under strace, for both alike: what each VMM costs before guest code runs)");
+    println!("METRIC boot.to_first_run_ratio {to_run_ratio:.3}");
 }
 
 /// Boot with the jail and seccomp on (as the agent runs every VMM) against
