@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use berth_proto::vmm_process::files::write_atomic;
+pub use berth_proto::vmm_process::migration::MigrationPhase;
 use serde::{Deserialize, Serialize};
 
 use crate::spec::VmSpec;
@@ -97,7 +98,27 @@ impl VmRecord {
     pub fn migrates_out(&self) -> bool {
         self.migration
             .as_ref()
-            .is_some_and(|m| m.direction == "out")
+            .is_some_and(|m| m.direction == MigrationDirection::Out)
+    }
+}
+
+/// Which end of a migration this node is; stored as "out" / "in".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationDirection {
+    /// This node is the source (the record's default: a source's status
+    /// poll fills in a record it has not got yet).
+    #[default]
+    Out,
+    In,
+}
+
+impl MigrationDirection {
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationDirection::Out => "out",
+            MigrationDirection::In => "in",
+        }
     }
 }
 
@@ -106,11 +127,10 @@ impl VmRecord {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MigrationRecord {
-    /// "out" or "in".
-    pub direction: String,
-    /// The VMM's phase: connecting, precopy, switchover, completed, failed,
-    /// cancelled, unknown; "receiving" for an incoming one not yet handed over.
-    pub phase: String,
+    pub direction: MigrationDirection,
+    /// The source VMM's phase; `Receiving` for an incoming one not yet
+    /// handed over.
+    pub phase: MigrationPhase,
     /// The other end: the destination VMM's address (out), or the address
     /// this node listened on (in).
     pub peer: String,

@@ -8,12 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_proto::common::Empty;
+use berth_proto::vmm_process::migration::MigrationPhase;
 
 use super::{
     internal, lock, nic_taps, now_ms, ApiError, ApiResult, Manager, VmEntry, VmInner, VmView,
 };
 use crate::spec::VmSpec;
-use crate::store::{MigrationRecord, VmRecord, VmState};
+use crate::store::{MigrationDirection, MigrationRecord, VmRecord, VmState};
 use crate::vmm_proc::{self, IncomingFrom, Launch};
 
 const WATCH_EVERY: Duration = Duration::from_millis(100);
@@ -87,7 +88,7 @@ pub fn rename_taps(spec: &mut VmSpec, taps: &[(String, String)]) -> ApiResult<()
 }
 
 fn record_from_vmm(r: &mut MigrationRecord, s: &berth_proto::vmm::MigrationStatus) {
-    r.phase = s.phase.clone();
+    r.phase = MigrationPhase::from_name(&s.phase);
     r.iteration = s.iteration;
     r.bytes_sent = s.bytes_sent;
     r.dirty_rate_bytes_per_s = s.dirty_rate_bytes_per_s;
@@ -183,8 +184,8 @@ impl Manager {
         });
         self.admit(entry, "incoming migration", |r| {
             r.migration = Some(MigrationRecord {
-                direction: "in".into(),
-                phase: "receiving".into(),
+                direction: MigrationDirection::In,
+                phase: MigrationPhase::Receiving,
                 started_at_ms: now_ms(),
                 ..Default::default()
             })
@@ -278,7 +279,7 @@ impl Manager {
                     .map(|m| m.started_at_ms)
                     .unwrap_or_default();
                 if let Some(m) = inner.record.migration.as_mut() {
-                    m.phase = "completed".into();
+                    m.phase = MigrationPhase::Completed;
                     m.total_ms = now_ms().saturating_sub(started);
                 }
                 let _ = self.transition(&entry, &mut inner, VmState::Running, "migrated in");
@@ -366,7 +367,7 @@ impl Manager {
         let record = {
             let mut inner = lock(&entry.inner);
             let mut record = MigrationRecord {
-                direction: "out".into(),
+                direction: MigrationDirection::Out,
                 peer: address.to_string(),
                 started_at_ms: now_ms(),
                 ..Default::default()
@@ -391,7 +392,7 @@ impl Manager {
     /// Follows the source VMM's migration to its end, reporting progress.
     async fn watch_outgoing(self: Arc<Self>, entry: Arc<VmEntry>) {
         let op = entry.op.lock().await;
-        let mut reported = (String::new(), u32::MAX);
+        let mut reported: Option<(MigrationPhase, u32)> = None;
         let mut last_event = std::time::Instant::now();
         loop {
             tokio::time::sleep(WATCH_EVERY).await;
@@ -420,23 +421,23 @@ impl Manager {
                 record_from_vmm(record, &status);
                 (record.clone(), inner.spec.id.clone())
             };
-            let now = (record.phase.clone(), record.iteration);
-            if now != reported || last_event.elapsed() >= Duration::from_millis(500) {
+            let now = (record.phase, record.iteration);
+            if Some(now) != reported || last_event.elapsed() >= Duration::from_millis(500) {
                 self.emit(
                     &id,
                     "migration",
                     VmState::Migrating,
                     &progress_line(&record),
                 );
-                reported = now;
+                reported = Some(now);
                 last_event = std::time::Instant::now();
             }
-            match record.phase.as_str() {
-                "completed" => {
+            match record.phase {
+                MigrationPhase::Completed => {
                     self.finish_outgoing(&entry, &record).await;
                     return;
                 }
-                "failed" | "cancelled" => {
+                MigrationPhase::Failed | MigrationPhase::Cancelled => {
                     let mut inner = lock(&entry.inner);
                     let message = format!(
                         "migration to {} {}: {}; the VM runs here",
@@ -445,7 +446,7 @@ impl Manager {
                     let _ = self.transition(&entry, &mut inner, VmState::Running, &message);
                     return;
                 }
-                "unknown" => {
+                MigrationPhase::Unknown => {
                     let mut inner = lock(&entry.inner);
                     let message = format!(
                         "migration to {}: outcome unknown ({}); the VM is paused here and may run on the destination: check it before resuming or stopping this one",
@@ -512,7 +513,7 @@ impl Manager {
         if let Some(peer) = exit.reason.strip_prefix("migrated to ") {
             let peer = peer.to_string();
             if let Some(m) = inner.record.migration.as_mut() {
-                m.phase = "completed".into();
+                m.phase = MigrationPhase::Completed;
             }
             self.release_cgroup(&inner.spec.id);
             let message = format!("migrated to {peer} while the agent was away");

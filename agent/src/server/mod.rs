@@ -245,8 +245,8 @@ pub fn state_to_pb(s: VmState) -> pb::VmState {
 fn migration_to_pb(id: &str, m: crate::store::MigrationRecord) -> pb::MigrationInfo {
     pb::MigrationInfo {
         id: id.to_string(),
-        direction: m.direction,
-        phase: m.phase,
+        direction: m.direction.name().into(),
+        phase: m.phase.name().into(),
         peer: m.peer,
         started_at_ms: m.started_at_ms,
         iteration: m.iteration,

@@ -11,6 +11,7 @@ pub mod exit;
 pub mod files;
 pub mod host;
 pub mod launch;
+pub mod migration;
 pub mod snapshot;
 
 /// Milliseconds since the Unix epoch, as every record and reply carries

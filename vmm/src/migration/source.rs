@@ -53,41 +53,8 @@ impl Params {
     pub const DEFAULT_MAX_ITERATIONS: u32 = 30;
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    Connecting,
-    Precopy,
-    Switchover,
-    /// The destination runs the VM; this VMM is about to exit.
-    Completed,
-    /// Failed or cancelled before the handover: the VM runs here again.
-    Failed,
-    Cancelled,
-    /// Go was sent but the destination could not be asked whether it ran
-    /// the VM: the VM stays paused here until someone who knows decides.
-    Unknown,
-}
-
-impl Phase {
-    pub fn name(self) -> &'static str {
-        match self {
-            Phase::Connecting => "connecting",
-            Phase::Precopy => "precopy",
-            Phase::Switchover => "switchover",
-            Phase::Completed => "completed",
-            Phase::Failed => "failed",
-            Phase::Cancelled => "cancelled",
-            Phase::Unknown => "unknown",
-        }
-    }
-
-    pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            Phase::Completed | Phase::Failed | Phase::Cancelled | Phase::Unknown
-        )
-    }
-}
+/// The contract's phase names, which `GetMigration` reports.
+pub use berth_proto::vmm_process::migration::MigrationPhase as Phase;
 
 #[derive(Clone, Debug)]
 pub struct Progress {
