@@ -801,7 +801,9 @@ impl Manager {
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
         let entry = self.entry(id)?;
         let dir = entry.dir.snapshots().join(name);
-        let exists = dir.join("state.json").exists();
+        let exists = dir
+            .join(berth_proto::vmm_process::snapshot::STATE_FILE)
+            .exists();
         let progress = berth_proto::vmm_process::snapshot::read_progress(&dir);
         let active = progress.is_some();
         let p = progress.unwrap_or_default();

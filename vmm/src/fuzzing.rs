@@ -552,7 +552,8 @@ fn state_text(mode: u8, rest: &[u8]) -> Vec<u8> {
         return rest.to_vec();
     }
     const PLACEHOLDER: &[u8] = b"\"@VENDOR@\"";
-    let vendor = serde_json::to_vec(&snapshot::host_cpu_vendor()).expect("a string");
+    let vendor =
+        serde_json::to_vec(&berth_proto::vmm_process::host::cpu_vendor()).expect("a string");
     let mut body = Vec::with_capacity(rest.len());
     let mut i = 0;
     while i < rest.len() {
@@ -573,7 +574,7 @@ fn with_valid_header(body: &[u8]) -> Vec<u8> {
         "{} {} berth=fuzz vendor={} model=\"fuzz\" kvm=\"fuzz\" checksum={:016x}\n",
         snapshot::MAGIC,
         snapshot::FORMAT_VERSION,
-        snapshot::host_cpu_vendor(),
+        berth_proto::vmm_process::host::cpu_vendor(),
         snapshot::fnv1a(body)
     )
     .into_bytes();

@@ -136,9 +136,8 @@ impl Manager {
                 .await?;
             return Err(ApiError::Unavailable(message));
         }
+        // spawn_recorded has put the pid and start time in the record.
         let mut inner = lock(&entry.inner);
-        inner.record.pid = process.pid;
-        inner.record.proc_start_ticks = process.start_ticks;
         inner.record.started_at_ms = now_ms();
         inner.process = Some(process);
         let state = match restore {

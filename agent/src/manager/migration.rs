@@ -227,9 +227,8 @@ impl Manager {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
+        // spawn_recorded has put the pid and start time in the record.
         let mut inner = lock(&entry.inner);
-        inner.record.pid = process.pid;
-        inner.record.proc_start_ticks = process.start_ticks;
         inner.record.started_at_ms = now_ms();
         inner.process = Some(process);
         if let Some(m) = inner.record.migration.as_mut() {

@@ -96,12 +96,6 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
     move |source| BuildError::Kvm { what, source }
 }
 
-/// Host RAM in MiB, from /proc/meminfo, read once (the jail reads it
-/// before a jailed VMM loses /proc/meminfo).
-pub fn host_memory_mib() -> Option<u64> {
-    berth_proto::vmm_process::host::memory_mib()
-}
-
 /// A VM ready to run: memory loaded, devices wired, vCPUs configured.
 pub struct Vmm {
     // Owns guest memory and the VM fd; must outlive the vCPU threads.
@@ -176,7 +170,7 @@ fn build_vm(
             why: "one-byte APIC ids in the MP table",
         });
     }
-    if let Some(host) = host_memory_mib() {
+    if let Some(host) = berth_proto::vmm_process::host::memory_mib() {
         if config.memory_mib > host {
             return Err(BuildError::MemoryTooLarge {
                 requested: config.memory_mib,

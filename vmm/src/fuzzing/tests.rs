@@ -598,7 +598,7 @@ fn decode(text: &[u8]) -> Result<VmSnapshot, snapshot::SnapshotError> {
 fn snapshot_state_files_are_checked_before_use() {
     use crate::snapshot::SnapshotError as E;
     use berth_proto::vmm_process::snapshot::HeaderError as H;
-    let host = snapshot::host_cpu_vendor();
+    let host = berth_proto::vmm_process::host::cpu_vendor();
     let good = snapshot::encode_state(&sample_state(&host, 1));
     assert!(decode(&good).is_ok());
     snapshot_state(&[[0].as_slice(), &good].concat());
@@ -652,7 +652,7 @@ fn snapshot_memory_layouts_that_cannot_be_mapped_are_refused() {
         .unwrap()
         .set_len(SNAPSHOT_MEMORY)
         .unwrap();
-    let host = snapshot::host_cpu_vendor();
+    let host = berth_proto::vmm_process::host::cpu_vendor();
     let mut state = sample_state(&host, 0);
     assert!(snapshot::load_memory(&dir, &state).is_ok());
     for (what, regions) in [

@@ -96,8 +96,8 @@ pub fn enter(config: &JailConfig) -> Result<(), JailError> {
     let last_cap = last_capability();
     // Host facts the VMM reports later, read while /proc and /sys are here.
     crate::vstate::kvm::detect_flavour();
-    crate::snapshot::host_cpuinfo();
-    crate::builder::host_memory_mib();
+    berth_proto::vmm_process::host::cpuinfo();
+    berth_proto::vmm_process::host::memory_mib();
     for name in &config.taps {
         crate::devices::virtio::net::tap::preopen(name).map_err(|source| JailError::Tap {
             name: name.clone(),

@@ -140,7 +140,7 @@ impl Incoming {
         if SystemTime::now() >= self.expires {
             return Err(refuse(&mut conn, "the migration token has expired".into()));
         }
-        let here = crate::snapshot::host_cpu_vendor();
+        let here = berth_proto::vmm_process::host::cpu_vendor();
         if hello.cpu_vendor != here {
             return Err(refuse(
                 &mut conn,

@@ -292,8 +292,8 @@ impl Sender<'_> {
         let hello = protocol::Hello {
             token: self.params.token.clone(),
             berth_version: env!("CARGO_PKG_VERSION").into(),
-            cpu_vendor: crate::snapshot::host_cpu_vendor(),
-            cpu_model: crate::snapshot::host_cpu_model(),
+            cpu_vendor: berth_proto::vmm_process::host::cpu_vendor(),
+            cpu_model: berth_proto::vmm_process::host::cpu_model(),
             cpu_features: crate::arch::x86_64::cpuid::feature_words(
                 machine
                     .guest_cpuids

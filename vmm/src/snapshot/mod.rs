@@ -67,22 +67,6 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Snapsho
     move |source| SnapshotError::Io { what, path, source }
 }
 
-/// /proc/cpuinfo, read once: a jailed VMM's /proc no longer has it, so
-/// the jail reads it before it enters.
-pub fn host_cpuinfo() -> &'static str {
-    berth_proto::vmm_process::host::cpuinfo()
-}
-
-/// The host CPU's vendor string (GenuineIntel, AuthenticAMD).
-pub fn host_cpu_vendor() -> String {
-    berth_proto::vmm_process::host::cpu_vendor()
-}
-
-/// The host CPU's model name.
-pub fn host_cpu_model() -> String {
-    berth_proto::vmm_process::host::cpu_model()
-}
-
 /// A snapshot being written: its temporary directory and memory file.
 pub struct Writer {
     dir: PathBuf,
@@ -312,7 +296,7 @@ pub fn decode_state(path: &Path, text: &[u8]) -> Result<VmSnapshot, SnapshotErro
         path: path.to_owned(),
         message: e.to_string(),
     })?;
-    let here = host_cpu_vendor();
+    let here = berth_proto::vmm_process::host::cpu_vendor();
     if state.cpu_vendor != here || header.cpu_vendor != here {
         return Err(HeaderError::CpuVendor {
             taken: state.cpu_vendor.clone(),
