@@ -1,15 +1,19 @@
 //! `nodectl image ...`: the node's image store.
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use berth_proto::image as pb;
 use berth_proto::image_ttrpc::ImageServiceClient;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
+use crate::agent::ctx;
+use crate::args::parse_labels;
+use crate::failure::{fail, from_ttrpc, Failure};
 use crate::progress::Progress;
-use crate::{ctx, fail, from_ttrpc, parse_labels, print_table, Failure};
+use crate::render::json::image_json;
+use crate::render::table::{print_fields, print_table};
 
 const CHUNK: usize = 1 << 20;
 
@@ -49,28 +53,13 @@ pub enum ImageCmd {
     Remove { name: String },
 }
 
-fn image_json(i: &pb::Image) -> Value {
-    json!({
-        "name": i.name, "kind": i.kind, "digest": i.digest, "size_bytes": i.size_bytes,
-        "disk_bytes": i.disk_bytes, "labels": i.labels, "created_at_ms": i.created_at_ms,
-        "source_format": i.source_format, "source_digest": i.source_digest, "source": i.source,
-        "path": i.path, "used_by": i.used_by, "copies": i.copies,
-    })
-}
-
 fn print_image(i: &pb::Image, json: bool) {
     let v = image_json(i);
     if json {
         println!("{v}");
         return;
     }
-    for (key, value) in v.as_object().unwrap() {
-        let text = match value {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        println!("{key:<14} {text}");
-    }
+    print_fields(&v, 14);
 }
 
 pub async fn run(images: ImageServiceClient, cmd: ImageCmd, json: bool) -> Result<(), Failure> {
@@ -84,92 +73,24 @@ pub async fn run(images: ImageServiceClient, cmd: ImageCmd, json: bool) -> Resul
             format,
             on_node,
         } => {
-            let mut header = pb::ImportImageHeader {
-                name: name.clone(),
+            let header = pb::ImportImageHeader {
+                name,
                 kind,
                 labels: parse_labels(&labels)?,
                 expected_digest: digest.unwrap_or_default(),
                 format: format.unwrap_or_default(),
                 ..Default::default()
             };
-            // The bytes come from here unless the agent reads the file itself.
-            let local = if on_node {
-                header.path = file.display().to_string();
-                None
-            } else {
-                let f = std::fs::File::open(&file)
-                    .map_err(|e| fail(2, format!("cannot read {}: {e}", file.display())))?;
-                header.size_bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
-                Some(f)
-            };
-            let total = header.size_bytes;
-            let mut stream = images.import(ctx()).await.map_err(from_ttrpc)?;
-            stream
-                .send(&pb::ImageChunk {
-                    header: protobuf::MessageField::some(header),
-                    ..Default::default()
-                })
-                .await
-                .map_err(from_ttrpc)?;
-            if let Some(mut f) = local {
-                let mut bar = Progress::new(format!("importing {name}"), total, json);
-                let mut sent = 0u64;
-                let mut buf = vec![0u8; CHUNK];
-                loop {
-                    let n = f
-                        .read(&mut buf)
-                        .map_err(|e| fail(1, format!("reading {}: {e}", file.display())))?;
-                    if n == 0 {
-                        break;
-                    }
-                    stream
-                        .send(&pb::ImageChunk {
-                            data: buf[..n].to_vec(),
-                            ..Default::default()
-                        })
-                        .await
-                        .map_err(from_ttrpc)?;
-                    sent += n as u64;
-                    bar.update(sent);
-                }
-                bar.finish(sent);
-            }
-            let image = stream.close_and_recv().await.map_err(from_ttrpc)?;
-            print_image(&image, json);
+            import(&images, header, &file, on_node, json).await
         }
-        ImageCmd::List { labels, kind } => {
-            let req = pb::ListImagesRequest {
-                labels: parse_labels(&labels)?,
-                kind: kind.unwrap_or_default(),
-                ..Default::default()
-            };
-            let list = images.list(ctx(), &req).await.map_err(from_ttrpc)?;
-            if json {
-                let all: Vec<Value> = list.images.iter().map(image_json).collect();
-                println!("{}", Value::Array(all));
-                return Ok(());
-            }
-            let mut rows = vec![["NAME", "KIND", "DIGEST", "SIZE", "FROM", "USED BY"]
-                .map(String::from)
-                .to_vec()];
-            for i in &list.images {
-                rows.push(vec![
-                    i.name.clone(),
-                    i.kind.clone(),
-                    i.digest.chars().take(19).collect(),
-                    format!("{} MiB", i.size_bytes.div_ceil(1 << 20)),
-                    i.source_format.clone(),
-                    i.used_by.join(","),
-                ]);
-            }
-            print_table(rows);
-        }
+        ImageCmd::List { labels, kind } => list(&images, &labels, kind, json).await,
         ImageCmd::Show { name } => {
             let req = pb::ImageRef {
                 name,
                 ..Default::default()
             };
             print_image(&images.get(ctx(), &req).await.map_err(from_ttrpc)?, json);
+            Ok(())
         }
         ImageCmd::Remove { name } => {
             let req = pb::ImageRef {
@@ -182,7 +103,98 @@ pub async fn run(images: ImageServiceClient, cmd: ImageCmd, json: bool) -> Resul
             } else {
                 println!("removed image {name}");
             }
+            Ok(())
         }
     }
+}
+
+/// Streams `file` to the agent behind `header`, or with `on_node` lets the
+/// agent read it itself; prints the stored image.
+async fn import(
+    images: &ImageServiceClient,
+    mut header: pb::ImportImageHeader,
+    file: &Path,
+    on_node: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    let name = header.name.clone();
+    // The bytes come from here unless the agent reads the file itself.
+    let local = if on_node {
+        header.path = file.display().to_string();
+        None
+    } else {
+        let f = std::fs::File::open(file)
+            .map_err(|e| fail(2, format!("cannot read {}: {e}", file.display())))?;
+        header.size_bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
+        Some(f)
+    };
+    let total = header.size_bytes;
+    let mut stream = images.import(ctx()).await.map_err(from_ttrpc)?;
+    stream
+        .send(&pb::ImageChunk {
+            header: protobuf::MessageField::some(header),
+            ..Default::default()
+        })
+        .await
+        .map_err(from_ttrpc)?;
+    if let Some(mut f) = local {
+        let mut bar = Progress::new(format!("importing {name}"), total, json);
+        let mut sent = 0u64;
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = f
+                .read(&mut buf)
+                .map_err(|e| fail(1, format!("reading {}: {e}", file.display())))?;
+            if n == 0 {
+                break;
+            }
+            stream
+                .send(&pb::ImageChunk {
+                    data: buf[..n].to_vec(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(from_ttrpc)?;
+            sent += n as u64;
+            bar.update(sent);
+        }
+        bar.finish(sent);
+    }
+    let image = stream.close_and_recv().await.map_err(from_ttrpc)?;
+    print_image(&image, json);
+    Ok(())
+}
+
+async fn list(
+    images: &ImageServiceClient,
+    labels: &[String],
+    kind: Option<String>,
+    json: bool,
+) -> Result<(), Failure> {
+    let req = pb::ListImagesRequest {
+        labels: parse_labels(labels)?,
+        kind: kind.unwrap_or_default(),
+        ..Default::default()
+    };
+    let list = images.list(ctx(), &req).await.map_err(from_ttrpc)?;
+    if json {
+        let all: Vec<Value> = list.images.iter().map(image_json).collect();
+        println!("{}", Value::Array(all));
+        return Ok(());
+    }
+    let mut rows = vec![["NAME", "KIND", "DIGEST", "SIZE", "FROM", "USED BY"]
+        .map(String::from)
+        .to_vec()];
+    for i in &list.images {
+        rows.push(vec![
+            i.name.clone(),
+            i.kind.clone(),
+            i.digest.chars().take(19).collect(),
+            format!("{} MiB", i.size_bytes.div_ceil(1 << 20)),
+            i.source_format.clone(),
+            i.used_by.join(","),
+        ]);
+    }
+    print_table(rows);
     Ok(())
 }
