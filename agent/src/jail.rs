@@ -7,63 +7,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use berth_proto::vmm_process::launch::VmmArgs;
-use serde::Deserialize;
 
+pub use crate::config::JailSettings;
 use crate::store::VmDir;
-
-/// The `[jail]` section of the agent config.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct JailSettings {
-    /// Jail every VMM. Off is for debugging only, and the agent says so
-    /// loudly at start and on every VM start.
-    pub enabled: bool,
-    /// Seccomp filters in every VMM (off: debugging only, also loud).
-    pub seccomp: bool,
-    /// VMs run as uid = gid = first_uid + slot, slot < uid_count.
-    pub first_uid: u32,
-    pub uid_count: u32,
-    /// RLIMIT_NOFILE of a VMM.
-    pub max_open_files: u64,
-    /// Let a VMM dump core (a core holds guest memory).
-    pub core_dumps: bool,
-}
-
-impl Default for JailSettings {
-    fn default() -> Self {
-        JailSettings {
-            enabled: true,
-            seccomp: true,
-            first_uid: 300_000,
-            uid_count: 10_000,
-            max_open_files: 4096,
-            core_dumps: false,
-        }
-    }
-}
-
-impl JailSettings {
-    pub fn owns_uid(&self, uid: u32) -> bool {
-        uid >= self.first_uid && uid - self.first_uid < self.uid_count && uid != 0
-    }
-
-    /// The lowest uid of the range that `used` does not hold.
-    pub fn free_uid(&self, used: &[u32]) -> Option<u32> {
-        (0..self.uid_count)
-            .filter_map(|slot| self.first_uid.checked_add(slot))
-            .find(|uid| *uid != 0 && !used.contains(uid))
-    }
-
-    pub fn check(&self) -> Result<(), String> {
-        if self.first_uid == 0 || self.uid_count == 0 {
-            return Err("jail.first_uid and jail.uid_count must be positive".into());
-        }
-        if self.first_uid.checked_add(self.uid_count).is_none() {
-            return Err("jail.first_uid + jail.uid_count overflows a uid".into());
-        }
-        Ok(())
-    }
-}
 
 /// What one VMM's jail holds.
 #[derive(Debug, Default)]

@@ -16,6 +16,7 @@ pub mod images;
 pub mod jail;
 pub mod manager;
 pub mod metrics;
+pub mod names;
 pub mod notify;
 pub mod root_lock;
 pub mod server;

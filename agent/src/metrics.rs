@@ -190,7 +190,12 @@ pub fn render(manager: &Manager, api: &ApiMetrics) -> String {
     let u_tx = family!("vm_usage_net_tx_bytes", "Bytes sent since the VM was created", Family<VmLabels, Counter>);
 
     let mut by_state: HashMap<&str, i64> = HashMap::new();
-    for (spec, vm_state, r) in manager.reports() {
+    for crate::manager::VmReport {
+        spec,
+        state: vm_state,
+        report: r,
+    } in manager.reports()
+    {
         let vm = VmLabels {
             vm: spec.id.clone(),
         };

@@ -285,7 +285,7 @@ fn check_source(
             format!("{field}.{path_field}"),
             format!("one of {path_field} and {image_field} is needed"),
         )),
-        (false, false) if !crate::images::is_digest(image) => {
+        (false, false) if !crate::names::is_digest(image) => {
             check_name(&format!("{field}.{image_field}"), image)
         }
         _ => Ok(()),
@@ -322,8 +322,8 @@ impl VmSpec {
 
     /// The images a spec names, with the field naming each and the kind
     /// it must be.
-    pub fn image_refs(&self) -> Vec<(String, &str, crate::images::ImageKind)> {
-        use crate::images::ImageKind;
+    pub fn image_refs(&self) -> Vec<(String, &str, crate::names::ImageKind)> {
+        use crate::names::ImageKind;
         let mut refs = Vec::new();
         if !self.kernel.image.is_empty() {
             refs.push((

@@ -34,7 +34,7 @@ impl ImportHeader {
     pub fn validate(&self) -> Result<ImageKind, ImageError> {
         crate::spec::check_name("name", &self.name)
             .map_err(|e| ImageError::Invalid(e.to_string()))?;
-        let kind = ImageKind::parse(&self.kind)?;
+        let kind = ImageKind::parse(&self.kind).map_err(ImageError::Invalid)?;
         if !self.expected_digest.is_empty() && !is_digest(&self.expected_digest) {
             return Err(ImageError::Invalid(format!(
                 "expected_digest: {:?} is not sha256:<64 hex digits>",
@@ -233,7 +233,7 @@ impl Importer {
                 digest,
                 size_bytes,
                 labels: header.labels.clone(),
-                created_at_ms: crate::manager::now_ms(),
+                created_at_ms: berth_proto::vmm_process::now_ms(),
                 source_format: if qcow2 { "qcow2" } else { "raw" }.into(),
                 source_digest,
                 source: header.source.clone(),

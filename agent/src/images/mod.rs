@@ -21,37 +21,9 @@ use std::sync::Mutex;
 use berth_proto::vmm_process::files::write_atomic;
 use serde::{Deserialize, Serialize};
 
+pub use crate::names::{is_digest, ImageKind};
 pub use copy::{copy_for_vm, CopyMethod};
 pub use import::{ImportHeader, Importer};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ImageKind {
-    Kernel,
-    Initrd,
-    Disk,
-}
-
-impl ImageKind {
-    pub fn parse(s: &str) -> Result<Self, ImageError> {
-        match s {
-            "kernel" => Ok(ImageKind::Kernel),
-            "initrd" => Ok(ImageKind::Initrd),
-            "disk" => Ok(ImageKind::Disk),
-            other => Err(ImageError::Invalid(format!(
-                "kind: {other:?} is not kernel, initrd or disk"
-            ))),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            ImageKind::Kernel => "kernel",
-            ImageKind::Initrd => "initrd",
-            ImageKind::Disk => "disk",
-        }
-    }
-}
 
 /// One named image, as index/<name>.json holds it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -92,12 +64,6 @@ pub enum ImageError {
 
 pub fn io_error(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> ImageError {
     move |e| ImageError::Io(format!("{what}: {e}"))
-}
-
-/// "sha256:<64 lowercase hex>".
-pub fn is_digest(s: &str) -> bool {
-    s.strip_prefix("sha256:")
-        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// One index entry; an unreadable one is logged and left for the operator.

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use berth_proto::vmm_process::config::VmConfig;
 
-use super::{lock, ApiError, ApiResult, Manager, VmEntry};
+use super::error::{ApiError, ApiResult};
+use super::registry::VmEntry;
+use super::Manager;
 use crate::jail::JailPlan;
 use crate::spec::{resolve_in_roots, VmSpec};
 use crate::vmm_proc::Confinement;
@@ -100,25 +102,6 @@ impl Manager {
 
     /// The VM's jail uid: the one it had, else the lowest free one.
     fn jail_uid(&self, entry: &Arc<VmEntry>) -> ApiResult<u32> {
-        let settings = &self.config.jail;
-        let current = lock(&entry.inner).record.jail_uid;
-        if settings.owns_uid(current) {
-            return Ok(current);
-        }
-        // The write lock: two VMs starting at once must not share a uid.
-        let vms = self.vms.write().unwrap_or_else(|e| e.into_inner());
-        let used: Vec<u32> = (vms.values())
-            .filter(|e| !Arc::ptr_eq(e, entry))
-            .map(|e| lock(&e.inner).record.jail_uid)
-            .collect();
-        let uid = settings.free_uid(&used).ok_or_else(|| {
-            ApiError::ResourceExhausted(format!(
-                "every jail uid in {}..{} is taken: raise jail.uid_count",
-                settings.first_uid,
-                u64::from(settings.first_uid) + u64::from(settings.uid_count)
-            ))
-        })?;
-        lock(&entry.inner).record.jail_uid = uid;
-        Ok(uid)
+        self.registry.claim_jail_uid(entry, &self.config.jail)
     }
 }

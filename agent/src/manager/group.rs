@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{now_ms, ApiError, ApiResult, Manager, SnapshotView};
+use super::{now_ms, ApiError, ApiResult, Manager, SnapshotKind, SnapshotView};
 use crate::store::VmState;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,7 +147,10 @@ impl Manager {
             }
         } else {
             for id in &members {
-                match self.snapshot(id, name, false, "full", false).await {
+                match self
+                    .snapshot(id, name, false, SnapshotKind::Full, false)
+                    .await
+                {
                     Ok(view) => results.push((id.clone(), Ok(()), Some(view))),
                     Err(e) => results.push((id.clone(), Err(e), None)),
                 }

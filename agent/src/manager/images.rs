@@ -5,7 +5,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::{internal, lock, ApiError, ApiResult, Manager, VmEntry};
+use super::error::{internal, ApiError, ApiResult};
+use super::registry::{lock, VmEntry};
+use super::Manager;
 use crate::images::{copy_for_vm, ImageError, ImageRecord};
 use crate::spec::VmSpec;
 use crate::store::DiskCopy;
@@ -57,10 +59,9 @@ impl Manager {
     /// no other name in `store`, the store's records, holds that content).
     pub fn image_users(&self, image: &ImageRecord, store: &[ImageRecord]) -> Vec<String> {
         let sole_holder = store.iter().filter(|r| r.digest == image.digest).count() == 1;
-        self.vms
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
+        self.registry
+            .entries()
+            .iter()
             .filter_map(|e| {
                 let spec = &lock(&e.inner).spec;
                 let uses = spec
@@ -74,10 +75,9 @@ impl Manager {
 
     /// The VMs' copies made from `image`: "<vm> disks[<i>] <method>".
     pub fn image_copies(&self, image: &ImageRecord) -> Vec<String> {
-        self.vms
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
+        self.registry
+            .entries()
+            .iter()
             .flat_map(|e| {
                 let inner = lock(&e.inner);
                 let id = inner.spec.id.clone();
@@ -140,9 +140,7 @@ impl Manager {
             .retain(|c| c.disk as usize != index);
         inner.record.disk_copies.push(copy);
         inner.record.disk_copies.sort_by_key(|c| c.disk);
-        self.store
-            .save_record(&entry.dir, &inner.record)
-            .map_err(internal)?;
+        self.registry.save(entry, &inner)?;
         Ok(path)
     }
 }

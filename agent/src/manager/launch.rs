@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use berth_proto::vmm_process::config::VmConfig;
 
-use super::{
-    attach_bridges, lock, nic_taps, now_ms, vmm_answers, ApiError, ApiResult, Manager, VmEntry,
-    KILL_WAIT, START_TIMEOUT,
-};
+use super::error::{ApiError, ApiResult};
+use super::registry::{lock, now_ms, VmEntry};
+use super::{Manager, KILL_WAIT, START_TIMEOUT};
+use crate::spec::VmSpec;
 use crate::store::VmState;
 use crate::vmm_proc::{Confinement, Launch, RestoreFrom, VmmProcess};
 
@@ -29,17 +29,18 @@ impl Manager {
         cgroup_dirs: &[PathBuf],
         how: Launch<'_>,
         confinement: &Confinement<'_>,
-    ) -> ApiResult<VmmProcess> {
-        let binary = self.config.vmm_binary();
-        let mut process =
-            VmmProcess::spawn(&binary, &entry.dir, config, cgroup_dirs, how, confinement).map_err(
-                |e| ApiError::Unavailable(format!("cannot start {}: {e}", binary.display())),
-            )?;
+    ) -> ApiResult<Box<dyn VmmProcess>> {
+        let mut process = (self.vmms)
+            .spawn(&entry.dir, config, cgroup_dirs, how, confinement)
+            .map_err(|e| {
+                let binary = self.config.vmm_binary();
+                ApiError::Unavailable(format!("cannot start {}: {e}", binary.display()))
+            })?;
         let recorded = {
             let mut inner = lock(&entry.inner);
-            inner.record.pid = process.pid;
-            inner.record.proc_start_ticks = process.start_ticks;
-            self.store.save_record(&entry.dir, &inner.record)
+            inner.record.pid = process.pid();
+            inner.record.proc_start_ticks = process.start_ticks();
+            self.registry.store.save_record(&entry.dir, &inner.record)
         };
         let gated = recorded.map_err(|e| e.to_string()).and_then(|()| {
             process
@@ -69,7 +70,7 @@ impl Manager {
         let (mut config, spec) = {
             let mut inner = lock(&entry.inner);
             if inner.record.state != VmState::Starting {
-                self.transition(entry, &mut inner, VmState::Starting, why)?;
+                (self.registry).transition(entry, &mut inner, VmState::Starting, why)?;
             }
             (
                 inner
@@ -78,7 +79,7 @@ impl Manager {
                 inner.spec.clone(),
             )
         };
-        let cgroup_dirs = match self.prepare_cgroup(&spec) {
+        let cgroup_dirs = match self.cgroups.prepare(&spec) {
             Ok(dirs) => dirs,
             Err(e) => {
                 self.abort_launch(entry, None, e.to_string()).await?;
@@ -118,7 +119,7 @@ impl Manager {
                 self.abort_launch(entry, None, exit.reason).await?;
                 return Err(ApiError::FailedPrecondition(message));
             }
-            if vmm_answers(&entry.dir).await {
+            if self.vmm_answers(entry).await {
                 break;
             }
             if tokio::time::Instant::now() > deadline {
@@ -144,7 +145,7 @@ impl Manager {
             Some(RestoreFrom { paused: true, .. }) => VmState::Paused,
             _ => VmState::Running,
         };
-        self.transition(entry, &mut inner, state, why)
+        self.registry.transition(entry, &mut inner, state, why)
     }
 
     /// The one way out of a launch that failed at any step: its VMM (if
@@ -153,7 +154,7 @@ impl Manager {
     pub(super) async fn abort_launch(
         &self,
         entry: &VmEntry,
-        process: Option<VmmProcess>,
+        process: Option<Box<dyn VmmProcess>>,
         why: String,
     ) -> ApiResult<()> {
         if let Some(mut process) = process {
@@ -165,6 +166,40 @@ impl Manager {
         inner.record.pid = 0;
         inner.record.proc_start_ticks = 0;
         inner.record.last_exit = why.clone();
-        self.transition(entry, &mut inner, VmState::Crashed, &why)
+        (self.registry).transition(entry, &mut inner, VmState::Crashed, &why)
     }
+}
+
+/// `ip link set <tap> master <bridge> up` for every NIC that names a
+/// bridge. Building the bridge is the controller's business.
+pub(super) fn attach_bridges(spec: &VmSpec) -> Result<(), String> {
+    for nic in spec.nics.iter().filter(|n| !n.bridge.is_empty()) {
+        let out = std::process::Command::new("ip")
+            .args(["link", "set", &nic.tap, "master", &nic.bridge, "up"])
+            .output()
+            .map_err(|e| format!("cannot run ip (iproute2): {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "cannot attach tap {} to bridge {}: {}",
+                nic.tap,
+                nic.bridge,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The taps a VMM attaches: the spec's with a restore's or migration's
+/// renames applied (the spec may carry them already), each once.
+pub(super) fn nic_taps(spec: &VmSpec, renames: &[(String, String)]) -> Vec<String> {
+    let mut taps: Vec<String> = spec.nics.iter().map(|n| n.tap.clone()).collect();
+    for (old, new) in renames {
+        for tap in taps.iter_mut().filter(|t| *t == old) {
+            tap.clone_from(new);
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    taps.retain(|t| seen.insert(t.clone()));
+    taps
 }

@@ -7,15 +7,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_proto::common::Empty;
 use berth_proto::vmm_process::migration::MigrationPhase;
 
-use super::{
-    internal, lock, nic_taps, now_ms, ApiError, ApiResult, Manager, VmEntry, VmInner, VmView,
-};
+use super::error::{internal, vmm_error, ApiError, ApiResult};
+use super::launch::nic_taps;
+use super::registry::{lock, now_ms, EventKind, VmEntry, VmInner, VmView};
+use super::rules::Operation;
+use super::Manager;
 use crate::spec::VmSpec;
 use crate::store::{MigrationDirection, MigrationRecord, VmRecord, VmState};
-use crate::vmm_proc::{self, IncomingFrom, Launch};
+use crate::vmm_proc::{IncomingFrom, Launch};
 
 const WATCH_EVERY: Duration = Duration::from_millis(100);
 /// How long a receiving VMM may take to bind and report its address.
@@ -129,7 +130,7 @@ impl Manager {
         self.validate(&spec)?;
         refuse_local_disk_copies(&spec)?;
         let id = spec.id.clone();
-        let previous = match self.entry(&id) {
+        let previous = match self.registry.entry(&id) {
             Ok(entry) => {
                 let _op = entry.op.lock().await;
                 let mut inner = lock(&entry.inner);
@@ -140,7 +141,10 @@ impl Manager {
                     )));
                 }
                 let previous = (inner.spec.clone(), inner.record.clone());
-                self.store.save_spec(&entry.dir, &spec).map_err(internal)?;
+                self.registry
+                    .store
+                    .save_spec(&entry.dir, &spec)
+                    .map_err(internal)?;
                 inner.spec = spec.clone();
                 Some(previous)
             }
@@ -149,7 +153,7 @@ impl Manager {
                 None
             }
         };
-        let entry = self.entry(&id)?;
+        let entry = self.registry.entry(&id)?;
         match self.launch_incoming(&entry, listen, ttl, taps).await {
             Ok((address, token, expires_at_ms)) => {
                 let watcher = self.clone();
@@ -159,7 +163,7 @@ impl Manager {
                     address,
                     token,
                     expires_at_ms,
-                    vm: Self::view(&entry),
+                    vm: entry.view(),
                 })
             }
             Err(e) => {
@@ -192,7 +196,7 @@ impl Manager {
         })
         .await?;
         let spec = lock(&entry.inner).spec.clone();
-        let cgroup_dirs = self.prepare_cgroup(&spec)?;
+        let cgroup_dirs = self.cgroups.prepare(&spec)?;
         let token = new_token()?;
         let expires_at_ms = now_ms() + ttl.as_millis() as u64;
         let mut config =
@@ -234,7 +238,7 @@ impl Manager {
         if let Some(m) = inner.record.migration.as_mut() {
             m.peer = address.clone();
         }
-        self.transition(
+        self.registry.transition(
             entry,
             &mut inner,
             VmState::Migrating,
@@ -262,11 +266,7 @@ impl Manager {
                 self.forget_incoming(&entry, previous, &exit.reason);
                 return;
             }
-            let Ok(client) = vmm_proc::connect(&entry.dir).await else {
-                continue;
-            };
-            let ctx = ttrpc::context::with_timeout(1_000_000_000);
-            if client.info(ctx, &Empty::default()).await.is_err() {
+            if !self.vmm_answers(&entry).await {
                 continue;
             }
             let spec = {
@@ -281,10 +281,12 @@ impl Manager {
                     m.phase = MigrationPhase::Completed;
                     m.total_ms = now_ms().saturating_sub(started);
                 }
-                let _ = self.transition(&entry, &mut inner, VmState::Running, "migrated in");
+                let _ =
+                    self.registry
+                        .transition(&entry, &mut inner, VmState::Running, "migrated in");
                 inner.spec.clone()
             };
-            if let Err(e) = super::attach_bridges(&spec) {
+            if let Err(e) = super::launch::attach_bridges(&spec) {
                 tracing::error!(vm = %spec.id, "after migrating in: {e}");
             }
             return;
@@ -307,20 +309,21 @@ impl Manager {
             Some((spec, record)) => {
                 let mut inner = lock(&entry.inner);
                 inner.process = None;
-                let _ = self.store.save_spec(&entry.dir, &spec);
+                let _ = self.registry.store.save_spec(&entry.dir, &spec);
                 inner.spec = spec;
                 inner.record = record;
-                let _ = self.transition(entry, &mut inner, VmState::Migrated, &message);
+                let _ = self
+                    .registry
+                    .transition(entry, &mut inner, VmState::Migrated, &message);
             }
             None => {
-                if let Err(e) = self.store.remove(&entry.dir) {
+                if let Err(e) = self.registry.store.remove(&entry.dir) {
                     tracing::error!(vm = %id, "cannot remove the failed incoming VM: {e}");
                 }
-                self.vms.write().unwrap().remove(&id);
-                self.emit(&id, "deleted", VmState::Stopped, &message);
+                self.registry.forget(&id, &message);
             }
         }
-        self.emit(&id, "migration", VmState::Stopped, &message);
+        (self.registry).emit(&id, EventKind::Migration, VmState::Stopped, &message);
     }
 
     /// Starts moving a Running VM to the destination VMM at `address`.
@@ -336,17 +339,11 @@ impl Manager {
                 "address and token (from the destination's PrepareMigrateIn) are required".into(),
             ));
         }
-        let entry = self.entry(id)?;
+        let entry = self.registry.entry(id)?;
         let op = entry.op.lock().await;
         {
             let inner = lock(&entry.inner);
-            if inner.record.state != VmState::Running {
-                return Err(Self::wrong_state(
-                    &inner.spec,
-                    inner.record.state,
-                    "only a Running VM can migrate",
-                ));
-            }
+            super::registry::allows(&inner, Operation::MigrateOut)?;
             refuse_local_disk_copies(&inner.spec)?;
         }
         let req = berth_proto::vmm::MigrateRequest {
@@ -359,10 +356,10 @@ impl Manager {
             max_iterations: params.max_iterations,
             ..Default::default()
         };
-        let ctx = ttrpc::context::with_timeout(10_000_000_000);
-        let status = self
-            .vmm_call(&entry, |c| async move { c.migrate_out(ctx, &req).await })
-            .await?;
+        let status = (self.vmm(&entry).await?)
+            .migrate_out(&req, Duration::from_secs(10))
+            .await
+            .map_err(vmm_error)?;
         let record = {
             let mut inner = lock(&entry.inner);
             let mut record = MigrationRecord {
@@ -373,7 +370,7 @@ impl Manager {
             };
             record_from_vmm(&mut record, &status);
             inner.record.migration = Some(record.clone());
-            self.transition(
+            self.registry.transition(
                 &entry,
                 &mut inner,
                 VmState::Migrating,
@@ -395,13 +392,11 @@ impl Manager {
         let mut last_event = std::time::Instant::now();
         loop {
             tokio::time::sleep(WATCH_EVERY).await;
-            let ctx = ttrpc::context::with_timeout(2_000_000_000);
-            let status = self
-                .vmm_call(&entry, |c| async move {
-                    c.get_migration(ctx, &Empty::default()).await
-                })
-                .await;
-            let Ok(status) = status else {
+            let status = match self.vmm(&entry).await {
+                Ok(vmm) => vmm.get_migration(Duration::from_secs(2)).await.ok(),
+                Err(_) => None,
+            };
+            let Some(status) = status else {
                 // No answer: did the VMM die under the migration?
                 let exit = lock(&entry.inner)
                     .process
@@ -422,9 +417,9 @@ impl Manager {
             };
             let now = (record.phase, record.iteration);
             if Some(now) != reported || last_event.elapsed() >= Duration::from_millis(500) {
-                self.emit(
+                self.registry.emit(
                     &id,
-                    "migration",
+                    EventKind::Migration,
                     VmState::Migrating,
                     &progress_line(&record),
                 );
@@ -442,7 +437,9 @@ impl Manager {
                         "migration to {} {}: {}; the VM runs here",
                         record.peer, record.phase, record.error
                     );
-                    let _ = self.transition(&entry, &mut inner, VmState::Running, &message);
+                    let _ =
+                        self.registry
+                            .transition(&entry, &mut inner, VmState::Running, &message);
                     return;
                 }
                 MigrationPhase::Unknown => {
@@ -451,7 +448,9 @@ impl Manager {
                         "migration to {}: outcome unknown ({}); the VM is paused here and may run on the destination: check it before resuming or stopping this one",
                         record.peer, record.error
                     );
-                    let _ = self.transition(&entry, &mut inner, VmState::Paused, &message);
+                    let _ = self
+                        .registry
+                        .transition(&entry, &mut inner, VmState::Paused, &message);
                     return;
                 }
                 _ => {}
@@ -481,7 +480,9 @@ impl Manager {
             "migrated to {}: downtime {} ms, total {} ms, {} passes",
             record.peer, record.downtime_ms, record.total_ms, record.iteration
         );
-        let _ = self.transition(entry, &mut inner, VmState::Migrated, &message);
+        let _ = self
+            .registry
+            .transition(entry, &mut inner, VmState::Migrated, &message);
     }
 
     /// After an agent restart, a VM recorded as Migrating: follow its
@@ -501,7 +502,7 @@ impl Manager {
             }
             return;
         }
-        let exit = vmm_proc::read_exit(&entry.dir, None);
+        let exit = self.vmms.read_exit(&entry.dir);
         if !outgoing {
             self.forget_incoming(&entry, None, &exit.reason);
             return;
@@ -516,14 +517,18 @@ impl Manager {
             }
             self.release_cgroup(&inner.spec.id);
             let message = format!("migrated to {peer} while the agent was away");
-            let _ = self.transition(&entry, &mut inner, VmState::Migrated, &message);
+            let _ = self
+                .registry
+                .transition(&entry, &mut inner, VmState::Migrated, &message);
         } else {
-            let _ = self.transition(&entry, &mut inner, VmState::Crashed, &exit.reason);
+            let _ = self
+                .registry
+                .transition(&entry, &mut inner, VmState::Crashed, &exit.reason);
         }
     }
 
     pub fn get_migration(&self, id: &str) -> ApiResult<MigrationRecord> {
-        let entry = self.entry(id)?;
+        let entry = self.registry.entry(id)?;
         let inner = lock(&entry.inner);
         inner
             .record
@@ -535,23 +540,23 @@ impl Manager {
     /// Asks the source VMM to stop before the handover. Refused on the
     /// destination: once its VMM said Ready only the source may decide.
     pub async fn cancel_migration(&self, id: &str) -> ApiResult<MigrationRecord> {
-        let entry = self.entry(id)?;
+        let entry = self.registry.entry(id)?;
         {
             let inner = lock(&entry.inner);
-            if inner.record.state != VmState::Migrating || !inner.record.migrates_out() {
-                return Err(Self::wrong_state(
-                    &inner.spec,
-                    inner.record.state,
-                    "only an outgoing migration in progress can be cancelled (cancel on the source node)",
-                ));
+            super::registry::allows(&inner, Operation::CancelMigration)?;
+            if !inner.record.migrates_out() {
+                let hint = super::rules::rule(Operation::CancelMigration).1;
+                return Err(ApiError::FailedPrecondition(format!(
+                    "VM {} is {}; {hint}",
+                    inner.spec.id,
+                    inner.record.state.name()
+                )));
             }
         }
-        let ctx = ttrpc::context::with_timeout(5_000_000_000);
-        let status = self
-            .vmm_call(&entry, |c| async move {
-                c.cancel_migration(ctx, &Empty::default()).await
-            })
-            .await?;
+        let status = (self.vmm(&entry).await?)
+            .cancel_migration(Duration::from_secs(5))
+            .await
+            .map_err(vmm_error)?;
         let mut inner = lock(&entry.inner);
         let record = inner.record.migration.get_or_insert_with(Default::default);
         record_from_vmm(record, &status);

@@ -14,9 +14,10 @@ use berth_proto::{node_ttrpc, vm_ttrpc};
 use protobuf::{EnumOrUnknown, Message, MessageField};
 use ttrpc::r#async::{ServerStream, ServerStreamSender, TtrpcContext};
 
-use crate::manager::{ApiError, Event, Manager, VmView};
+use crate::manager::{ApiError, Event, Manager, SnapshotKind, VmReport, VmView};
 use crate::spec::{self, RestartKind, VmSpec};
 use crate::store::VmState;
+use crate::vmm_proc::control::{rate_limit_from_pb, rate_limit_to_pb};
 
 mod images;
 pub use images::ImageApi;
@@ -52,27 +53,6 @@ pub(crate) fn refuse_unknown_fields(
         Err(ApiError::InvalidArgument(format!(
             "{what}: unknown field number(s) {unknown:?}"
         )))
-    }
-}
-
-pub fn rate_limit_from_pb(l: &MessageField<berth_proto::common::RateLimit>) -> spec::RateLimit {
-    l.as_ref()
-        .map(|l| spec::RateLimit {
-            bytes_per_s: l.bytes_per_s,
-            bytes_burst: l.bytes_burst,
-            ops_per_s: l.ops_per_s,
-            ops_burst: l.ops_burst,
-        })
-        .unwrap_or_default()
-}
-
-pub fn rate_limit_to_pb(l: spec::RateLimit) -> berth_proto::common::RateLimit {
-    berth_proto::common::RateLimit {
-        bytes_per_s: l.bytes_per_s,
-        bytes_burst: l.bytes_burst,
-        ops_per_s: l.ops_per_s,
-        ops_burst: l.ops_burst,
-        ..Default::default()
     }
 }
 
@@ -401,7 +381,7 @@ fn event_to_pb(e: &Event) -> PbEvent {
     PbEvent {
         at_ms: e.at_ms,
         vm_id: e.vm_id.clone(),
-        kind: e.kind.clone(),
+        kind: e.kind.word().into(),
         state: EnumOrUnknown::new(state_to_pb(e.state)),
         message: e.message.clone(),
         ..Default::default()
@@ -476,7 +456,13 @@ impl vm_ttrpc::VmService for VmApi {
         req: pb::SnapshotVmRequest,
     ) -> ttrpc::Result<pb::SnapshotInfo> {
         self.0
-            .snapshot(&req.id, &req.name, req.hibernate, &req.kind, req.live)
+            .snapshot(
+                &req.id,
+                &req.name,
+                req.hibernate,
+                SnapshotKind::parse(&req.kind).map_err(status)?,
+                req.live,
+            )
             .await
             .map(snapshot_to_pb)
             .map_err(status)
@@ -648,7 +634,11 @@ impl vm_ttrpc::VmService for VmApi {
     }
 
     async fn stats(&self, _: &TtrpcContext, req: pb::VmRef) -> ttrpc::Result<pb::VmStats> {
-        let (spec, state, r) = self.0.report(&req.id).map_err(status)?;
+        let VmReport {
+            spec,
+            state,
+            report: r,
+        } = self.0.report(&req.id).map_err(status)?;
         let mut stats = stats_to_pb(&spec, state, r);
         stats.usage = MessageField::some(usage_to_pb(&self.0.usage(&req.id).map_err(status)?));
         Ok(stats)
@@ -785,12 +775,7 @@ pub fn capacity_pb(m: &Manager) -> Capacity {
         cpu_vendor: vendor,
         cpu_model: model,
         cpu_flags: flags,
-        cgroup_version: m
-            .cgroups
-            .as_ref()
-            .map(|l| l.version())
-            .unwrap_or("off")
-            .into(),
+        cgroup_version: m.cgroups.version().into(),
         drained: m.drained(),
         reserve_on_define: m.config.reserve_on_define,
         ..Default::default()

@@ -1,20 +1,19 @@
-//! One berth-vmm process: spawned detached (its own session, so an agent
-//! restart or kill leaves it running), recognised later by pid and start
-//! time, and asked how it ended through the exit record it writes.
+//! A real berth-vmm process: spawned detached (its own session, so an
+//! agent restart or kill leaves it running), recognised later by pid and
+//! start time, and asked how it ended through the exit record it writes.
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
 
 use berth_proto::vmm_process::config::VmConfig;
 use berth_proto::vmm_process::exit::{ExitRecord, SECCOMP_EXIT_STATUS};
 use berth_proto::vmm_process::files::write_atomic;
 use berth_proto::vmm_process::host::HostInfo;
 use berth_proto::vmm_process::launch::VmmArgs;
-use berth_proto::vmm_ttrpc::VmmServiceClient;
 
+use super::{Confinement, Launch, RestoreFrom, VmmExit, VmmProcess};
 use crate::store::VmDir;
 
 /// The start time of process `pid` in clock ticks since boot, or None if no
@@ -30,7 +29,7 @@ pub fn proc_start_ticks(pid: i32) -> Option<u64> {
     fields.get(19)?.parse().ok()
 }
 
-pub struct VmmProcess {
+pub struct OsVmmProcess {
     pub pid: i32,
     pub start_ticks: u64,
     /// Present when this agent started the VMM (so it must reap it).
@@ -40,56 +39,6 @@ pub struct VmmProcess {
     /// whose agent died before that sees the pipe close and exits, so no
     /// VMM ever runs unrecorded.
     gate: Option<std::process::ChildStdin>,
-}
-
-/// How a VMM ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmmExit {
-    /// The VMM's exit code from its exit record; None when it left none
-    /// (killed, or crashed before it could write one).
-    pub code: Option<i32>,
-    pub reason: String,
-}
-
-impl VmmExit {
-    pub fn clean(&self) -> bool {
-        self.code == Some(0)
-    }
-}
-
-/// Boot a VMM from a snapshot instead of from its config.
-#[derive(Clone, Copy)]
-pub struct RestoreFrom<'a> {
-    pub snapshot: &'a Path,
-    /// Leave the vCPUs stopped after restoring.
-    pub paused: bool,
-    /// (tap in the snapshot, tap to open instead) pairs.
-    pub taps: &'a [(String, String)],
-}
-
-/// Wait for a live migration instead of booting.
-#[derive(Clone, Copy)]
-pub struct IncomingFrom<'a> {
-    /// host:port to listen on (port 0: the VMM picks one and writes it to
-    /// `VmDir::migration_address`).
-    pub listen: &'a str,
-    pub token: &'a str,
-    pub expires_at_ms: u64,
-    pub taps: &'a [(String, String)],
-}
-
-/// How a VMM gets its guest.
-#[derive(Clone, Copy)]
-pub enum Launch<'a> {
-    Boot,
-    Restore(RestoreFrom<'a>),
-    Incoming(IncomingFrom<'a>),
-}
-
-/// The jail (None: jailing is off) and seccomp settings for one VMM.
-pub struct Confinement<'a> {
-    pub jail: Option<crate::jail::JailPlan>,
-    pub settings: &'a crate::jail::JailSettings,
 }
 
 fn tap_overrides(taps: &[(String, String)]) -> Vec<String> {
@@ -121,7 +70,7 @@ pub fn host_info(binary: &Path) -> Result<HostInfo, String> {
         .map_err(|e| format!("{what} printed something that is not host info: {e}"))
 }
 
-impl VmmProcess {
+impl OsVmmProcess {
     /// Starts berth-vmm for `config` in `dir`, detached: booting it, from a
     /// snapshot directory (paused or not, with tap renames), or waiting for
     /// a migration.
@@ -132,7 +81,7 @@ impl VmmProcess {
         cgroups: &[std::path::PathBuf],
         how: Launch<'_>,
         confinement: &Confinement<'_>,
-    ) -> std::io::Result<VmmProcess> {
+    ) -> std::io::Result<OsVmmProcess> {
         std::fs::create_dir_all(dir.run())?;
         let json = serde_json::to_vec_pretty(config).expect("plain data serialises");
         write_atomic(&dir.vmm_config(), &json)?;
@@ -191,7 +140,7 @@ impl VmmProcess {
         let pid = child.id() as i32;
         let start_ticks = proc_start_ticks(pid).unwrap_or(0);
         let gate = child.stdin.take();
-        Ok(VmmProcess {
+        Ok(OsVmmProcess {
             pid,
             start_ticks,
             child: Some(child),
@@ -199,27 +148,37 @@ impl VmmProcess {
         })
     }
 
-    /// Lets a VMM this agent spawned go on, once its pid is recorded.
-    pub fn open_gate(&mut self) -> std::io::Result<()> {
-        match self.gate.take() {
-            Some(mut gate) => gate.write_all(b"g"),
-            None => Ok(()),
-        }
-    }
-
     /// A VMM some earlier agent started, if it is still the same process.
-    pub fn adopt(pid: i32, start_ticks: u64) -> Option<VmmProcess> {
-        (pid > 0 && proc_start_ticks(pid) == Some(start_ticks)).then_some(VmmProcess {
+    pub fn adopt(pid: i32, start_ticks: u64) -> Option<OsVmmProcess> {
+        (pid > 0 && proc_start_ticks(pid) == Some(start_ticks)).then_some(OsVmmProcess {
             pid,
             start_ticks,
             child: None,
             gate: None,
         })
     }
+}
+
+impl VmmProcess for OsVmmProcess {
+    fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    fn start_ticks(&self) -> u64 {
+        self.start_ticks
+    }
+
+    /// Lets a VMM this agent spawned go on, once its pid is recorded.
+    fn open_gate(&mut self) -> std::io::Result<()> {
+        match self.gate.take() {
+            Some(mut gate) => gate.write_all(b"g"),
+            None => Ok(()),
+        }
+    }
 
     /// Has it ended? Reaps our own child; an adopted one is gone when its
     /// /proc entry no longer shows the same process.
-    pub fn exited(&mut self, dir: &VmDir) -> Option<VmmExit> {
+    fn exited(&mut self, dir: &VmDir) -> Option<VmmExit> {
         let status = match &mut self.child {
             Some(child) => match child.try_wait() {
                 Ok(Some(status)) => Some(status),
@@ -237,25 +196,11 @@ impl VmmProcess {
     }
 
     /// Kills it outright.
-    pub fn kill(&self) {
+    fn kill(&self) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.pid),
             nix::sys::signal::Signal::SIGKILL,
         );
-    }
-
-    /// Waits up to `timeout` for it to end.
-    pub async fn wait_exit(&mut self, dir: &VmDir, timeout: Duration) -> Option<VmmExit> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(exit) = self.exited(dir) {
-                return Some(exit);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 }
 
@@ -282,13 +227,4 @@ pub fn read_exit(dir: &VmDir, status: Option<std::process::ExitStatus>) -> VmmEx
         None => "VMM died without an exit record".to_string(),
     };
     VmmExit { code: None, reason }
-}
-
-/// A client of the VMM's control socket.
-pub async fn connect(dir: &VmDir) -> Result<VmmServiceClient, String> {
-    let address = format!("unix://{}", dir.socket().display());
-    ttrpc::r#async::Client::connect(&address)
-        .await
-        .map(VmmServiceClient::new)
-        .map_err(|e| format!("cannot reach the VMM at {}: {e}", dir.socket().display()))
 }
