@@ -12,6 +12,7 @@ pub mod doctor;
 pub mod entitlement;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+pub mod host;
 pub mod images;
 pub mod jail;
 pub mod manager;

@@ -158,140 +158,199 @@ const STATES: [VmState; 9] = [
     VmState::Migrated,
 ];
 
-/// The whole exposition, as a scrape gets it.
-pub fn render(manager: &Manager, api: &ApiMetrics) -> String {
-    let mut registry = Registry::with_prefix("berth");
-    macro_rules! family {
-        ($name:expr, $help:expr, $ty:ty) => {{
-            let f = <$ty>::default();
-            registry.register($name, $help, f.clone());
-            f
-        }};
-    }
-    let state =
-        family!("vm_state", "1 for the VM's current state (label key)", Family<VmKeyLabels, Gauge>);
-    let vcpus = family!("vm_vcpus", "vCPUs the VM is entitled to", Family<VmLabels, Gauge>);
-    let memory =
-        family!("vm_memory_bytes", "Guest memory the VM is entitled to", Family<VmLabels, Gauge>);
-    let cpu = family!("vm_cpu_seconds", "CPU time of the VM's current VMM and its group", Family<VmLabels, FloatCounter>);
-    let vcpu_time = family!("vm_vcpu_seconds", "Run time of each vCPU thread (key = vCPU index)", Family<VmKeyLabels, FloatCounter>);
-    let exits = family!("vm_exits", "VM exits the VMM handled, by reason (key)", Family<VmKeyLabels, Counter>);
-    let dev_bytes = family!("vm_device_bytes", "Bytes a disk or NIC direction moved", Family<DeviceLabels, Counter>);
-    let dev_ops = family!("vm_device_ops", "Requests or frames a disk or NIC direction served", Family<DeviceLabels, Counter>);
-    let dev_throttled = family!("vm_device_throttled_seconds", "Time a device's rate limit held it back", Family<DeviceLabels, FloatCounter>);
-    let cpu_throttled = family!("vm_cpu_throttled_seconds", "Time the VM's group was throttled at its cpu.max", Family<VmLabels, FloatCounter>);
-    let resident =
-        family!("vm_memory_resident_bytes", "Memory the VM's group holds", Family<VmLabels, Gauge>);
-    let breaches = family!("vm_entitlement_breaches", "Sampling intervals in which a promise was broken (key)", Family<VmKeyLabels, Counter>);
-    let u_cpu = family!("vm_usage_cpu_seconds", "CPU used since the VM was created (billing)", Family<VmLabels, FloatCounter>);
-    let u_mem = family!("vm_usage_memory_gib_hours", "Guest memory held over time since the VM was created", Family<VmLabels, FloatCounter>);
-    let u_disk = family!("vm_usage_disk_bytes", "Disk bytes since the VM was created", Family<VmLabels, Counter>);
-    let u_rx = family!("vm_usage_net_rx_bytes", "Bytes received since the VM was created", Family<VmLabels, Counter>);
-    let u_tx = family!("vm_usage_net_tx_bytes", "Bytes sent since the VM was created", Family<VmLabels, Counter>);
+/// The per-VM metric families of one scrape.
+struct VmFamilies {
+    state: Family<VmKeyLabels, Gauge>,
+    vcpus: Family<VmLabels, Gauge>,
+    memory: Family<VmLabels, Gauge>,
+    cpu: Family<VmLabels, FloatCounter>,
+    vcpu_time: Family<VmKeyLabels, FloatCounter>,
+    exits: Family<VmKeyLabels, Counter>,
+    dev_bytes: Family<DeviceLabels, Counter>,
+    dev_ops: Family<DeviceLabels, Counter>,
+    dev_throttled: Family<DeviceLabels, FloatCounter>,
+    cpu_throttled: Family<VmLabels, FloatCounter>,
+    resident: Family<VmLabels, Gauge>,
+    breaches: Family<VmKeyLabels, Counter>,
+    u_cpu: Family<VmLabels, FloatCounter>,
+    u_mem: Family<VmLabels, FloatCounter>,
+    u_disk: Family<VmLabels, Counter>,
+    u_rx: Family<VmLabels, Counter>,
+    u_tx: Family<VmLabels, Counter>,
+}
 
-    let mut by_state: HashMap<&str, i64> = HashMap::new();
-    for crate::manager::VmReport {
-        spec,
-        state: vm_state,
-        report: r,
-    } in manager.reports()
-    {
-        let vm = VmLabels {
-            vm: spec.id.clone(),
-        };
-        let keyed = |key: &str| VmKeyLabels {
-            vm: spec.id.clone(),
-            key: key.to_string(),
-        };
-        *by_state.entry(vm_state.name()).or_default() += 1;
-        state.get_or_create(&keyed(vm_state.name())).set(1);
-        vcpus.get_or_create(&vm).set(i64::from(spec.vcpus));
-        memory
-            .get_or_create(&vm)
-            .set((spec.memory_mib << 20) as i64);
-        cpu.get_or_create(&vm).inc_by(r.cpu_time_ns as f64 / 1e9);
-        for (i, ns) in r.vcpu_run_ns.iter().enumerate() {
-            vcpu_time
-                .get_or_create(&keyed(&i.to_string()))
-                .inc_by(*ns as f64 / 1e9);
+impl VmFamilies {
+    fn register(registry: &mut Registry) -> VmFamilies {
+        macro_rules! family {
+            ($name:expr, $help:expr, $ty:ty) => {{
+                let f = <$ty>::default();
+                registry.register($name, $help, f.clone());
+                f
+            }};
         }
-        for (reason, n) in &r.exits_by_reason {
-            exits.get_or_create(&keyed(reason)).inc_by(*n);
+        let state = family!("vm_state", "1 for the VM's current state (label key)", Family<VmKeyLabels, Gauge>);
+        let vcpus = family!("vm_vcpus", "vCPUs the VM is entitled to", Family<VmLabels, Gauge>);
+        let memory = family!("vm_memory_bytes", "Guest memory the VM is entitled to", Family<VmLabels, Gauge>);
+        let cpu = family!("vm_cpu_seconds", "CPU time of the VM's current VMM and its group", Family<VmLabels, FloatCounter>);
+        let vcpu_time = family!("vm_vcpu_seconds", "Run time of each vCPU thread (key = vCPU index)", Family<VmKeyLabels, FloatCounter>);
+        let exits = family!("vm_exits", "VM exits the VMM handled, by reason (key)", Family<VmKeyLabels, Counter>);
+        let dev_bytes = family!("vm_device_bytes", "Bytes a disk or NIC direction moved", Family<DeviceLabels, Counter>);
+        let dev_ops = family!("vm_device_ops", "Requests or frames a disk or NIC direction served", Family<DeviceLabels, Counter>);
+        let dev_throttled = family!("vm_device_throttled_seconds", "Time a device's rate limit held it back", Family<DeviceLabels, FloatCounter>);
+        let cpu_throttled = family!("vm_cpu_throttled_seconds", "Time the VM's group was throttled at its cpu.max", Family<VmLabels, FloatCounter>);
+        let resident = family!("vm_memory_resident_bytes", "Memory the VM's group holds", Family<VmLabels, Gauge>);
+        let breaches = family!("vm_entitlement_breaches", "Sampling intervals in which a promise was broken (key)", Family<VmKeyLabels, Counter>);
+        let u_cpu = family!("vm_usage_cpu_seconds", "CPU used since the VM was created (billing)", Family<VmLabels, FloatCounter>);
+        let u_mem = family!("vm_usage_memory_gib_hours", "Guest memory held over time since the VM was created", Family<VmLabels, FloatCounter>);
+        let u_disk = family!("vm_usage_disk_bytes", "Disk bytes since the VM was created", Family<VmLabels, Counter>);
+        let u_rx = family!("vm_usage_net_rx_bytes", "Bytes received since the VM was created", Family<VmLabels, Counter>);
+        let u_tx = family!("vm_usage_net_tx_bytes", "Bytes sent since the VM was created", Family<VmLabels, Counter>);
+
+        VmFamilies {
+            state,
+            vcpus,
+            memory,
+            cpu,
+            vcpu_time,
+            exits,
+            dev_bytes,
+            dev_ops,
+            dev_throttled,
+            cpu_throttled,
+            resident,
+            breaches,
+            u_cpu,
+            u_mem,
+            u_disk,
+            u_rx,
+            u_tx,
         }
-        for d in &r.devices {
-            let labels = DeviceLabels {
+    }
+
+    /// Adds every VM's figures; returns how many VMs are in each state.
+    fn add_all(&self, manager: &Manager) -> HashMap<&'static str, i64> {
+        let VmFamilies {
+            state,
+            vcpus,
+            memory,
+            cpu,
+            vcpu_time,
+            exits,
+            dev_bytes,
+            dev_ops,
+            dev_throttled,
+            cpu_throttled,
+            resident,
+            breaches,
+            u_cpu,
+            u_mem,
+            u_disk,
+            u_rx,
+            u_tx,
+        } = self;
+        let mut by_state: HashMap<&'static str, i64> = HashMap::new();
+        for crate::manager::VmReport {
+            spec,
+            state: vm_state,
+            report: r,
+        } in manager.reports()
+        {
+            let vm = VmLabels {
                 vm: spec.id.clone(),
-                device: d.device.clone(),
-                direction: d.direction.clone(),
             };
-            dev_bytes.get_or_create(&labels).inc_by(d.bytes);
-            dev_ops.get_or_create(&labels).inc_by(d.ops);
-            dev_throttled
-                .get_or_create(&labels)
-                .inc_by(d.throttled_ns as f64 / 1e9);
-        }
-        cpu_throttled
-            .get_or_create(&vm)
-            .inc_by(r.throttled_ns_total as f64 / 1e9);
-        resident
-            .get_or_create(&vm)
-            .set(r.memory_resident_bytes as i64);
-        if let Ok(u) = manager.usage(&spec.id) {
-            for (kind, n) in &u.breaches {
-                breaches.get_or_create(&keyed(kind)).inc_by(*n);
+            let keyed = |key: &str| VmKeyLabels {
+                vm: spec.id.clone(),
+                key: key.to_string(),
+            };
+            *by_state.entry(vm_state.name()).or_default() += 1;
+            state.get_or_create(&keyed(vm_state.name())).set(1);
+            vcpus.get_or_create(&vm).set(i64::from(spec.vcpus));
+            memory
+                .get_or_create(&vm)
+                .set((spec.memory_mib << 20) as i64);
+            cpu.get_or_create(&vm).inc_by(r.cpu_time_ns as f64 / 1e9);
+            for (i, ns) in r.vcpu_run_ns.iter().enumerate() {
+                vcpu_time
+                    .get_or_create(&keyed(&i.to_string()))
+                    .inc_by(*ns as f64 / 1e9);
             }
-            u_cpu.get_or_create(&vm).inc_by(u.cpu_seconds);
-            u_mem.get_or_create(&vm).inc_by(u.memory_gib_hours);
-            u_disk.get_or_create(&vm).inc_by(u.disk_bytes);
-            u_rx.get_or_create(&vm).inc_by(u.net_rx_bytes);
-            u_tx.get_or_create(&vm).inc_by(u.net_tx_bytes);
+            for (reason, n) in &r.exits_by_reason {
+                exits.get_or_create(&keyed(reason)).inc_by(*n);
+            }
+            for d in &r.devices {
+                let labels = DeviceLabels {
+                    vm: spec.id.clone(),
+                    device: d.device.clone(),
+                    direction: d.direction.clone(),
+                };
+                dev_bytes.get_or_create(&labels).inc_by(d.bytes);
+                dev_ops.get_or_create(&labels).inc_by(d.ops);
+                dev_throttled
+                    .get_or_create(&labels)
+                    .inc_by(d.throttled_ns as f64 / 1e9);
+            }
+            cpu_throttled
+                .get_or_create(&vm)
+                .inc_by(r.throttled_ns_total as f64 / 1e9);
+            resident
+                .get_or_create(&vm)
+                .set(r.memory_resident_bytes as i64);
+            if let Ok(u) = manager.usage(&spec.id) {
+                for (kind, n) in &u.breaches {
+                    breaches.get_or_create(&keyed(kind)).inc_by(*n);
+                }
+                u_cpu.get_or_create(&vm).inc_by(u.cpu_seconds);
+                u_mem.get_or_create(&vm).inc_by(u.memory_gib_hours);
+                u_disk.get_or_create(&vm).inc_by(u.disk_bytes);
+                u_rx.get_or_create(&vm).inc_by(u.net_rx_bytes);
+                u_tx.get_or_create(&vm).inc_by(u.net_tx_bytes);
+            }
         }
+        by_state
     }
+}
 
+/// The node's own figures.
+fn register_node(registry: &mut Registry, manager: &Manager, by_state: &HashMap<&str, i64>) {
     let c = manager.capacity();
     let node = |registry: &mut Registry, name: &str, help: &str, value: i64| {
         let g: Gauge = Gauge::default();
         g.set(value);
         registry.register(name, help, g);
     };
+    node(registry, "node_cpus", "Online host CPUs", i64::from(c.cpus));
     node(
-        &mut registry,
-        "node_cpus",
-        "Online host CPUs",
-        i64::from(c.cpus),
-    );
-    node(
-        &mut registry,
+        registry,
         "node_memory_bytes",
         "Host memory",
         (c.memory_mib << 20) as i64,
     );
     node(
-        &mut registry,
+        registry,
         "node_allocatable_vcpus",
         "vCPUs VMs may hold (after reserve and overcommit)",
         i64::from(c.allocatable_vcpus),
     );
     node(
-        &mut registry,
+        registry,
         "node_allocatable_memory_bytes",
         "Memory VMs may hold",
         (c.allocatable_memory_mib << 20) as i64,
     );
     node(
-        &mut registry,
+        registry,
         "node_allocated_vcpus",
         "vCPUs admission holds",
         i64::from(c.held_vcpus),
     );
     node(
-        &mut registry,
+        registry,
         "node_allocated_memory_bytes",
         "Memory admission holds",
         (c.held_memory_mib << 20) as i64,
     );
     node(
-        &mut registry,
+        registry,
         "node_drained",
         "1 while the node admits no starts",
         i64::from(manager.drained()),
@@ -304,6 +363,13 @@ pub fn render(manager: &Manager, api: &ApiMetrics) -> String {
         .set(*by_state.get(s.name()).unwrap_or(&0));
     }
     registry.register("node_vms", "VMs by state", vms);
+}
+
+/// The whole exposition, as a scrape gets it.
+pub fn render(manager: &Manager, api: &ApiMetrics) -> String {
+    let mut registry = Registry::with_prefix("berth");
+    let by_state = VmFamilies::register(&mut registry).add_all(manager);
+    register_node(&mut registry, manager, &by_state);
     registry.register(
         "api_requests",
         "API calls by method and status",
