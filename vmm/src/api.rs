@@ -1,13 +1,14 @@
 //! The VMM's control API (berth.v1 VmmService) on a unix socket, for the
-//! agent: info, pause/resume, graceful shutdown, stop, stats and console
-//! input. It runs on one thread with its own single-threaded runtime, so a
-//! VMM started without `--api-socket` pays nothing for it.
+//! agent: info, pause/resume, graceful shutdown, stop, stats, console
+//! input, rate limits, snapshots and migration. It converts messages and
+//! delegates: snapshots to `snapshot_engine`, migration to
+//! `migration::source`. It runs on one thread with its own single-threaded
+//! runtime, so a VMM started without `--api-socket` pays nothing for it.
 
 use std::io::Cursor;
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use berth_proto::common::{DeviceStats, Empty, RateLimit};
 use berth_proto::vmm::{
@@ -23,15 +24,10 @@ use crate::devices::rate_limiter::{BucketConfig, LimitConfig};
 use crate::exit::ExitReason;
 use crate::seccomp::ThreadKind;
 
-use crate::machine::PAUSE_TIMEOUT;
-/// A live snapshot pauses once a pass leaves at most this many pages dirty
-/// (4 MiB), or after this many passes.
-const LIVE_DONE_PAGES: u64 = 1024;
-const LIVE_MAX_PASSES: u32 = 10;
-
-fn absolute(path: &Path) -> std::path::PathBuf {
-    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
-}
+use crate::builder::BuildError;
+use crate::machine::{Machine, PAUSE_TIMEOUT};
+use crate::migration::source::{Outgoing, Params, Progress, StartError};
+use crate::snapshot_engine::{Kind, Request, Snapshots, TakeError};
 
 pub use berth_proto::vmm_process::now_ms;
 
@@ -53,16 +49,12 @@ impl ConsoleInput {
 }
 
 pub struct VmmApi {
-    pub machine: Arc<crate::machine::Machine>,
-    /// The parent of the next diff snapshot: the last snapshot this VMM
-    /// took (dirty logging starts with the first).
-    pub last_snapshot: Mutex<Option<std::path::PathBuf>>,
+    pub machine: Arc<Machine>,
+    pub snapshots: Snapshots,
     pub console_in: ConsoleInput,
-    pub vcpu_count: u32,
-    pub memory_mib: u64,
     pub started_at_ms: u64,
     /// The outgoing migration, once one was asked for.
-    pub migration: Mutex<Option<Arc<crate::migration::source::Migration>>>,
+    pub migration: Outgoing,
 }
 
 fn limit_from_pb(l: &RateLimit) -> LimitConfig {
@@ -104,148 +96,43 @@ fn thread_sched_ns(tid: i32) -> (u64, u64) {
 }
 
 impl VmmApi {
-    /// Takes a snapshot: full (optionally live: memory copied while the
-    /// guest runs, then a short pause for the rest) or diff (the pages
-    /// written since the last snapshot). Resumes if asked to.
-    fn snapshot(&self, dir: &Path, req: &SnapshotRequest) -> Result<SnapshotReply, String> {
-        use crate::snapshot::{count_dirty, Writer};
-        let err = |e: crate::snapshot::SnapshotError| e.to_string();
-        let vm_err = |e: crate::vstate::vm::VmError| e.to_string();
-        let diff = match req.kind.as_str() {
-            "" | "full" => false,
-            "diff" => true,
-            other => return Err(format!("unknown snapshot kind {other:?} (full, diff)")),
-        };
-        let parent = lock(&self.last_snapshot).clone();
-        if diff && parent.is_none() {
-            return Err("a diff snapshot needs a parent: take a full snapshot first".into());
-        }
-        if diff && req.live {
-            return Err("live diff snapshots are not supported; take a live full one".into());
-        }
-        let m = &self.machine;
-        let memory = m.vm.memory();
-        let mut writer = Writer::begin(dir, memory).map_err(err)?;
-        let mut iterations = 0u32;
-        let was_paused = m.vcpus.is_paused();
-        if req.live && !was_paused {
-            // Copy while running; each pass re-copies what the last dirtied.
-            m.vm.start_dirty_log().map_err(vm_err)?;
-            writer.copy_all(memory).map_err(err)?;
-            iterations = 1;
-            loop {
-                let dirty = m.vm.take_dirty().map_err(vm_err)?;
-                let pending = count_dirty(&dirty);
-                writer.copy_dirty(memory, &dirty).map_err(err)?;
-                iterations += 1;
-                if pending <= LIVE_DONE_PAGES || iterations >= LIVE_MAX_PASSES {
-                    break;
-                }
-            }
-            writer.sync().map_err(err)?;
-            // What the sync let the guest dirty meanwhile, still running.
-            let dirty = m.vm.take_dirty().map_err(vm_err)?;
-            writer.copy_dirty(memory, &dirty).map_err(err)?;
-        }
-        let paused_at = std::time::Instant::now();
-        if !was_paused {
-            m.vcpus.pause(PAUSE_TIMEOUT).map_err(|e| e.to_string())?;
-        }
-        // Devices stop too, so nothing writes guest memory while it is saved.
-        let virtio = m.quiesce_devices();
-        let result = (|| {
-            let dirty_pages = if diff || (req.live && !was_paused) {
-                let dirty = m.vm.take_dirty().map_err(vm_err)?;
-                writer.copy_dirty(memory, &dirty).map_err(err)?;
-                Some(dirty)
-            } else {
-                writer.copy_all(memory).map_err(err)?;
-                None
-            };
-            let mut snapshot = m.capture(virtio)?;
-            if diff {
-                snapshot.kind = "diff".into();
-                snapshot.parent = parent.clone();
-                snapshot.dirty = dirty_pages;
-            }
-            let pages = writer.pages_written;
-            writer.finish(&snapshot).map_err(err)?;
-            // From here on, "dirty" means "since this snapshot".
-            m.vm.start_dirty_log().map_err(vm_err)?;
-            *lock(&self.last_snapshot) = Some(absolute(dir));
-            Ok::<u64, String>(pages)
-        })();
-        m.resume_devices();
-        let pause_ms = paused_at.elapsed().as_millis() as u64;
-        if req.resume && !was_paused {
-            m.vcpus.resume();
-        }
+    fn snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotReply, TakeError> {
+        let taken = self.snapshots.take(&Request {
+            dir: Path::new(&req.dir),
+            kind: Kind::from_name(&req.kind)?,
+            live: req.live,
+            resume: req.resume,
+        })?;
         Ok(SnapshotReply {
-            pause_ms,
-            memory_bytes: m.memory_bytes(),
-            pages_written: result?,
-            iterations,
+            pause_ms: taken.pause_ms,
+            memory_bytes: taken.memory_bytes,
+            pages_written: taken.pages_written,
+            iterations: taken.iterations,
             ..Default::default()
         })
     }
 
     fn migrate_out(&self, req: &MigrateRequest) -> Result<MigrationStatus, ttrpc::Error> {
-        use crate::migration::source::{self, Params};
-        let invalid =
-            |m: &str| ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::INVALID_ARGUMENT, m));
-        if req.address.is_empty() || req.token.is_empty() {
-            return Err(invalid("migrate: address and token are required"));
-        }
-        let mut current = lock(&self.migration);
-        if let Some(m) = current.as_ref() {
-            let phase = m.progress().phase;
-            if !phase.is_final()
-                || phase == source::Phase::Completed
-                || phase == source::Phase::Unknown
-            {
-                return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
-                    ttrpc::Code::FAILED_PRECONDITION,
-                    format!("a migration is already {}", phase.name()),
-                )));
-            }
-        }
-        let or = |v: u64, d: u64| if v == 0 { d } else { v };
-        let params = Params {
-            address: req.address.clone(),
-            token: req.token.clone(),
-            downtime_target: Duration::from_millis(or(
-                req.downtime_ms,
-                Params::DEFAULT_DOWNTIME_MS,
-            )),
-            bandwidth: req.bandwidth_bytes_per_s,
-            timeout: Duration::from_millis(or(req.timeout_ms, Params::DEFAULT_TIMEOUT_MS)),
-            force_on_timeout: req.force_on_timeout,
-            max_iterations: if req.max_iterations == 0 {
-                Params::DEFAULT_MAX_ITERATIONS
-            } else {
-                req.max_iterations
-            },
-        };
-        // The migration reads (and so clears) the dirty log: the next diff
-        // snapshot would miss those pages, so it needs a new full one.
-        *lock(&self.last_snapshot) = None;
-        let m = source::start(self.machine.clone(), params)
-            .map_err(|e| unavailable(format!("cannot start the migration thread: {e}")))?;
-        let status = migration_status(&m.progress());
-        *current = Some(m);
-        Ok(status)
+        let started = self.migration.start(
+            self.machine.clone(),
+            Params::from_request(req),
+            // The migration reads (and so clears) the dirty log.
+            || self.snapshots.forget_parent(),
+        );
+        started.map(|p| migration_status(&p)).map_err(|e| {
+            let code = match e {
+                StartError::Incomplete => ttrpc::Code::INVALID_ARGUMENT,
+                StartError::Busy(_) => ttrpc::Code::FAILED_PRECONDITION,
+                StartError::Thread(_) => ttrpc::Code::UNAVAILABLE,
+            };
+            ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
+        })
     }
 
     fn migration_report(&self, cancel: bool) -> MigrationStatus {
-        match lock(&self.migration).as_ref() {
-            Some(m) => {
-                if cancel {
-                    m.cancel();
-                }
-                migration_status(&m.report())
-            }
-            None => MigrationStatus::default(),
-        }
+        (self.migration.report(cancel).as_ref())
+            .map(migration_status)
+            .unwrap_or_default()
     }
 
     fn info(&self) -> VmmInfo {
@@ -257,15 +144,15 @@ impl VmmApi {
                 "running"
             }
             .into(),
-            vcpus: self.vcpu_count,
-            memory_mib: self.memory_mib,
+            vcpus: self.machine.config.vcpus,
+            memory_mib: self.machine.config.memory_mib,
             started_at_ms: self.started_at_ms,
             ..Default::default()
         }
     }
 }
 
-fn migration_status(p: &crate::migration::source::Progress) -> MigrationStatus {
+fn migration_status(p: &Progress) -> MigrationStatus {
     MigrationStatus {
         phase: p.phase.name().into(),
         destination: p.destination.clone(),
@@ -415,8 +302,11 @@ impl VmmService for VmmApi {
                 "snapshot: no directory given",
             )));
         }
-        VmmApi::snapshot(self, Path::new(&req.dir), &req).map_err(|message| {
-            ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::FAILED_PRECONDITION, message))
+        VmmApi::snapshot(self, &req).map_err(|e| {
+            ttrpc::Error::RpcStatus(ttrpc::get_status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                e.to_string(),
+            ))
         })
     }
 
@@ -451,6 +341,33 @@ impl ApiServer {
             let _ = self.done.recv_timeout(timeout);
         }
     }
+}
+
+impl crate::builder::Control for ApiServer {
+    fn shutdown(self, timeout: std::time::Duration) {
+        ApiServer::shutdown(self, timeout)
+    }
+}
+
+/// Serves the control API for `machine` on the unix socket at `path`: what
+/// `Vmm::run` starts once the vCPUs run.
+pub fn start(path: &Path, machine: Arc<Machine>) -> Result<ApiServer, BuildError> {
+    let console_in =
+        ConsoleInput::start(machine.serial.clone()).map_err(|source| BuildError::Io {
+            what: "the console input queue",
+            source,
+        })?;
+    let api = VmmApi {
+        snapshots: Snapshots::new(machine.clone()),
+        machine,
+        console_in,
+        started_at_ms: now_ms(),
+        migration: Outgoing::default(),
+    };
+    serve(path, api).map_err(|source| BuildError::ApiSocket {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Serves `api` on the unix socket at `path` from a thread of its own.

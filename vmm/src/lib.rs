@@ -20,6 +20,8 @@ pub mod jail;
 pub mod machine;
 pub mod memory;
 pub mod migration;
+pub mod precopy;
 pub mod seccomp;
 pub mod snapshot;
+pub mod snapshot_engine;
 pub mod vstate;

@@ -12,7 +12,8 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use crate::devices::bus::lock;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialDevice;
-use crate::devices::virtio::mmio::TransportSnapshot;
+use crate::devices::rate_limiter::RateLimiter;
+use crate::devices::virtio::mmio::{MmioTransport, TransportSnapshot};
 use crate::exit::ExitNotifier;
 use crate::snapshot::VmSnapshot;
 use crate::vstate::vcpu::VcpuSet;
@@ -20,14 +21,25 @@ use crate::vstate::vm::Vm;
 
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The virtio-mmio transports, in the order the config lists devices.
+pub type Transports = Vec<Arc<Mutex<MmioTransport>>>;
+
+/// A device's rate limiter, as the control API names it: device "disk0"
+/// (direction "io") or "nic0" (directions "rx" and "tx").
+pub struct DeviceLimiter {
+    pub device: String,
+    pub direction: &'static str,
+    pub limiter: Arc<RateLimiter>,
+}
+
 pub struct Machine {
     pub vm: Arc<Vm>,
     pub vcpus: Arc<VcpuSet>,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub i8042: Arc<Mutex<I8042>>,
-    pub transports: crate::builder::Transports,
+    pub transports: Transports,
     /// Every device's rate limiter, by device name and direction.
-    pub limiters: Arc<Vec<crate::builder::DeviceLimiter>>,
+    pub limiters: Arc<Vec<DeviceLimiter>>,
     pub config: crate::config::VmConfig,
     pub flavour: String,
     pub exit: ExitNotifier,

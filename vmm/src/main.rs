@@ -349,7 +349,15 @@ fn run_incoming(args: &Args, address: &str) -> (i32, String) {
         "berth-vmm: migration received; {} vCPU(s), {} MiB running",
         config.vcpus, config.memory_mib
     );
-    finish(vmm.run(args.api_socket.as_deref(), false))
+    run_vmm(vmm, args, false)
+}
+
+/// Runs the guest, serving the control API on `--api-socket` if given.
+fn run_vmm(vmm: builder::Vmm, args: &Args, paused: bool) -> (i32, String) {
+    let socket = args.api_socket.as_deref();
+    finish(vmm.run(paused, |machine| {
+        (socket.map(|path| berth_vmm::api::start(path, machine))).transpose()
+    }))
 }
 
 fn finish(result: Result<berth_vmm::exit::ExitReason, builder::BuildError>) -> (i32, String) {
@@ -417,5 +425,5 @@ fn run(args: &Args) -> (i32, String) {
         config.memory_mib,
         config.kernel.path.display()
     );
-    finish(vmm.run(args.api_socket.as_deref(), args.paused))
+    run_vmm(vmm, args, args.paused)
 }

@@ -1,25 +1,32 @@
-//! Wires a VM together from its config: checks host limits, creates memory
-//! and the KVM VM, loads the kernel, builds the boot structures and devices,
-//! and configures each vCPU. `Vmm::run` then starts the threads.
+//! Wires a VM together: from its config (`boot`: memory, kernel, boot
+//! structures) or from saved state (`restore`: a snapshot, or what a
+//! migration sent). Both check the host's limits, then attach the same
+//! devices and create the vCPUs through the helpers here, and differ only in
+//! where memory and each part's state come from. `Vmm::run` then starts the
+//! threads.
 
+mod boot;
+mod restore;
 mod virtio;
-pub use virtio::{DeviceLimiter, Transports};
+
+pub use boot::build;
+pub use restore::{restore, restore_migrated, RestoreError};
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
-
-use crate::seccomp::{self, ThreadKind};
 use std::time::Duration;
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use crate::seccomp::{self, ThreadKind};
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::layout::create_guest_memory;
-use crate::arch::x86_64::{boot, cpuid, mptable, regs};
+use crate::arch::x86_64::{cpuid, mptable, regs};
 use crate::config::{ConfigError, SerialInput, VmConfig};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN, KEYBOARD_GSI};
@@ -28,6 +35,8 @@ use crate::devices::legacy::serial::{
     COM1_PORT_LEN,
 };
 use crate::exit::{ExitNotifier, ExitReason};
+use crate::machine::{DeviceLimiter, Machine, Transports};
+use crate::snapshot::VmSnapshot;
 use crate::vstate::kvm::{self, Flavour, KvmOpenError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuControl, VcpuSet};
 use crate::vstate::vm::{Vm, VmError};
@@ -51,7 +60,7 @@ pub enum BuildError {
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
-    Boot(#[from] boot::BootError),
+    Boot(#[from] crate::arch::x86_64::boot::BootError),
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
     #[error(transparent)]
@@ -77,7 +86,7 @@ pub enum BuildError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Snapshot(#[from] crate::snapshot::SnapshotError),
+    Restore(#[from] RestoreError),
     #[error(transparent)]
     Disk(#[from] crate::devices::virtio::block::BlockError),
     #[error(transparent)]
@@ -101,8 +110,8 @@ pub struct Vmm {
     // Owns guest memory and the VM fd; must outlive the vCPU threads.
     vm: Arc<Vm>,
     config: VmConfig,
-    transports: virtio::Transports,
-    limiters: Arc<Vec<virtio::DeviceLimiter>>,
+    transports: Transports,
+    limiters: Arc<Vec<DeviceLimiter>>,
     vcpus: Vec<Vcpu>,
     control: Arc<VcpuControl>,
     serial: Arc<Mutex<SerialDevice>>,
@@ -110,47 +119,22 @@ pub struct Vmm {
     input: SerialInput,
     exit: ExitNotifier,
     exit_rx: Receiver<ExitReason>,
-    guest_cpuids: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
+    guest_cpuids: Vec<Vec<kvm_cpuid_entry2>>,
     pub flavour: Flavour,
     pub vcpu_count: u32,
     pub memory_mib: u64,
 }
 
-pub fn build(config: &VmConfig, kvm_device: &Path) -> Result<Vmm, BuildError> {
-    build_vm(config, kvm_device, None)
+/// What serves a running machine to its controller: the control API,
+/// which a layer above the builder starts (`api::start`), so the builder
+/// needs nothing of it but this.
+pub trait Control {
+    /// Stops serving, letting replies in flight out (at most `timeout`).
+    fn shutdown(self, timeout: Duration);
 }
 
-/// A VM from a snapshot directory: memory mapped privately from its memory
-/// file, vCPU, VM and device state as saved. `config` is the snapshot's own
-/// with the caller's console settings.
-pub fn restore(
-    dir: &Path,
-    snapshot: crate::snapshot::VmSnapshot,
-    config: &VmConfig,
-    kvm_device: &Path,
-) -> Result<Vmm, BuildError> {
-    let memory = crate::snapshot::load_memory(dir, &snapshot)?;
-    // Dirty logging (and so a diff's baseline) starts with this VMM's first
-    // full snapshot: turning it on here would cost every restore time that
-    // grows with guest size.
-    build_vm(config, kvm_device, Some((snapshot, memory)))
-}
-
-/// A VM from state and memory that arrived over a migration connection.
-pub fn restore_migrated(
-    snapshot: crate::snapshot::VmSnapshot,
-    memory: crate::memory::GuestMemory,
-    config: &VmConfig,
-    kvm_device: &Path,
-) -> Result<Vmm, BuildError> {
-    build_vm(config, kvm_device, Some((snapshot, memory)))
-}
-
-fn build_vm(
-    config: &VmConfig,
-    kvm_device: &Path,
-    restore: Option<(crate::snapshot::VmSnapshot, crate::memory::GuestMemory)>,
-) -> Result<Vmm, BuildError> {
+/// KVM, opened once `config` passed its checks and fits this host.
+fn open_kvm(config: &VmConfig, kvm_device: &Path) -> Result<(Kvm, Flavour), BuildError> {
     config.validate()?;
     let kvm_fd = kvm::open(kvm_device)?;
     let flavour = kvm::detect_flavour();
@@ -178,36 +162,25 @@ fn build_vm(
             });
         }
     }
+    Ok((kvm_fd, flavour))
+}
 
-    let mem_size = config.memory_mib << 20;
-    let (snapshot, memory) = match restore {
-        Some((snapshot, memory)) => (Some(snapshot), memory),
-        None => (
-            None,
-            create_guest_memory(mem_size).map_err(|e| BuildError::GuestMemory {
-                mib: config.memory_mib,
-                message: e.to_string(),
-            })?,
-        ),
-    };
-    let vm = Vm::new(&kvm_fd, memory)?;
-    let mem = vm.memory();
+/// The exit channel and the port I/O devices (COM1, the i8042) on their bus.
+struct Legacy {
+    exit: ExitNotifier,
+    exit_rx: Receiver<ExitReason>,
+    serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
+    pio: Arc<Bus>,
+}
 
-    // A restored guest's memory already holds its kernel and boot tables.
-    let boot_image = match &snapshot {
-        Some(_) => None,
-        None => {
-            let kernel = boot::load_kernel(mem, &config.kernel.path)?;
-            let initrd = match &config.kernel.initrd {
-                Some(path) => Some(boot::load_initrd(mem, &kernel, path)?),
-                None => None,
-            };
-            mptable::setup(mem, config.vcpus)?;
-            regs::write_boot_tables(mem)?;
-            Some((kernel, initrd))
-        }
-    };
-
+/// Creates the port I/O devices, continuing from `saved`'s state on a
+/// restore.
+fn attach_legacy(
+    vm: &Vm,
+    config: &VmConfig,
+    saved: Option<&VmSnapshot>,
+) -> Result<Legacy, BuildError> {
     let (exit, exit_rx) = ExitNotifier::new();
     let log = match &config.serial.log {
         Some(path) => Some(ConsoleLog::open(path, config.serial.log_max_bytes).map_err(
@@ -220,9 +193,10 @@ fn build_vm(
     };
     let irq = IrqTrigger::new().map_err(io_err("the serial interrupt eventfd"))?;
     let out = ConsoleOut::new(log, config.serial.stdout);
-    let serial = Arc::new(Mutex::new(match &snapshot {
-        Some(s) => SerialDevice::restore(&(&s.serial).into(), irq, out)
-            .map_err(|e| io_err("the serial device")(std::io::Error::other(e)))?,
+    let serial = Arc::new(Mutex::new(match saved {
+        Some(s) => {
+            SerialDevice::restore(&(&s.serial).into(), irq, out).map_err(RestoreError::Serial)?
+        }
         None => SerialDevice::new(irq, out),
     }));
     vm.register_irqfd(crate::devices::bus::lock(&serial).irq_eventfd(), COM1_GSI)?;
@@ -235,56 +209,51 @@ fn build_vm(
         crate::devices::bus::lock(&i8042).irq_eventfd(),
         KEYBOARD_GSI,
     )?;
-    if let Some(s) = &snapshot {
+    if let Some(s) = saved {
         crate::devices::bus::lock(&i8042).restore(&s.i8042);
     }
     pio.insert(COM1_PORT_BASE, COM1_PORT_LEN, serial.clone())
         .and_then(|_| pio.insert(I8042_PORT_BASE, I8042_PORT_LEN, i8042.clone()))
         .map_err(|e| io_err("the port I/O bus")(std::io::Error::other(e)))?;
-    let pio = Arc::new(pio);
-    let mut mmio = Bus::default();
-    let virtio::Attached {
-        cmdline: device_words,
-        transports,
-        limiters,
-    } = virtio::attach_devices(&vm, &config.disks, &config.nics, &mut mmio)?;
-    if let Some(s) = &snapshot {
-        if s.virtio.len() != transports.len() {
-            return Err(io_err("the virtio devices")(std::io::Error::other(
-                format!(
-                    "the snapshot has {} virtio devices, the config {}",
-                    s.virtio.len(),
-                    transports.len()
-                ),
-            )));
-        }
-        for (transport, state) in transports.iter().zip(&s.virtio) {
-            crate::devices::bus::lock(transport)
-                .restore(state)
-                .map_err(|e| io_err("a virtio device's state")(std::io::Error::other(e)))?;
-        }
-    }
-    let mmio = Arc::new(mmio);
+    Ok(Legacy {
+        exit,
+        exit_rx,
+        serial,
+        i8042,
+        pio: Arc::new(pio),
+    })
+}
 
-    // The user's command line, then the words that announce our devices.
-    let cmdline = std::iter::once(config.kernel.cmdline.as_str())
-        .chain(device_words.iter().map(String::as_str))
-        .filter(|w| !w.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ");
-    let entry = match boot_image {
-        Some((kernel, initrd)) => {
-            boot::write_cmdline(mem, &kernel, &cmdline)?;
-            boot::write_zero_page(mem, &kernel, cmdline.len(), initrd, mem_size)?;
-            kernel.entry
-        }
-        None => 0,
-    };
+/// Every disk and NIC of `config` on a new MMIO bus.
+fn attach_virtio(vm: &Vm, config: &VmConfig) -> Result<(virtio::Attached, Arc<Bus>), BuildError> {
+    let mut mmio = Bus::default();
+    let attached = virtio::attach_devices(vm, &config.disks, &config.nics, &mut mmio)?;
+    Ok((attached, Arc::new(mmio)))
+}
+
+/// The vCPUs, and the CPUID each one's guest sees.
+struct Vcpus {
+    vcpus: Vec<Vcpu>,
+    control: Arc<VcpuControl>,
+    guest_cpuids: Vec<Vec<kvm_cpuid_entry2>>,
+}
+
+/// Creates each vCPU with our CPUID and the common registers; `setup`
+/// then gives vCPU `index` its boot or saved state and returns the CPUID
+/// its guest sees (ours, or the saved one restore sets).
+fn create_vcpus(
+    kvm_fd: &Kvm,
+    vm: &Vm,
+    config: &VmConfig,
+    buses: (&Arc<Bus>, &Arc<Bus>),
+    exit: &ExitNotifier,
+    mut setup: impl FnMut(u32, &VcpuFd, &CpuId) -> Result<Vec<kvm_cpuid_entry2>, BuildError>,
+) -> Result<Vcpus, BuildError> {
+    let (pio, mmio) = buses;
     let msr_indices = Arc::new(
-        crate::vstate::vcpu_state::msr_indices(&kvm_fd)
+        crate::vstate::vcpu_state::msr_indices(kvm_fd)
             .map_err(|e| io_err("the MSR list")(std::io::Error::other(e.to_string())))?,
     );
-
     let supported = kvm_fd
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("report its supported CPUID"))?;
@@ -300,29 +269,8 @@ fn build_vm(
         cpuid::normalize(&mut cpuid, index, config.vcpus);
         fd.set_cpuid2(&cpuid)
             .map_err(kvm_err("set a vCPU's CPUID"))?;
-        // What the guest sees: ours, or the saved one restore sets below.
-        guest_cpuids.push(match &snapshot {
-            Some(s) => s
-                .vcpus
-                .get(index as usize)
-                .map(|v| v.cpuid.clone())
-                .unwrap_or_default(),
-            None => cpuid.as_slice().to_vec(),
-        });
         regs::setup_common(&fd)?;
-        match &snapshot {
-            Some(s) => {
-                let state = s.vcpus.get(index as usize).ok_or_else(|| {
-                    io_err("the vCPU state")(std::io::Error::other("the snapshot has fewer vCPUs"))
-                })?;
-                crate::vstate::vcpu_state::restore(&kvm_fd, &fd, state).map_err(|e| {
-                    io_err("a vCPU's saved state")(std::io::Error::other(e.to_string()))
-                })?;
-            }
-            // APs stay in KVM's wait-for-SIPI state until the guest starts them.
-            None if index == 0 => regs::setup_boot_regs(&fd, entry)?,
-            None => {}
-        }
+        guest_cpuids.push(setup(index, &fd, &cpuid)?);
         vcpus.push(Vcpu::new(
             index,
             fd,
@@ -333,38 +281,51 @@ fn build_vm(
             msr_indices.clone(),
         ));
     }
-    if let Some(s) = &snapshot {
-        crate::vstate::vcpu_state::restore_vm(vm.fd(), &s.vm)
-            .map_err(|e| io_err("the VM's saved state")(std::io::Error::other(e.to_string())))?;
-    }
-
-    Ok(Vmm {
-        vm: Arc::new(vm),
-        config: config.clone(),
-        transports,
-        limiters: Arc::new(limiters),
+    Ok(Vcpus {
         vcpus,
         control,
-        serial,
-        i8042,
-        input: config.serial.input.clone(),
-        exit,
-        exit_rx,
         guest_cpuids,
-        flavour,
-        vcpu_count: config.vcpus,
-        memory_mib: config.memory_mib,
     })
 }
 
 impl Vmm {
-    /// Runs the guest until something ends it; returns why. With
-    /// `api_socket`, serves the VmmService (pause, resume, shutdown, stop,
-    /// stats, console input) there while it runs.
-    pub fn run(
+    fn assemble(
+        vm: Vm,
+        config: &VmConfig,
+        flavour: Flavour,
+        legacy: Legacy,
+        attached: virtio::Attached,
+        vcpus: Vcpus,
+    ) -> Vmm {
+        Vmm {
+            vm: Arc::new(vm),
+            config: config.clone(),
+            transports: attached.transports,
+            limiters: Arc::new(attached.limiters),
+            vcpus: vcpus.vcpus,
+            control: vcpus.control,
+            serial: legacy.serial,
+            i8042: legacy.i8042,
+            input: config.serial.input.clone(),
+            exit: legacy.exit,
+            exit_rx: legacy.exit_rx,
+            guest_cpuids: vcpus.guest_cpuids,
+            flavour,
+            vcpu_count: config.vcpus,
+            memory_mib: config.memory_mib,
+        }
+    }
+}
+
+impl Vmm {
+    /// Runs the guest until something ends it; returns why. Once the vCPUs
+    /// run, `serve` may start a control API for the machine (the VmmService:
+    /// pause, resume, shutdown, stop, stats, console input, snapshots,
+    /// migration), which is shut down after the guest ends.
+    pub fn run<C: Control>(
         self,
-        api_socket: Option<&Path>,
         start_paused: bool,
+        serve: impl FnOnce(Arc<Machine>) -> Result<Option<C>, BuildError>,
     ) -> Result<ExitReason, BuildError> {
         vcpu::install_kick_handler().map_err(io_err("the vCPU kick signal"))?;
         let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(io_err("signal handling"))?;
@@ -384,39 +345,19 @@ impl Vmm {
         let vcpus = Arc::new(
             VcpuSet::start(self.vcpus, self.control.clone()).map_err(io_err("a vCPU thread"))?,
         );
-        let mut api_server = None;
-        if let Some(path) = api_socket {
-            let console_in = crate::api::ConsoleInput::start(self.serial.clone())
-                .map_err(io_err("the console input queue"))?;
-            let machine = crate::machine::Machine {
-                vm: self.vm.clone(),
-                vcpus: vcpus.clone(),
-                serial: self.serial.clone(),
-                i8042: self.i8042.clone(),
-                transports: self.transports.clone(),
-                limiters: self.limiters.clone(),
-                config: self.config.clone(),
-                flavour: self.flavour.to_string(),
-                exit: self.exit.clone(),
-                guest_cpuids: self.guest_cpuids.clone(),
-            };
-            let api = crate::api::VmmApi {
-                machine: Arc::new(machine),
-                last_snapshot: Mutex::new(None),
-                console_in,
-                vcpu_count: self.vcpu_count,
-                memory_mib: self.memory_mib,
-                started_at_ms: crate::api::now_ms(),
-                migration: Mutex::new(None),
-            };
-            api_server =
-                Some(
-                    crate::api::serve(path, api).map_err(|source| BuildError::ApiSocket {
-                        path: path.to_owned(),
-                        source,
-                    })?,
-                );
-        }
+        let machine = Machine {
+            vm: self.vm.clone(),
+            vcpus: vcpus.clone(),
+            serial: self.serial.clone(),
+            i8042: self.i8042.clone(),
+            transports: self.transports.clone(),
+            limiters: self.limiters.clone(),
+            config: self.config.clone(),
+            flavour: self.flavour.to_string(),
+            exit: self.exit.clone(),
+            guest_cpuids: self.guest_cpuids.clone(),
+        };
+        let api_server = serve(Arc::new(machine))?;
         // Everything this thread still does is the control kind's: wait,
         // stop the vCPUs, write the exit file.
         seccomp::enter(ThreadKind::Control);

@@ -12,12 +12,12 @@ use super::BuildError;
 use crate::arch::x86_64::layout::MMIO_GAP_START;
 use crate::config::{DiskConfig, NicConfig};
 use crate::devices::bus::Bus;
-use crate::devices::rate_limiter::RateLimiter;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
 use crate::devices::virtio::net::tap::Tap;
 use crate::devices::virtio::net::{parse_mac, Net};
 use crate::devices::virtio::VirtioDevice;
+use crate::machine::{DeviceLimiter, Transports};
 use crate::vstate::vm::Vm;
 
 /// IOAPIC lines 5..=23 are free (0-4 are the PIT, keyboard, cascade, COM2
@@ -25,14 +25,6 @@ use crate::vstate::vm::Vm;
 const FIRST_IRQ: u32 = 5;
 const LAST_IRQ: u32 = 23;
 pub const MAX_DEVICES: usize = (LAST_IRQ - FIRST_IRQ + 1) as usize;
-
-/// A device's rate limiter, as the control API names it: device "disk0"
-/// (direction "io") or "nic0" (directions "rx" and "tx").
-pub struct DeviceLimiter {
-    pub device: String,
-    pub direction: &'static str,
-    pub limiter: Arc<RateLimiter>,
-}
 
 type Device = (Box<dyn VirtioDevice>, Vec<DeviceLimiter>);
 
@@ -91,8 +83,6 @@ fn nic_device(index: usize, nic: &NicConfig) -> Result<Device, BuildError> {
     ];
     Ok((Box::new(net), limiters))
 }
-
-pub type Transports = Vec<Arc<Mutex<MmioTransport>>>;
 
 /// What `attach_devices` made.
 pub struct Attached {

@@ -114,113 +114,10 @@ impl Incoming {
     /// memory and state. Any failure ends the attempt: the token was for
     /// one try.
     pub fn receive(self, kvm_device: &std::path::Path) -> Result<Received, IncomingError> {
-        self.listener.set_nonblocking(true)?;
-        let mut conn = loop {
-            match self.listener.accept() {
-                Ok((conn, _)) => break conn,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if SystemTime::now() >= self.expires {
-                        return Err(IncomingError::Expired);
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        self.listener.set_nonblocking(false)?;
-        conn.set_nonblocking(false)?;
-        conn.set_nodelay(true)?;
-        conn.set_read_timeout(Some(IO_TIMEOUT))?;
-        conn.set_write_timeout(Some(IO_TIMEOUT))?;
-
+        let mut conn = self.accept()?;
         let hello: protocol::Hello = read_frame(&mut conn)?.expect(FrameType::Hello)?;
-        if !constant_time_eq(hello.token.as_bytes(), self.token.as_bytes()) {
-            return Err(refuse(&mut conn, "wrong migration token".into()));
-        }
-        if SystemTime::now() >= self.expires {
-            return Err(refuse(&mut conn, "the migration token has expired".into()));
-        }
-        let here = berth_proto::vmm_process::host::cpu_vendor();
-        if hello.cpu_vendor != here {
-            return Err(refuse(
-                &mut conn,
-                format!(
-                    "the source CPU is {}, this host's is {here}",
-                    hello.cpu_vendor
-                ),
-            ));
-        }
-        let missing = cpuid::missing_features(&hello.cpu_features, &host_features(kvm_device)?);
-        if !missing.is_empty() {
-            return Err(refuse(
-                &mut conn,
-                format!(
-                    "this host's CPU lacks features the guest uses: {}",
-                    missing.join(", ")
-                ),
-            ));
-        }
-        if let Err(e) = hello.config.validate() {
-            return Err(refuse(&mut conn, format!("the VM config is invalid: {e}")));
-        }
-        let size = hello.config.memory_mib << 20;
-        let expected: Vec<(u64, u64)> = crate::arch::x86_64::layout::ram_regions(size);
-        if hello.regions != expected {
-            return Err(refuse(
-                &mut conn,
-                format!(
-                    "the guest's memory layout {:x?} is not the one {} MiB has here",
-                    hello.regions, hello.config.memory_mib
-                ),
-            ));
-        }
-        let memory = match create_guest_memory(size) {
-            Ok(m) => m,
-            Err(e) => {
-                return Err(refuse(
-                    &mut conn,
-                    format!("cannot allocate {} MiB: {e}", hello.config.memory_mib),
-                ))
-            }
-        };
-        write_json(&mut conn, FrameType::Welcome, &protocol::Empty::default())?;
-
-        let zero = [0u8; PAGE];
-        let mut frame = protocol::Frame {
-            kind: FrameType::Abort,
-            payload: Vec::with_capacity(protocol::PAGES_PER_FRAME * (PAGE + 8) + 4),
-        };
-        let snapshot = loop {
-            read_frame_into(&mut conn, &mut frame)?;
-            match frame.kind {
-                FrameType::Pages => {
-                    for (gpa, page) in decode_pages(&frame.payload)? {
-                        put_page(&memory, gpa, page)?;
-                    }
-                }
-                FrameType::Zeros => {
-                    for gpa in decode_zeros(&frame.payload)? {
-                        put_page(&memory, gpa, &zero)?;
-                    }
-                }
-                FrameType::IterationEnd => {
-                    let end: protocol::IterationEnd = frame.json()?;
-                    eprintln!(
-                        "berth-vmm: migration pass {} done ({} pages so far)",
-                        end.iteration, end.pages
-                    );
-                }
-                FrameType::State => break frame.json::<VmSnapshot>()?,
-                other => {
-                    frame.expect::<protocol::Empty>(FrameType::State)?;
-                    return Err(ProtocolError::Unexpected {
-                        expected: FrameType::State,
-                        got: other,
-                    }
-                    .into());
-                }
-            }
-        };
+        let memory = self.welcome(&mut conn, &hello, kvm_device)?;
+        let snapshot = receive_memory(&mut conn, &memory)?;
         if snapshot.regions != hello.regions || snapshot.vcpus.len() != hello.config.vcpus as usize
         {
             return Err(refuse(
@@ -238,6 +135,132 @@ impl Incoming {
                 token: self.token,
             },
         })
+    }
+
+    /// The source's connection, set up for the transfer; none once the
+    /// token expired.
+    fn accept(&self) -> Result<TcpStream, IncomingError> {
+        self.listener.set_nonblocking(true)?;
+        let conn = loop {
+            match self.listener.accept() {
+                Ok((conn, _)) => break conn,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if SystemTime::now() >= self.expires {
+                        return Err(IncomingError::Expired);
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        self.listener.set_nonblocking(false)?;
+        conn.set_nonblocking(false)?;
+        conn.set_nodelay(true)?;
+        conn.set_read_timeout(Some(IO_TIMEOUT))?;
+        conn.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(conn)
+    }
+
+    /// Checks the hello (token, expiry, CPU, config, memory layout) and
+    /// allocates the guest's memory, refusing the source with the reason
+    /// if any of it fails; then says Welcome.
+    fn welcome(
+        &self,
+        conn: &mut TcpStream,
+        hello: &protocol::Hello,
+        kvm_device: &std::path::Path,
+    ) -> Result<GuestMemory, IncomingError> {
+        if !constant_time_eq(hello.token.as_bytes(), self.token.as_bytes()) {
+            return Err(refuse(conn, "wrong migration token".into()));
+        }
+        if SystemTime::now() >= self.expires {
+            return Err(refuse(conn, "the migration token has expired".into()));
+        }
+        let here = berth_proto::vmm_process::host::cpu_vendor();
+        if hello.cpu_vendor != here {
+            return Err(refuse(
+                conn,
+                format!(
+                    "the source CPU is {}, this host's is {here}",
+                    hello.cpu_vendor
+                ),
+            ));
+        }
+        let missing = cpuid::missing_features(&hello.cpu_features, &host_features(kvm_device)?);
+        if !missing.is_empty() {
+            return Err(refuse(
+                conn,
+                format!(
+                    "this host's CPU lacks features the guest uses: {}",
+                    missing.join(", ")
+                ),
+            ));
+        }
+        if let Err(e) = hello.config.validate() {
+            return Err(refuse(conn, format!("the VM config is invalid: {e}")));
+        }
+        let size = hello.config.memory_mib << 20;
+        let expected: Vec<(u64, u64)> = crate::arch::x86_64::layout::ram_regions(size);
+        if hello.regions != expected {
+            return Err(refuse(
+                conn,
+                format!(
+                    "the guest's memory layout {:x?} is not the one {} MiB has here",
+                    hello.regions, hello.config.memory_mib
+                ),
+            ));
+        }
+        let memory = match create_guest_memory(size) {
+            Ok(m) => m,
+            Err(e) => {
+                return Err(refuse(
+                    conn,
+                    format!("cannot allocate {} MiB: {e}", hello.config.memory_mib),
+                ))
+            }
+        };
+        write_json(conn, FrameType::Welcome, &protocol::Empty::default())?;
+        Ok(memory)
+    }
+}
+
+/// Page and zero frames into `memory` until the state arrives; returns it.
+fn receive_memory(conn: &mut TcpStream, memory: &GuestMemory) -> Result<VmSnapshot, IncomingError> {
+    let zero = [0u8; PAGE];
+    let mut frame = protocol::Frame {
+        kind: FrameType::Abort,
+        payload: Vec::with_capacity(protocol::PAGES_PER_FRAME * (PAGE + 8) + 4),
+    };
+    loop {
+        read_frame_into(conn, &mut frame)?;
+        match frame.kind {
+            FrameType::Pages => {
+                for (gpa, page) in decode_pages(&frame.payload)? {
+                    put_page(memory, gpa, page)?;
+                }
+            }
+            FrameType::Zeros => {
+                for gpa in decode_zeros(&frame.payload)? {
+                    put_page(memory, gpa, &zero)?;
+                }
+            }
+            FrameType::IterationEnd => {
+                let end: protocol::IterationEnd = frame.json()?;
+                eprintln!(
+                    "berth-vmm: migration pass {} done ({} pages so far)",
+                    end.iteration, end.pages
+                );
+            }
+            FrameType::State => return Ok(frame.json::<VmSnapshot>()?),
+            other => {
+                frame.expect::<protocol::Empty>(FrameType::State)?;
+                return Err(ProtocolError::Unexpected {
+                    expected: FrameType::State,
+                    got: other,
+                }
+                .into());
+            }
+        }
     }
 }
 
@@ -364,7 +387,7 @@ impl Handover {
     /// Acknowledges Go (the vCPUs are about to start), then answers the
     /// source's queries with Running for as long as this VMM lives.
     pub fn ack(mut self) {
-        let resumed_at_ms = crate::api::now_ms();
+        let resumed_at_ms = berth_proto::vmm_process::now_ms();
         if test_fault("drop-ack") {
             eprintln!("berth-vmm: test fault: not sending Ack");
         } else {

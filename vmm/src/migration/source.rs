@@ -18,7 +18,9 @@ use super::protocol::{
 use crate::devices::bus::lock;
 use crate::exit::ExitReason;
 use crate::machine::{Machine, PAUSE_TIMEOUT};
+use crate::precopy::{self, Round, Sink};
 use crate::seccomp::ThreadKind;
+use crate::vstate::vm::VmError;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a silent peer may keep us waiting for one frame.
@@ -51,6 +53,28 @@ impl Params {
     pub const DEFAULT_DOWNTIME_MS: u64 = 50;
     pub const DEFAULT_TIMEOUT_MS: u64 = 300_000;
     pub const DEFAULT_MAX_ITERATIONS: u32 = 30;
+
+    /// The parameters of a request, where 0 asks for the default (and a
+    /// bandwidth of 0 means unlimited).
+    pub fn from_request(req: &berth_proto::vmm::MigrateRequest) -> Params {
+        let or = |v: u64, d: u64| if v == 0 { d } else { v };
+        Params {
+            address: req.address.clone(),
+            token: req.token.clone(),
+            downtime_target: Duration::from_millis(or(
+                req.downtime_ms,
+                Params::DEFAULT_DOWNTIME_MS,
+            )),
+            bandwidth: req.bandwidth_bytes_per_s,
+            timeout: Duration::from_millis(or(req.timeout_ms, Params::DEFAULT_TIMEOUT_MS)),
+            force_on_timeout: req.force_on_timeout,
+            max_iterations: if req.max_iterations == 0 {
+                Params::DEFAULT_MAX_ITERATIONS
+            } else {
+                req.max_iterations
+            },
+        }
+    }
 }
 
 /// The contract's phase names, which `GetMigration` reports.
@@ -106,6 +130,61 @@ impl Migration {
     }
 }
 
+/// Why a migration could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("migrate: address and token are required")]
+    Incomplete,
+    #[error("a migration is already {}", .0.name())]
+    Busy(Phase),
+    #[error("cannot start the migration thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// A VMM's outgoing migration: none, or the last one asked for. A new one
+/// may start once the last has failed or was cancelled.
+#[derive(Default)]
+pub struct Outgoing(Mutex<Option<Arc<Migration>>>);
+
+impl Outgoing {
+    /// Starts migrating `machine` as `params` say. `before_start` runs once
+    /// the request is accepted, just before the migration begins (it will
+    /// read, and so clear, the dirty log). Returns the first progress.
+    pub fn start(
+        &self,
+        machine: Arc<Machine>,
+        params: Params,
+        before_start: impl FnOnce(),
+    ) -> Result<Progress, StartError> {
+        if params.address.is_empty() || params.token.is_empty() {
+            return Err(StartError::Incomplete);
+        }
+        let mut current = lock(&self.0);
+        if let Some(m) = current.as_ref() {
+            let phase = m.progress().phase;
+            if !phase.is_final() || phase == Phase::Completed || phase == Phase::Unknown {
+                return Err(StartError::Busy(phase));
+            }
+        }
+        before_start();
+        let m = start(machine, params).map_err(StartError::Thread)?;
+        let progress = m.progress();
+        *current = Some(m);
+        Ok(progress)
+    }
+
+    /// The migration's progress, if one was asked for; `cancel` cancels
+    /// it first (it stops before the handover, or not at all).
+    pub fn report(&self, cancel: bool) -> Option<Progress> {
+        lock(&self.0).as_ref().map(|m| {
+            if cancel {
+                m.cancel();
+            }
+            m.report()
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum Failure {
     #[error(transparent)]
@@ -123,6 +202,12 @@ enum Failure {
 impl From<std::io::Error> for Failure {
     fn from(e: std::io::Error) -> Self {
         Failure::Protocol(ProtocolError::Io(e))
+    }
+}
+
+impl From<VmError> for Failure {
+    fn from(e: VmError) -> Self {
+        Failure::Local(e.to_string())
     }
 }
 
@@ -306,56 +391,8 @@ impl Sender<'_> {
         self.bytes += write_json(w, FrameType::Hello, &hello)? as u64;
         read_frame(r)?.expect::<protocol::Empty>(FrameType::Welcome)?;
         self.m.update(|p| p.phase = Phase::Precopy);
-
-        let vm_err = |e: crate::vstate::vm::VmError| Failure::Local(e.to_string());
-        machine.vm.start_dirty_log().map_err(vm_err)?;
-        let precopy_from = Instant::now();
-        self.m.update(|p| p.iteration = 1);
-        self.send_all(w)?;
-        let mut iteration = 1u32;
-        self.end_iteration(w, iteration)?;
-        let mut last_take = Instant::now();
-        loop {
-            self.check_cancel()?;
-            let dirty = machine.vm.take_dirty().map_err(vm_err)?;
-            let since = last_take.elapsed();
-            last_take = Instant::now();
-            let remaining = crate::snapshot::count_dirty(&dirty) * PAGE as u64;
-            // What the link has carried so far is the best guess of what it
-            // will carry during the pause.
-            let rate =
-                (self.bytes as f64 / precopy_from.elapsed().as_secs_f64().max(1e-3)).max(1.0);
-            let expected = Duration::from_secs_f64(remaining as f64 / rate);
-            self.m.update(|p| {
-                p.iteration = iteration;
-                p.remaining_bytes = remaining;
-                p.dirty_rate = (remaining as f64 / since.as_secs_f64().max(1e-3)) as u64;
-                p.expected_downtime_ms = expected.as_millis() as u64;
-            });
-            if expected <= self.params.downtime_target {
-                return Ok(dirty);
-            }
-            if iteration >= self.params.max_iterations || self.timed_out() {
-                if self.params.force_on_timeout {
-                    return Ok(dirty);
-                }
-                if self.timed_out() {
-                    return Err(Failure::Timeout(
-                        self.started.elapsed(),
-                        iteration,
-                        remaining,
-                    ));
-                }
-                return Err(Failure::NoConvergence(
-                    iteration,
-                    remaining,
-                    expected.as_millis() as u64,
-                ));
-            }
-            self.send_dirty(w, &dirty)?;
-            iteration += 1;
-            self.end_iteration(w, iteration)?;
-        }
+        let rest = precopy::run(&*machine.vm, &mut StreamSink { sender: self, w })?;
+        Ok(rest.dirty)
     }
 
     /// Pause, last pages, state, Ready, Go, Ack.
@@ -592,5 +629,66 @@ impl Sender<'_> {
         }
         w.flush()?;
         Ok(())
+    }
+}
+
+/// The migration stream as a pre-copy sink.
+struct StreamSink<'s, 'a> {
+    sender: &'s mut Sender<'a>,
+    w: &'s mut BufWriter<TcpStream>,
+}
+
+impl Sink for StreamSink<'_, '_> {
+    type Error = Failure;
+
+    fn send_all(&mut self) -> Result<(), Failure> {
+        self.sender.m.update(|p| p.iteration = 1);
+        self.sender.send_all(self.w)
+    }
+
+    fn send_dirty(&mut self, dirty: &[Vec<u64>]) -> Result<(), Failure> {
+        self.sender.send_dirty(self.w, dirty)
+    }
+
+    fn end_pass(&mut self, pass: u32) -> Result<(), Failure> {
+        self.sender.end_iteration(self.w, pass)
+    }
+
+    fn check(&mut self) -> Result<(), Failure> {
+        self.sender.check_cancel()
+    }
+
+    /// Done once the rest would go within the downtime target; at the
+    /// iteration limit or the timeout, done if forcing, else failed.
+    fn done(&mut self, round: &Round) -> Result<bool, Failure> {
+        let (s, iteration) = (&*self.sender, round.passes);
+        let remaining = crate::snapshot::count_dirty(round.dirty) * PAGE as u64;
+        // What the link has carried so far is the best guess of what it
+        // will carry during the pause.
+        let rate = (s.bytes as f64 / round.elapsed.as_secs_f64().max(1e-3)).max(1.0);
+        let expected = Duration::from_secs_f64(remaining as f64 / rate);
+        s.m.update(|p| {
+            p.iteration = iteration;
+            p.remaining_bytes = remaining;
+            p.dirty_rate = (remaining as f64 / round.dirtied_in.as_secs_f64().max(1e-3)) as u64;
+            p.expected_downtime_ms = expected.as_millis() as u64;
+        });
+        if expected <= s.params.downtime_target {
+            return Ok(true);
+        }
+        if iteration >= s.params.max_iterations || s.timed_out() {
+            if s.params.force_on_timeout {
+                return Ok(true);
+            }
+            if s.timed_out() {
+                return Err(Failure::Timeout(s.started.elapsed(), iteration, remaining));
+            }
+            return Err(Failure::NoConvergence(
+                iteration,
+                remaining,
+                expected.as_millis() as u64,
+            ));
+        }
+        Ok(false)
     }
 }
