@@ -16,6 +16,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use berth_proto::vmm_process::device::LimiterId;
+
 use crate::config::AgentConfig;
 use crate::spec::{Limits, RateLimit, VmSpec};
 use crate::store::{Store, VmState};
@@ -126,7 +128,7 @@ impl Manager {
         self.vmms
             .connect(&entry.dir)
             .await
-            .map_err(ApiError::Unavailable)
+            .map_err(|e| ApiError::Unavailable(e.to_string()))
     }
 
     /// Does the VM's VMM serve its control socket (and so is it up)?
@@ -197,7 +199,7 @@ impl Manager {
             self.cgroups.apply(&spec)?;
             let changed: Vec<_> = (spec.rate_limits().into_iter())
                 .zip(old.rate_limits())
-                .filter(|(new, old)| new.2 != old.2)
+                .filter(|(new, old)| new.1 != old.1)
                 .map(|(new, _)| new)
                 .collect();
             self.push_rate_limits(&entry, changed).await?;
@@ -273,12 +275,12 @@ impl Manager {
     async fn push_rate_limits(
         &self,
         entry: &VmEntry,
-        limits: impl IntoIterator<Item = (String, &'static str, RateLimit)>,
+        limits: impl IntoIterator<Item = (LimiterId, RateLimit)>,
     ) -> ApiResult<()> {
-        for (device, direction, limit) in limits {
+        for (id, limit) in limits {
             let req = berth_proto::vmm::SetRateLimitRequest {
-                device,
-                direction: direction.into(),
+                device: id.device.to_string(),
+                direction: id.direction.word().into(),
                 limit: protobuf::MessageField::some(rate_limit_to_pb(limit)),
                 ..Default::default()
             };

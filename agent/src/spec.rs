@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use berth_proto::vmm_process::device::{Direction, LimiterId};
 use serde::{Deserialize, Serialize};
 
 use crate::config::AgentConfig;
@@ -293,15 +294,15 @@ fn check_source(
 }
 
 impl VmSpec {
-    /// Every device's limits, as the VMM names them: (device, direction).
-    pub fn rate_limits(&self) -> Vec<(String, &'static str, RateLimit)> {
+    /// Every device's limits, by the limiter the VMM knows them as.
+    pub fn rate_limits(&self) -> Vec<(LimiterId, RateLimit)> {
         let mut out = Vec::new();
         for (i, d) in self.disks.iter().enumerate() {
-            out.push((format!("disk{i}"), "io", d.limit));
+            out.push((LimiterId::disk(i), d.limit));
         }
         for (i, n) in self.nics.iter().enumerate() {
-            out.push((format!("nic{i}"), "rx", n.rx_limit));
-            out.push((format!("nic{i}"), "tx", n.tx_limit));
+            out.push((LimiterId::nic(i, Direction::Rx), n.rx_limit));
+            out.push((LimiterId::nic(i, Direction::Tx), n.tx_limit));
         }
         out
     }

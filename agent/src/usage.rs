@@ -11,6 +11,7 @@
 //! What is lost is only what a VMM counted and took with it when it died
 //! between two saves.
 
+use berth_proto::vmm_process::device::{Direction, LimiterId};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -70,11 +71,12 @@ pub struct Reading {
 pub fn io_totals(devices: &[berth_proto::common::DeviceStats]) -> (u64, u64, u64) {
     let mut totals = (0, 0, 0);
     for d in devices {
-        match (d.device.starts_with("disk"), d.direction.as_str()) {
-            (true, _) => totals.0 += d.bytes,
-            (false, "rx") => totals.1 += d.bytes,
-            (false, "tx") => totals.2 += d.bytes,
-            _ => {}
+        match LimiterId::parse(&d.device, &d.direction).map(|id| id.direction) {
+            Ok(Direction::Io) => totals.0 += d.bytes,
+            Ok(Direction::Rx) => totals.1 += d.bytes,
+            Ok(Direction::Tx) => totals.2 += d.bytes,
+            // A limiter this agent does not know counts nowhere.
+            Err(_) => {}
         }
     }
     totals
