@@ -102,10 +102,34 @@ pub fn weight_to_shares(weight: u32) -> u64 {
     (u64::from(weight) * 1024 / 100).max(2)
 }
 
+/// Why this host's cgroups cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupSetupError {
+    #[error("cgroups are off (cgroup_version = \"off\")")]
+    Off,
+    #[error("{}: {source} (no cgroup v2 here)", path.display())]
+    NoV2 {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cgroup v2 at {} lacks the {controller} controller", root.display())]
+    MissingController {
+        root: PathBuf,
+        controller: &'static str,
+    },
+    #[error("cgroup v1 hierarchy {} is missing", dir.display())]
+    MissingV1 { dir: PathBuf },
+}
+
 impl Layout {
     /// Finds the hierarchies: pure v2 when /sys/fs/cgroup has controllers,
     /// else the v1 mounts (the unified mount of a hybrid host has none).
-    pub fn detect(choice: VersionChoice, root: &Path, parent: &str) -> Result<Layout, String> {
+    pub fn detect(
+        choice: VersionChoice,
+        root: &Path,
+        parent: &str,
+    ) -> Result<Layout, CgroupSetupError> {
         let hierarchies = Self::detect_hierarchies(choice, root)?;
         Ok(Layout {
             hierarchies,
@@ -113,24 +137,30 @@ impl Layout {
         })
     }
 
-    fn detect_hierarchies(choice: VersionChoice, root: &Path) -> Result<Hierarchies, String> {
+    fn detect_hierarchies(
+        choice: VersionChoice,
+        root: &Path,
+    ) -> Result<Hierarchies, CgroupSetupError> {
         let v2 = root.join("cgroup.controllers");
         let v1 = |c: &str| root.join(c);
         let want_v2 = match choice {
             VersionChoice::V2 => true,
             VersionChoice::V1 => false,
             VersionChoice::Auto => v2.exists(),
-            VersionChoice::Off => return Err("cgroups are off (cgroup_version = \"off\")".into()),
+            VersionChoice::Off => return Err(CgroupSetupError::Off),
         };
         if want_v2 {
-            let controllers = std::fs::read_to_string(&v2)
-                .map_err(|e| format!("{}: {e} (no cgroup v2 here)", v2.display()))?;
+            let controllers =
+                std::fs::read_to_string(&v2).map_err(|source| CgroupSetupError::NoV2 {
+                    path: v2.clone(),
+                    source,
+                })?;
             for c in ["cpu", "cpuset", "memory"] {
                 if !controllers.split_whitespace().any(|x| x == c) {
-                    return Err(format!(
-                        "cgroup v2 at {} lacks the {c} controller",
-                        root.display()
-                    ));
+                    return Err(CgroupSetupError::MissingController {
+                        root: root.to_owned(),
+                        controller: c,
+                    });
                 }
             }
             return Ok(Hierarchies::V2 {
@@ -152,7 +182,7 @@ impl Layout {
         {
             for dir in [cpu, cpuacct, cpuset, memory] {
                 if !dir.is_dir() {
-                    return Err(format!("cgroup v1 hierarchy {} is missing", dir.display()));
+                    return Err(CgroupSetupError::MissingV1 { dir: dir.clone() });
                 }
             }
         }
@@ -438,7 +468,7 @@ mod tests {
         let root = fake_v2("missing");
         std::fs::write(root.join("cgroup.controllers"), "cpu io pids\n").unwrap();
         let e = Layout::detect(VersionChoice::V2, &root, "berth").unwrap_err();
-        assert!(e.contains("cpuset"), "{e}");
+        assert!(e.to_string().contains("cpuset"), "{e}");
     }
 
     #[test]

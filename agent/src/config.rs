@@ -130,6 +130,15 @@ impl AgentConfig {
     }
 }
 
+/// A `[jail]` uid range that cannot work.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum JailSettingsError {
+    #[error("jail.first_uid and jail.uid_count must be positive")]
+    Empty,
+    #[error("jail.first_uid + jail.uid_count overflows a uid")]
+    Overflow,
+}
+
 /// The `[jail]` section of the agent config.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -173,12 +182,12 @@ impl JailSettings {
             .find(|uid| *uid != 0 && !used.contains(uid))
     }
 
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), JailSettingsError> {
         if self.first_uid == 0 || self.uid_count == 0 {
-            return Err("jail.first_uid and jail.uid_count must be positive".into());
+            return Err(JailSettingsError::Empty);
         }
         if self.first_uid.checked_add(self.uid_count).is_none() {
-            return Err("jail.first_uid + jail.uid_count overflows a uid".into());
+            return Err(JailSettingsError::Overflow);
         }
         Ok(())
     }

@@ -158,7 +158,7 @@ fn check_cgroups(config: &AgentConfig) -> Finding {
         Err(e) => bad(
             "cgroups",
             Verdict::Fail,
-            e,
+            e.to_string(),
             "mount cgroup v2 on the cgroup_root with the cpu, cpuset and memory controllers \
              (or the v1 cpu, cpuacct, cpuset and memory hierarchies), or set cgroup_root",
         ),
@@ -304,7 +304,7 @@ fn check_jail_uids(config: &AgentConfig) -> Finding {
         return bad(
             "jail",
             Verdict::Fail,
-            e,
+            e.to_string(),
             "fix [jail] first_uid and uid_count",
         );
     }

@@ -14,12 +14,12 @@ pub enum ImageKind {
 }
 
 impl ImageKind {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, UnknownImageKind> {
         match s {
             "kernel" => Ok(ImageKind::Kernel),
             "initrd" => Ok(ImageKind::Initrd),
             "disk" => Ok(ImageKind::Disk),
-            other => Err(format!("kind: {other:?} is not kernel, initrd or disk")),
+            other => Err(UnknownImageKind(other.to_string())),
         }
     }
 
@@ -31,6 +31,10 @@ impl ImageKind {
         }
     }
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error("kind: {0:?} is not kernel, initrd or disk")]
+pub struct UnknownImageKind(pub String);
 
 /// "sha256:<64 lowercase hex>".
 pub fn is_digest(s: &str) -> bool {

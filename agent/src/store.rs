@@ -233,9 +233,34 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
     })
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, String> {
-    let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))
+/// Why a VM's directory could not be loaded (it is quarantined).
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("spec id {0:?} does not match its directory")]
+    WrongId(String),
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, LoadError> {
+    let text = std::fs::read(path).map_err(|source| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_json::from_slice(&text).map_err(|source| LoadError::Parse {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 impl Store {
@@ -303,10 +328,7 @@ impl Store {
             let read = read_json::<VmSpec>(&dir.spec()).and_then(|spec| {
                 let record = read_json::<VmRecord>(&dir.state())?;
                 if spec.id != name {
-                    return Err(format!(
-                        "spec id {:?} does not match its directory",
-                        spec.id
-                    ));
+                    return Err(LoadError::WrongId(spec.id));
                 }
                 Ok((spec, record))
             });

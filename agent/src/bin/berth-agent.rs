@@ -128,7 +128,7 @@ async fn serve_metrics(
 async fn run(args: Args) -> Result<(), String> {
     let mut config = load_config(&args)?;
     let limits = host_limits(&config);
-    config.jail.check()?;
+    config.jail.check().map_err(|e| e.to_string())?;
     // A jailed VMM opens its run and snapshot directories refusing
     // symlinks, so the state root is used by its real path.
     std::fs::create_dir_all(&config.state_root)

@@ -34,7 +34,7 @@ impl ImportHeader {
     pub fn validate(&self) -> Result<ImageKind, ImageError> {
         crate::spec::check_name("name", &self.name)
             .map_err(|e| ImageError::Invalid(e.to_string()))?;
-        let kind = ImageKind::parse(&self.kind).map_err(ImageError::Invalid)?;
+        let kind = ImageKind::parse(&self.kind).map_err(|e| ImageError::Invalid(e.to_string()))?;
         if !self.expected_digest.is_empty() && !is_digest(&self.expected_digest) {
             return Err(ImageError::Invalid(format!(
                 "expected_digest: {:?} is not sha256:<64 hex digits>",

@@ -132,7 +132,8 @@ impl Manager {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // The VMM made the taps; put each into its bridge, if it names one.
-        if let Err(message) = attach_bridges(&spec) {
+        if let Err(e) = attach_bridges(&spec) {
+            let message = e.to_string();
             self.abort_launch(entry, Some(process), message.clone())
                 .await?;
             return Err(ApiError::Unavailable(message));
@@ -170,21 +171,33 @@ impl Manager {
     }
 }
 
+/// Why a tap could not join its bridge.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error("cannot run ip (iproute2): {0}")]
+    NoIp(#[source] std::io::Error),
+    #[error("cannot attach tap {tap} to bridge {bridge}: {stderr}")]
+    Refused {
+        tap: String,
+        bridge: String,
+        stderr: String,
+    },
+}
+
 /// `ip link set <tap> master <bridge> up` for every NIC that names a
 /// bridge. Building the bridge is the controller's business.
-pub(super) fn attach_bridges(spec: &VmSpec) -> Result<(), String> {
+pub(super) fn attach_bridges(spec: &VmSpec) -> Result<(), BridgeError> {
     for nic in spec.nics.iter().filter(|n| !n.bridge.is_empty()) {
         let out = std::process::Command::new("ip")
             .args(["link", "set", &nic.tap, "master", &nic.bridge, "up"])
             .output()
-            .map_err(|e| format!("cannot run ip (iproute2): {e}"))?;
+            .map_err(BridgeError::NoIp)?;
         if !out.status.success() {
-            return Err(format!(
-                "cannot attach tap {} to bridge {}: {}",
-                nic.tap,
-                nic.bridge,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
+            return Err(BridgeError::Refused {
+                tap: nic.tap.clone(),
+                bridge: nic.bridge.clone(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
         }
     }
     Ok(())

@@ -148,7 +148,7 @@ impl Manager {
         };
         let spec = lock(&entry.inner).spec.clone();
         let failure = if up {
-            attach_bridges(&spec).err()
+            attach_bridges(&spec).err().map(|e| e.to_string())
         } else {
             Some("the agent restarted while the VMM was starting, and it did not come up".into())
         };

@@ -7,13 +7,13 @@ use std::sync::Mutex;
 
 use super::error::{ApiError, ApiResult};
 use super::registry::lock;
-use crate::cgroups::{self, Layout, VersionChoice};
+use crate::cgroups::{self, CgroupSetupError, Layout, VersionChoice};
 use crate::config::AgentConfig;
 use crate::spec::VmSpec;
 
 pub struct VmCgroups {
     /// The cgroup layout, or why there is none.
-    pub layout: Result<Layout, String>,
+    pub layout: Result<Layout, CgroupSetupError>,
     /// The config turned cgroups off (then VMs start without one).
     off: bool,
     default_overhead_mib: u64,

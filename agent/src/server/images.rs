@@ -170,10 +170,11 @@ impl image_ttrpc::ImageService for ImageApi {
         let kind = if req.kind.is_empty() {
             None
         } else {
-            Some(
-                ImageKind::parse(&req.kind)
-                    .map_err(|e| status(image_error(crate::images::ImageError::Invalid(e))))?,
-            )
+            Some(ImageKind::parse(&req.kind).map_err(|e| {
+                status(image_error(crate::images::ImageError::Invalid(
+                    e.to_string(),
+                )))
+            })?)
         };
         let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
         let store = self.0.images.list();

@@ -71,16 +71,28 @@ pub trait VmmControl: Send + Sync {
     async fn cancel_migration(&self, timeout: Duration) -> ttrpc::Result<MigrationStatus>;
 }
 
+/// A VMM whose control socket did not take a connection.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach the VMM at {}: {source}", socket.display())]
+pub struct VmmUnreachable {
+    pub socket: std::path::PathBuf,
+    #[source]
+    pub source: ttrpc::Error,
+}
+
 /// The real control socket, over ttrpc.
 pub struct TtrpcControl(VmmServiceClient);
 
 impl TtrpcControl {
-    pub async fn connect(dir: &VmDir) -> Result<TtrpcControl, String> {
+    pub async fn connect(dir: &VmDir) -> Result<TtrpcControl, VmmUnreachable> {
         let address = format!("unix://{}", dir.socket().display());
         ttrpc::r#async::Client::connect(&address)
             .await
             .map(|c| TtrpcControl(VmmServiceClient::new(c)))
-            .map_err(|e| format!("cannot reach the VMM at {}: {e}", dir.socket().display()))
+            .map_err(|source| VmmUnreachable {
+                socket: dir.socket(),
+                source,
+            })
     }
 }
 

@@ -14,7 +14,7 @@ use crate::store::VmDir;
 pub mod control;
 mod process;
 
-pub use control::{RunState, TtrpcControl, VmmControl};
+pub use control::{RunState, TtrpcControl, VmmControl, VmmUnreachable};
 pub use process::{host_info, proc_start_ticks, read_exit, OsVmmProcess};
 
 /// How a VMM ended.
@@ -116,7 +116,7 @@ pub trait Vmms: Send + Sync {
     /// How a VMM that ended while nobody watched went: its exit record.
     fn read_exit(&self, dir: &VmDir) -> VmmExit;
     /// A client of the VMM's control socket.
-    async fn connect(&self, dir: &VmDir) -> Result<Box<dyn VmmControl>, String>;
+    async fn connect(&self, dir: &VmDir) -> Result<Box<dyn VmmControl>, VmmUnreachable>;
 }
 
 /// Real berth-vmm processes of this binary.
@@ -146,7 +146,7 @@ impl Vmms for OsVmms {
         read_exit(dir, None)
     }
 
-    async fn connect(&self, dir: &VmDir) -> Result<Box<dyn VmmControl>, String> {
+    async fn connect(&self, dir: &VmDir) -> Result<Box<dyn VmmControl>, VmmUnreachable> {
         TtrpcControl::connect(dir)
             .await
             .map(|c| Box::new(c) as Box<dyn VmmControl>)

@@ -47,8 +47,31 @@ fn tap_overrides(taps: &[(String, String)]) -> Vec<String> {
         .collect()
 }
 
+/// Why `berth-vmm --host-info` told us nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum HostInfoError {
+    #[error("cannot run {what}: {source}")]
+    Run {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} failed ({status}): {stderr}")]
+    Failed {
+        what: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("{what} printed something that is not host info: {source}")]
+    Garbled {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
 /// What the VMM binary says this host offers (`berth-vmm --host-info`).
-pub fn host_info(binary: &Path) -> Result<HostInfo, String> {
+pub fn host_info(binary: &Path) -> Result<HostInfo, HostInfoError> {
     let args = VmmArgs {
         host_info: true,
         ..VmmArgs::default()
@@ -58,16 +81,18 @@ pub fn host_info(binary: &Path) -> Result<HostInfo, String> {
         .to_command(binary)
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| format!("cannot run {what}: {e}"))?;
+        .map_err(|source| HostInfoError::Run {
+            what: what.clone(),
+            source,
+        })?;
     if !output.status.success() {
-        return Err(format!(
-            "{what} failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
+        return Err(HostInfoError::Failed {
+            what,
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
     }
-    serde_json::from_slice(&output.stdout)
-        .map_err(|e| format!("{what} printed something that is not host info: {e}"))
+    serde_json::from_slice(&output.stdout).map_err(|source| HostInfoError::Garbled { what, source })
 }
 
 impl OsVmmProcess {

@@ -15,7 +15,7 @@ use berth_proto::vmm::{
 use berth_proto::vmm_process::config::VmConfig;
 
 use crate::store::VmDir;
-use crate::vmm_proc::{Confinement, Launch, VmmControl, VmmExit, VmmProcess, Vmms};
+use crate::vmm_proc::{Confinement, Launch, VmmControl, VmmExit, VmmProcess, VmmUnreachable, Vmms};
 
 /// What goes wrong for one VM's VMMs.
 #[derive(Clone, Debug, Default)]
@@ -243,14 +243,17 @@ impl Vmms for FakeVmms {
             })
     }
 
-    async fn connect(&self, dir: &VmDir) -> Result<Box<dyn VmmControl>, String> {
+    async fn connect(&self, dir: &VmDir) -> Result<Box<dyn VmmControl>, VmmUnreachable> {
         let vm = vm_of(dir);
         let w = self.world();
         let silent = w.faults.get(&vm).is_some_and(|f| f.silent);
         let pid = (w.procs.iter())
             .find(|(_, p)| p.vm == vm && p.alive && p.gate_open && !silent)
             .map(|(pid, _)| *pid)
-            .ok_or_else(|| format!("cannot reach the VMM of {vm}"))?;
+            .ok_or_else(|| VmmUnreachable {
+                socket: dir.socket(),
+                source: ttrpc::Error::Others(format!("no VMM of {vm} listens")),
+            })?;
         Ok(Box::new(FakeControl {
             world: self.clone(),
             pid,
