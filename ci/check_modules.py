@@ -3,6 +3,8 @@
 
 - no import circle between the top-level modules of a crate: module A uses
   B when a file of A names `crate::B` (or `super::B` from A's root file);
+- the agent's modules in layers (docs/architecture.md): a module uses only
+  modules of its own layer or below, and every module has a layer;
 - no source file over 800 lines outside tests, no function over 100 lines.
 
 Prints every circle and every oversize item, and exits 1 if there is one.
@@ -17,6 +19,16 @@ import sys
 from pathlib import Path
 
 CRATES = {"agent": "agent/src", "vmm": "vmm/src", "proto": "proto/src"}
+# The agent's layers, lowest first (docs/architecture.md).
+AGENT_LAYERS = [
+    ["config", "root_lock", "host", "names", "notify"],
+    ["spec"],
+    ["store", "images", "usage", "entitlement", "cgroups", "jail"],
+    ["vmm_proc"],
+    ["manager"],
+    ["server", "metrics", "doctor", "fuzzing"],
+]
+LAYERS = {"agent": AGENT_LAYERS}
 MAX_FILE_LINES = 800
 MAX_FN_LINES = 100
 
@@ -91,6 +103,20 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def layer_violations(graph: dict[str, set[str]], layers: list[list[str]]) -> list[str]:
+    """Uses of a higher layer's module, and modules in no layer."""
+    rank = {m: i for i, layer in enumerate(layers) for m in layer}
+    out = []
+    for module in sorted(graph):
+        if module not in rank:
+            out.append(f"{module} is in no layer")
+            continue
+        for used in sorted(graph[module]):
+            if rank.get(used, -1) > rank[module]:
+                out.append(f"{module} uses {used}, a layer above it")
+    return out
+
+
 FN_START = re.compile(r"^(\s*)(pub(\([^)]*\))?\s+)?(const\s+)?(async\s+)?(unsafe\s+)?fn\s+(\w+)")
 
 
@@ -147,6 +173,10 @@ def main() -> int:
             report(
                 f"circle: {crate}: {' '.join(comp)}", f"{crate}: import circle {' ↔ '.join(comp)}"
             )
+        for v in (
+            layer_violations(module_graph(src), LAYERS.get(crate, [])) if crate in LAYERS else []
+        ):
+            report(f"layer: {crate}: {v}", f"{crate}: {v}")
         for path in sorted(src.rglob("*.rs")):
             if is_test_file(path):
                 continue

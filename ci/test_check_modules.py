@@ -38,6 +38,25 @@ class CheckModulesTest(unittest.TestCase):
         src = crate({"a.rs": "use crate::b;\n", "b.rs": "use crate::c;\n", "c.rs": "\n"})
         self.assertEqual(check_modules.circles(check_modules.module_graph(src)), [])
 
+    def test_a_use_of_a_higher_layer_and_an_unplaced_module_are_named(self):
+        src = crate(
+            {
+                "low.rs": "use crate::high::X;\n",
+                "high.rs": "use crate::low::Y;\nuse crate::mid::Z;\n",
+                "mid.rs": "\n",
+                "stray.rs": "\n",
+            }
+        )
+        graph = check_modules.module_graph(src)
+        layers = [["low"], ["mid"], ["high"]]
+        self.assertEqual(
+            check_modules.layer_violations(graph, layers),
+            ["low uses high, a layer above it", "stray is in no layer"],
+        )
+        graph["low"] = set()
+        graph.pop("stray")
+        self.assertEqual(check_modules.layer_violations(graph, layers), [])
+
     def test_a_function_over_the_limit_is_named_with_its_length(self):
         body = "".join(f"    let x{i} = {i};\n" for i in range(100))
         src = crate(

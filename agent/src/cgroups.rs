@@ -6,22 +6,10 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-
 /// cfs period used for cpu_max (100 ms, the kernel's default).
 pub const CPU_PERIOD_US: u64 = 100_000;
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VersionChoice {
-    #[default]
-    Auto,
-    V1,
-    V2,
-    /// No cgroups at all: VMs get no enforced share. For debugging only;
-    /// the agent says so loudly.
-    Off,
-}
+pub use crate::config::VersionChoice;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Hierarchies {

@@ -32,7 +32,7 @@ pub struct AgentConfig {
     /// Console log size before it is rotated (one old log is kept).
     pub console_log_max_bytes: u64,
     /// cgroup version: auto (detected), v1, v2, or off (no enforcement).
-    pub cgroup_version: crate::cgroups::VersionChoice,
+    pub cgroup_version: VersionChoice,
     /// Where the cgroup hierarchies are mounted.
     pub cgroup_root: PathBuf,
     /// The group VMs go under: `<parent>/<id>` (v1), `<parent>.slice/<id>` (v2).
@@ -72,7 +72,7 @@ impl Default for AgentConfig {
             cpu_overcommit: 4.0,
             memory_overcommit: 1.0,
             console_log_max_bytes: 1 << 20,
-            cgroup_version: crate::cgroups::VersionChoice::Auto,
+            cgroup_version: VersionChoice::Auto,
             cgroup_root: "/sys/fs/cgroup".into(),
             cgroup_parent: "berth".into(),
             vmm_memory_overhead_mib: 64,
@@ -128,6 +128,19 @@ impl AgentConfig {
     pub fn quarantine_dir(&self) -> PathBuf {
         self.state_root.join("quarantine")
     }
+}
+
+/// Which cgroup hierarchy VMs are confined in (`cgroup_version`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VersionChoice {
+    #[default]
+    Auto,
+    V1,
+    V2,
+    /// No cgroups at all: VMs get no enforced share. For debugging only;
+    /// the agent says so loudly.
+    Off,
 }
 
 /// A `[jail]` uid range that cannot work.
