@@ -6,6 +6,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use berth_proto::vmm_process::config::VmConfig;
 use berth_proto::vmm_process::exit::{ExitRecord, SECCOMP_EXIT_STATUS};
@@ -16,17 +17,62 @@ use berth_proto::vmm_process::launch::VmmArgs;
 use super::{Confinement, Launch, RestoreFrom, VmmExit, VmmProcess};
 use crate::store::VmDir;
 
-/// The start time of process `pid` in clock ticks since boot, or None if no
-/// such process is alive (a zombie counts as gone).
-pub fn proc_start_ticks(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
+/// The start time of process `pid` in clock ticks since boot: `Ok(None)`
+/// when no such process is alive (a zombie counts as gone), an error when
+/// /proc could not be read (no descriptor left, no permission), which says
+/// nothing about the process and must never be taken for "gone".
+pub fn proc_start_ticks(pid: i32) -> std::io::Result<Option<u64>> {
+    let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat,
+        Err(e) if e.raw_os_error() == Some(libc_esrch()) => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return Ok(None);
+    };
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // rest starts at field 3 (state); starttime is field 22.
     if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
-        return None;
+        return Ok(None);
     }
-    fields.get(19)?.parse().ok()
+    Ok(fields.get(19).and_then(|t| t.parse().ok()))
+}
+
+/// A process that ended while its stat file was open reads as ESRCH.
+fn libc_esrch() -> i32 {
+    nix::errno::Errno::ESRCH as i32
+}
+
+/// Is `pid` still the process that started at `start_ticks`? `None` when
+/// /proc cannot tell now (it is asked again later).
+fn same_process(pid: i32, start_ticks: u64) -> Option<bool> {
+    match proc_start_ticks(pid) {
+        Ok(ticks) => Some(ticks == Some(start_ticks)),
+        Err(e) => {
+            // Once per ten seconds at most: under descriptor exhaustion
+            // this is asked for every VMM ten times a second.
+            static LAST_MS: AtomicU64 = AtomicU64::new(0);
+            static QUIET: AtomicU64 = AtomicU64::new(0);
+            let now = berth_proto::vmm_process::now_ms();
+            let last = LAST_MS.load(Ordering::Relaxed);
+            if now.saturating_sub(last) >= 10_000
+                && LAST_MS
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                let quiet = QUIET.swap(0, Ordering::Relaxed);
+                tracing::warn!(
+                    pid,
+                    "cannot tell whether the VMM runs ({e}); taking it as running \
+                     ({quiet} more such checks not logged)"
+                );
+            } else {
+                QUIET.fetch_add(1, Ordering::Relaxed);
+            }
+            None
+        }
+    }
 }
 
 pub struct OsVmmProcess {
@@ -163,7 +209,20 @@ impl OsVmmProcess {
             .stderr(log)
             .spawn()?;
         let pid = child.id() as i32;
-        let start_ticks = proc_start_ticks(pid).unwrap_or(0);
+        // Without its start time a restarted agent could not know this VMM
+        // again: end it rather than run it unrecognisable.
+        let start_ticks = match proc_start_ticks(pid) {
+            Ok(Some(ticks)) => ticks,
+            Ok(None) => 0, // it already ended: exited() will say how
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot read the new VMM's start time: {e}"),
+                ));
+            }
+        };
         let gate = child.stdin.take();
         Ok(OsVmmProcess {
             pid,
@@ -173,9 +232,12 @@ impl OsVmmProcess {
         })
     }
 
-    /// A VMM some earlier agent started, if it is still the same process.
+    /// A VMM some earlier agent started, if it is still the same process
+    /// (or if /proc cannot tell now: a VMM taken for gone could be started
+    /// a second time).
     pub fn adopt(pid: i32, start_ticks: u64) -> Option<OsVmmProcess> {
-        (pid > 0 && proc_start_ticks(pid) == Some(start_ticks)).then_some(OsVmmProcess {
+        let alive = pid > 0 && same_process(pid, start_ticks) != Some(false);
+        alive.then_some(OsVmmProcess {
             pid,
             start_ticks,
             child: None,
@@ -202,20 +264,25 @@ impl VmmProcess for OsVmmProcess {
     }
 
     /// Has it ended? Reaps our own child; an adopted one is gone when its
-    /// /proc entry no longer shows the same process.
+    /// /proc entry no longer shows the same process. When neither can be
+    /// asked now, it runs: the supervisor asks again next round.
     fn exited(&mut self, dir: &VmDir) -> Option<VmmExit> {
         let status = match &mut self.child {
             Some(child) => match child.try_wait() {
                 Ok(Some(status)) => Some(status),
                 Ok(None) => return None,
-                Err(_) => None,
-            },
-            None => {
-                if proc_start_ticks(self.pid) == Some(self.start_ticks) {
-                    return None;
+                Err(e) => {
+                    tracing::warn!(pid = self.pid, "cannot wait for the VMM ({e})");
+                    match same_process(self.pid, self.start_ticks) {
+                        Some(false) => None,
+                        _ => return None,
+                    }
                 }
-                None
-            }
+            },
+            None => match same_process(self.pid, self.start_ticks) {
+                Some(false) => None,
+                _ => return None,
+            },
         };
         Some(read_exit(dir, status))
     }
@@ -252,4 +319,20 @@ pub fn read_exit(dir: &VmDir, status: Option<std::process::ExitStatus>) -> VmmEx
         None => "VMM died without an exit record".to_string(),
     };
     VmmExit { code: None, reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_live_process_has_its_start_time_and_a_missing_one_is_gone() {
+        let me = std::process::id() as i32;
+        let ticks = proc_start_ticks(me).unwrap().expect("this test runs");
+        assert_eq!(same_process(me, ticks), Some(true));
+        assert_eq!(same_process(me, ticks + 1), Some(false));
+        // Above pid_max (at most 2^22): never a process.
+        assert_eq!(proc_start_ticks(1 << 23).unwrap(), None);
+        assert_eq!(same_process(1 << 23, ticks), Some(false));
+    }
 }
