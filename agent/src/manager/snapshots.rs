@@ -254,20 +254,39 @@ impl Manager {
             self.registry.entry(new_id)?
         };
         let _op = target.op.lock().await;
-        target.allows(Operation::RestoreInto)?;
-        // A restore replaces whatever hibernation the target held.
-        self.admit(&target, "restoring", |r| r.hibernated = None)
-            .await?;
-        self.launch_from(
-            &target,
-            &format!("restored from {id}/{snapshot}"),
-            Some(RestoreFrom {
+        let restored = async {
+            target.allows(Operation::RestoreInto)?;
+            // A restore replaces whatever hibernation the target held.
+            self.admit(&target, "restoring", |r| r.hibernated = None)
+                .await?;
+            let why = format!("restored from {id}/{snapshot}");
+            let from = RestoreFrom {
                 snapshot: &path,
                 paused,
                 taps,
-            }),
-        )
-        .await?;
+            };
+            self.launch_from(&target, &why, Some(from)).await
+        }
+        .await;
+        if let Err(e) = restored {
+            // A new VM exists only for this restore: one that did not come
+            // up goes with it, so a retry is not ALREADY_EXISTS and no
+            // later Start boots its kernel cold instead.
+            if !new_id.is_empty() {
+                self.forget_new_vm(&target, new_id, &e);
+            }
+            return Err(e);
+        }
         Ok(target.view())
+    }
+
+    /// Removes a VM this call created, after what failed.
+    fn forget_new_vm(&self, entry: &VmEntry, id: &str, why: &ApiError) {
+        match self.registry.remove(entry, id) {
+            Ok(()) => self.accounting.forget(id),
+            Err(e) => {
+                tracing::error!(vm = %id, "cannot remove the VM a failed restore made ({why}): {e}")
+            }
+        }
     }
 }

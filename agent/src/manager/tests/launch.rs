@@ -166,3 +166,39 @@ async fn a_restart_whose_kernel_went_away_is_refused_at_confinement() {
     assert!(node.vmms.live("a").is_empty());
     assert_eq!(node.on_disk("a").state, VmState::Crashed);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_restore_into_a_new_vm_that_fails_leaves_no_vm() {
+    let node = Node::new("restore-new").await;
+    let m = &node.manager;
+    m.create(node.spec("a")).await.unwrap();
+    m.start("a").await.unwrap();
+    (m.snapshot("a", "s", false, SnapshotKind::Full, false).await).unwrap();
+    node.vmms.set_faults(
+        "b",
+        Faults {
+            exit_at_gate: Some("memory.img is truncated".into()),
+            ..Faults::default()
+        },
+    );
+    let e = m.restore("a", "s", "b", "", false, &[]).await.unwrap_err();
+    assert!(e.message().contains("memory.img is truncated"), "{e}");
+    assert!(m.get("b").is_err(), "the failed restore left VM b behind");
+    assert!(!m.config.vms_dir().join("b").exists());
+    assert!(node.vmms.live("b").is_empty());
+    // The retry is a restore, not ALREADY_EXISTS.
+    node.vmms.set_faults("b", Faults::default());
+    let b = m.restore("a", "s", "b", "", false, &[]).await.unwrap();
+    assert_eq!(b.record.state, VmState::Running);
+    // A failed restore into the VM itself keeps the VM, Crashed.
+    m.stop("a", true, None).await.unwrap();
+    node.vmms.set_faults(
+        "a",
+        Faults {
+            exit_at_gate: Some("memory.img is truncated".into()),
+            ..Faults::default()
+        },
+    );
+    m.restore("a", "s", "", "", false, &[]).await.unwrap_err();
+    assert_eq!(node.state("a"), VmState::Crashed);
+}
