@@ -358,6 +358,12 @@ impl VmSpec {
 pub const MAX_LABELS: usize = 64;
 pub const MAX_LABEL_KEY_BYTES: usize = 63;
 pub const MAX_LABEL_VALUE_BYTES: usize = 256;
+/// A whole VM document, as stored (spec.json): room for the largest labels
+/// and every device, and a bound on what one VM adds to a listing.
+pub const MAX_SPEC_BYTES: usize = 64 << 10;
+/// Disks and NICs together: the VMM has an interrupt line for this many
+/// virtio devices.
+pub const MAX_DEVICES: usize = berth_proto::vmm_process::config::MAX_DEVICES;
 
 /// Host limits a spec is checked against.
 pub struct Limits {
@@ -439,12 +445,35 @@ impl VmSpec {
         Ok(())
     }
 
+    /// The limits on the document's size, checked before anything in it
+    /// is looked at (or echoed in an error).
+    fn check_size(&self) -> Result<(), SpecError> {
+        let bytes = serde_json::to_vec(self).map_or(usize::MAX, |b| b.len());
+        if bytes > MAX_SPEC_BYTES {
+            return Err(err(
+                "spec",
+                format!("{bytes} bytes, more than the limit of {MAX_SPEC_BYTES}"),
+            ));
+        }
+        let devices = self.disks.len() + self.nics.len();
+        if devices > MAX_DEVICES {
+            return Err(err(
+                "disks",
+                format!("{devices} disks and NICs, more than the limit of {MAX_DEVICES}"),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn validate(&self, config: &AgentConfig, limits: &Limits) -> Result<(), SpecError> {
+        // Labels first: their errors name the limit without echoing the
+        // value; then the size, before any other field is echoed.
+        self.check_labels()?;
+        self.check_size()?;
         check_name("id", &self.id)?;
         if !self.name.is_empty() {
             check_name("name", &self.name)?;
         }
-        self.check_labels()?;
         if self.vcpus == 0 {
             return Err(err("vcpus", "must be at least 1"));
         }
@@ -693,6 +722,30 @@ mod tests {
         s.labels.insert("k".repeat(1 << 20), "v".into());
         let e = s.validate(&config, &LIMITS).unwrap_err();
         assert!(e.to_string().len() < 300, "a huge key is not echoed whole");
+    }
+
+    #[test]
+    fn the_document_and_its_devices_are_bounded() {
+        let (roots, config) = setup();
+        let mut s = spec(&roots);
+        s.kernel.cmdline = "x".repeat(2000);
+        s.name = "n".repeat(1 << 20);
+        let e = s.validate(&config, &LIMITS).unwrap_err();
+        assert_eq!(e.field, "spec");
+        assert!(e.to_string().contains("limit of 65536"), "{e}");
+        assert!(e.to_string().len() < 300, "the name is not echoed");
+
+        let mut s = spec(&roots);
+        for i in 0..=MAX_DEVICES {
+            s.nics.push(Nic {
+                tap: format!("tap{i}"),
+                ..Nic::default()
+            });
+        }
+        let e = s.validate(&config, &LIMITS).unwrap_err();
+        assert!(e.to_string().contains("20 disks and NICs"), "{e}");
+        s.nics.pop();
+        assert_eq!(s.validate(&config, &LIMITS), Ok(()), "the maximum fits");
     }
 
     #[test]

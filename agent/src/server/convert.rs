@@ -269,6 +269,35 @@ pub fn stop_timeout(timeout_ms: u32) -> Option<Duration> {
     (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms.into()))
 }
 
+/// The most one ListVms answer holds, well under ttrpc's 4 MiB frame.
+pub const MAX_LIST_BYTES: u64 = 2 << 20;
+
+/// One page of VMs (in id order): at most `page_size` (0: any number) and
+/// at most MAX_LIST_BYTES, with the token for the rest when they did not
+/// all fit. A page always holds at least one VM, and one VM is far below
+/// the bound (its labels and devices are bounded).
+pub fn list_page(views: impl Iterator<Item = VmView>, page_size: u32) -> pb::ListVmsResponse {
+    let mut page = pb::ListVmsResponse::default();
+    let mut bytes = 0u64;
+    for view in views {
+        let vm = vm_to_pb(view);
+        // A repeated field's element costs its size plus its tag and length.
+        let cost = vm.compute_size() + 8;
+        let full = page_size > 0 && page.vms.len() >= page_size as usize;
+        if !page.vms.is_empty() && (full || bytes + cost > MAX_LIST_BYTES) {
+            page.next_page_token = page
+                .vms
+                .last()
+                .map(|v| v.spec.id.clone())
+                .unwrap_or_default();
+            return page;
+        }
+        bytes += cost;
+        page.vms.push(vm);
+    }
+    page
+}
+
 pub(super) fn vm_to_pb(v: VmView) -> pb::Vm {
     pb::Vm {
         spec: MessageField::some(spec_to_pb(&v.spec)),

@@ -41,10 +41,10 @@ impl vm_ttrpc::VmService for VmApi {
         req: pb::ListVmsRequest,
     ) -> ttrpc::Result<pb::ListVmsResponse> {
         let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
-        Ok(pb::ListVmsResponse {
-            vms: self.0.list(&labels).into_iter().map(vm_to_pb).collect(),
-            ..Default::default()
-        })
+        let after = req.page_token;
+        let views =
+            (self.0.list(&labels).into_iter()).filter(|v| after.is_empty() || v.spec.id > after);
+        Ok(list_page(views, req.page_size))
     }
 
     async fn update(&self, _: &TtrpcContext, req: pb::UpdateVmRequest) -> ttrpc::Result<pb::Vm> {

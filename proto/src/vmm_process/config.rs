@@ -132,6 +132,10 @@ impl LimitConfig {
 }
 
 /// "52:54:00:12:34:56" as bytes; None for anything else.
+/// Disks and NICs together that one VM may have: berth-vmm gives each
+/// virtio device an IOAPIC line of its own, and lines 5 to 23 are free.
+pub const MAX_DEVICES: usize = 19;
+
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
     let mut parts = text.split(':');

@@ -23,12 +23,9 @@ pub async fn run(
 ) -> Result<(), Failure> {
     let mut io = IoRates::default();
     loop {
-        let list = vms
-            .list(ctx(), &pb::ListVmsRequest::default())
-            .await
-            .map_err(from_ttrpc)?;
+        let all = crate::vm::list_all(vms, Default::default()).await?;
         let mut stats = Vec::new();
-        for vm in &list.vms {
+        for vm in &all {
             stats.push(
                 vms.stats(ctx(), &vm_ref(&vm.spec.id))
                     .await

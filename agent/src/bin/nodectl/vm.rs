@@ -47,20 +47,36 @@ pub fn print_vm(vm: &pb::Vm, json: bool) {
     print_fields(&vm_json(vm), 14);
 }
 
-pub async fn list(vms: &VmServiceClient, labels: &[String], json: bool) -> Result<(), Failure> {
-    let req = pb::ListVmsRequest {
-        labels: parse_labels(labels)?,
+/// Every VM carrying `labels`, page after page.
+pub async fn list_all(
+    vms: &VmServiceClient,
+    labels: std::collections::HashMap<String, String>,
+) -> Result<Vec<pb::Vm>, Failure> {
+    let mut all = Vec::new();
+    let mut req = pb::ListVmsRequest {
+        labels,
         ..Default::default()
     };
-    let list = vms.list(ctx(), &req).await.map_err(from_ttrpc)?;
+    loop {
+        let page = vms.list(ctx(), &req).await.map_err(from_ttrpc)?;
+        all.extend(page.vms);
+        if page.next_page_token.is_empty() {
+            return Ok(all);
+        }
+        req.page_token = page.next_page_token;
+    }
+}
+
+pub async fn list(vms: &VmServiceClient, labels: &[String], json: bool) -> Result<(), Failure> {
+    let all = list_all(vms, parse_labels(labels)?).await?;
     if json {
-        println!("{}", Value::Array(list.vms.iter().map(vm_json).collect()));
+        println!("{}", Value::Array(all.iter().map(vm_json).collect()));
         return Ok(());
     }
     let mut rows = vec![["ID", "NAME", "STATE", "VCPUS", "MEMORY", "PID", "LABELS"]
         .map(String::from)
         .to_vec()];
-    for vm in &list.vms {
+    for vm in &all {
         let v = vm_json(vm);
         let labels: Vec<String> = vm
             .spec
