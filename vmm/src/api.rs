@@ -28,6 +28,8 @@ use crate::builder::BuildError;
 use crate::machine::{Machine, PAUSE_TIMEOUT};
 use crate::migration::source::{Outgoing, Params, Progress, StartError};
 use crate::snapshot_engine::{Kind, Request, Snapshots, TakeError};
+use berth_proto::vmm_process::control::RunState;
+use berth_proto::vmm_process::device::LimiterId;
 
 pub use berth_proto::vmm_process::now_ms;
 
@@ -99,7 +101,7 @@ impl VmmApi {
     fn snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotReply, TakeError> {
         let taken = self.snapshots.take(&Request {
             dir: Path::new(&req.dir),
-            kind: Kind::from_name(&req.kind)?,
+            kind: Kind::of(req)?,
             live: req.live,
             resume: req.resume,
         })?;
@@ -136,19 +138,20 @@ impl VmmApi {
     }
 
     fn info(&self) -> VmmInfo {
-        VmmInfo {
+        let mut info = VmmInfo {
             pid: std::process::id() as i32,
-            state: if self.machine.vcpus.is_paused() {
-                "paused"
-            } else {
-                "running"
-            }
-            .into(),
             vcpus: self.machine.config.vcpus,
             memory_mib: self.machine.config.memory_mib,
             started_at_ms: self.started_at_ms,
             ..Default::default()
-        }
+        };
+        let state = if self.machine.vcpus.is_paused() {
+            RunState::Paused
+        } else {
+            RunState::Running
+        };
+        state.fill(&mut info);
+        info
     }
 }
 
@@ -250,8 +253,8 @@ impl VmmService for VmmApi {
                 .map(|d| {
                     let s = d.limiter.stats();
                     DeviceStats {
-                        device: d.device.clone(),
-                        direction: d.direction.into(),
+                        device: d.id.device.to_string(),
+                        direction: d.id.direction.word().into(),
                         bytes: s.bytes,
                         ops: s.ops,
                         throttled_ns: s.throttled_ns,
@@ -269,11 +272,12 @@ impl VmmService for VmmApi {
         _ctx: &TtrpcContext,
         req: SetRateLimitRequest,
     ) -> ttrpc::Result<Empty> {
+        let wanted = LimiterId::parse(&req.device, &req.direction).ok();
         let target = (self.machine.limiters.iter())
-            .find(|d| d.device == req.device && d.direction == req.direction)
+            .find(|d| Some(d.id) == wanted)
             .ok_or_else(|| {
                 let known: Vec<String> = (self.machine.limiters.iter())
-                    .map(|d| format!("{}/{}", d.device, d.direction))
+                    .map(|d| format!("{}/{}", d.id.device, d.id.direction))
                     .collect();
                 ttrpc::Error::RpcStatus(ttrpc::get_status(
                     ttrpc::Code::NOT_FOUND,

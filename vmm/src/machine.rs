@@ -19,16 +19,17 @@ use crate::snapshot::VmSnapshot;
 use crate::vstate::vcpu::VcpuSet;
 use crate::vstate::vm::Vm;
 
+use berth_proto::vmm_process::device::{DeviceId, Direction, LimiterId};
+
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The virtio-mmio transports, in the order the config lists devices.
 pub type Transports = Vec<Arc<Mutex<MmioTransport>>>;
 
-/// A device's rate limiter, as the control API names it: device "disk0"
-/// (direction "io") or "nic0" (directions "rx" and "tx").
+/// A device's rate limiter, by the contract's name for it (disk0/io,
+/// nic0/rx, nic0/tx).
 pub struct DeviceLimiter {
-    pub device: String,
-    pub direction: &'static str,
+    pub id: LimiterId,
     pub limiter: Arc<RateLimiter>,
 }
 
@@ -85,24 +86,16 @@ impl Machine {
     pub fn current_config(&self) -> crate::config::VmConfig {
         let mut config = self.config.clone();
         for l in self.limiters.iter() {
-            let index = |prefix: &str| l.device.strip_prefix(prefix)?.parse::<usize>().ok();
             let limit = l.limiter.config();
-            match l.direction {
-                "io" => {
-                    if let Some(d) = index("disk").and_then(|i| config.disks.get_mut(i)) {
-                        d.limit = limit;
-                    }
+            let slot = match (l.id.device, l.id.direction) {
+                (DeviceId::Disk(i), _) => config.disks.get_mut(i).map(|d| &mut d.limit),
+                (DeviceId::Nic(i), Direction::Rx) => {
+                    config.nics.get_mut(i).map(|n| &mut n.rx_limit)
                 }
-                "rx" | "tx" => {
-                    if let Some(n) = index("nic").and_then(|i| config.nics.get_mut(i)) {
-                        if l.direction == "rx" {
-                            n.rx_limit = limit;
-                        } else {
-                            n.tx_limit = limit;
-                        }
-                    }
-                }
-                _ => {}
+                (DeviceId::Nic(i), _) => config.nics.get_mut(i).map(|n| &mut n.tx_limit),
+            };
+            if let Some(slot) = slot {
+                *slot = limit;
             }
         }
         config

@@ -23,22 +23,7 @@ use crate::vstate::vm::VmError;
 const LIVE_DONE_PAGES: u64 = 1024;
 const LIVE_MAX_PASSES: u32 = 10;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Full,
-    Diff,
-}
-
-impl Kind {
-    /// The request's name for it; empty is full.
-    pub fn from_name(name: &str) -> Result<Kind, TakeError> {
-        match name {
-            "" | "full" => Ok(Kind::Full),
-            "diff" => Ok(Kind::Diff),
-            other => Err(TakeError::UnknownKind(other.to_string())),
-        }
-    }
-}
+pub use berth_proto::vmm_process::snapshot::SnapshotKind as Kind;
 
 pub struct Request<'a> {
     pub dir: &'a Path,
@@ -59,8 +44,8 @@ pub struct Taken {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TakeError {
-    #[error("unknown snapshot kind {0:?} (full, diff)")]
-    UnknownKind(String),
+    #[error(transparent)]
+    UnknownKind(#[from] berth_proto::vmm_process::snapshot::UnknownSnapshotKind),
     #[error("a diff snapshot needs a parent: take a full snapshot first")]
     NoParent,
     #[error("live diff snapshots are not supported; take a live full one")]

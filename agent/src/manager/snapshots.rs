@@ -14,35 +14,7 @@ use crate::vmm_proc::RestoreFrom;
 /// A live snapshot of a large VM takes a while.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// What a snapshot holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SnapshotKind {
-    /// All of guest memory.
-    Full,
-    /// The pages written since the VMM's last snapshot.
-    Diff,
-}
-
-impl SnapshotKind {
-    /// The API's word: "full" (or empty) or "diff".
-    pub fn parse(word: &str) -> ApiResult<SnapshotKind> {
-        match word {
-            "" | "full" => Ok(SnapshotKind::Full),
-            "diff" => Ok(SnapshotKind::Diff),
-            other => Err(ApiError::InvalidArgument(format!(
-                "unknown snapshot kind {other:?} (full, diff)"
-            ))),
-        }
-    }
-
-    /// The word the VMM's SnapshotRequest takes.
-    pub fn word(self) -> &'static str {
-        match self {
-            SnapshotKind::Full => "full",
-            SnapshotKind::Diff => "diff",
-        }
-    }
-}
+pub use berth_proto::vmm_process::snapshot::SnapshotKind;
 
 /// A snapshot being written, as far as it got.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -106,13 +78,13 @@ impl Manager {
         let dir = entry.dir.snapshots();
         std::fs::create_dir_all(&dir).map_err(internal)?;
         let path = dir.join(name);
-        let req = berth_proto::vmm::SnapshotRequest {
+        let mut req = berth_proto::vmm::SnapshotRequest {
             dir: path.display().to_string(),
             resume: state == VmState::Running && !hibernate,
-            kind: kind.word().into(),
             live,
             ..Default::default()
         };
+        kind.fill(&mut req);
         let reply = self
             .vmm(&entry)
             .await?

@@ -86,7 +86,8 @@ impl vm_ttrpc::VmService for VmApi {
                 &req.id,
                 &req.name,
                 req.hibernate,
-                SnapshotKind::parse(&req.kind).map_err(status)?,
+                SnapshotKind::parse(&req.kind)
+                    .map_err(|e| status(ApiError::InvalidArgument(e.to_string())))?,
                 req.live,
             )
             .await

@@ -15,30 +15,7 @@ use protobuf::MessageField;
 use crate::spec::RateLimit;
 use crate::store::VmDir;
 
-/// What a VMM's vCPUs are doing, as `Info` reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RunState {
-    Running,
-    Paused,
-}
-
-impl RunState {
-    /// The `VmmInfo.state` word ("paused"; anything else runs).
-    pub fn of(info: &VmmInfo) -> RunState {
-        if info.state == "paused" {
-            RunState::Paused
-        } else {
-            RunState::Running
-        }
-    }
-
-    pub fn word(self) -> &'static str {
-        match self {
-            RunState::Running => "running",
-            RunState::Paused => "paused",
-        }
-    }
-}
+pub use berth_proto::vmm_process::control::RunState;
 
 /// One VMM's control socket.
 #[async_trait::async_trait]

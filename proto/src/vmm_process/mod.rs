@@ -7,6 +7,7 @@
 //! the VMM binary for ([`host::HostInfo`]).
 
 pub mod config;
+pub mod control;
 pub mod device;
 pub mod exit;
 pub mod files;

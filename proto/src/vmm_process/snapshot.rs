@@ -19,6 +19,61 @@ pub const STATE_FILE: &str = "state.json";
 pub const MEMORY_FILE: &str = "memory.img";
 pub const PROGRESS_FILE: &str = "progress.json";
 
+/// What a snapshot holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotKind {
+    /// All of guest memory.
+    Full,
+    /// The pages written since the VMM's last snapshot.
+    Diff,
+}
+
+/// A snapshot kind word that is neither "full" nor "diff".
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown snapshot kind {0:?} (full, diff)")]
+pub struct UnknownSnapshotKind(pub String);
+
+impl SnapshotKind {
+    /// The API's word: "full" (or empty) or "diff".
+    pub fn parse(word: &str) -> Result<SnapshotKind, UnknownSnapshotKind> {
+        match word {
+            "" | "full" => Ok(SnapshotKind::Full),
+            "diff" => Ok(SnapshotKind::Diff),
+            other => Err(UnknownSnapshotKind(other.to_string())),
+        }
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            SnapshotKind::Full => "full",
+            SnapshotKind::Diff => "diff",
+        }
+    }
+
+    /// The kind a request asks for: its enum, or from an agent of the
+    /// release before it, its word.
+    pub fn of(req: &crate::vmm::SnapshotRequest) -> Result<SnapshotKind, UnknownSnapshotKind> {
+        use crate::vmm::VmmSnapshotKind as Pb;
+        match req.snapshot_kind.enum_value() {
+            Ok(Pb::VMM_SNAPSHOT_KIND_FULL) => Ok(SnapshotKind::Full),
+            Ok(Pb::VMM_SNAPSHOT_KIND_DIFF) => Ok(SnapshotKind::Diff),
+            Ok(Pb::VMM_SNAPSHOT_KIND_UNSPECIFIED) => SnapshotKind::parse(&req.kind),
+            Err(n) => Err(UnknownSnapshotKind(format!("enum value {n}"))),
+        }
+    }
+
+    /// Writes the kind into `req`, as enum and as word.
+    pub fn fill(self, req: &mut crate::vmm::SnapshotRequest) {
+        use crate::vmm::VmmSnapshotKind as Pb;
+        let kind = match self {
+            SnapshotKind::Full => Pb::VMM_SNAPSHOT_KIND_FULL,
+            SnapshotKind::Diff => Pb::VMM_SNAPSHOT_KIND_DIFF,
+        };
+        req.snapshot_kind = protobuf::EnumOrUnknown::new(kind);
+        req.kind = self.word().into();
+    }
+}
+
 /// Where snapshot `dir` is written until it is complete.
 pub fn temporary_dir(dir: &Path) -> PathBuf {
     dir.with_extension("tmp")
@@ -151,6 +206,24 @@ impl Header {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kind_round_trips_and_an_older_agent_is_understood() {
+        for kind in [SnapshotKind::Full, SnapshotKind::Diff] {
+            let mut req = crate::vmm::SnapshotRequest::default();
+            kind.fill(&mut req);
+            assert_eq!(SnapshotKind::of(&req), Ok(kind));
+            req.snapshot_kind = Default::default();
+            assert_eq!(SnapshotKind::of(&req), Ok(kind), "the word alone");
+        }
+        let req = crate::vmm::SnapshotRequest::default();
+        assert_eq!(SnapshotKind::of(&req), Ok(SnapshotKind::Full));
+        let e = SnapshotKind::parse("incremental").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown snapshot kind \"incremental\" (full, diff)"
+        );
+    }
 
     fn header() -> Header {
         Header {

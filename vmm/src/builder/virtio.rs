@@ -17,6 +17,8 @@ use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
 use crate::devices::virtio::net::tap::Tap;
 use crate::devices::virtio::net::{parse_mac, Net};
 use crate::devices::virtio::VirtioDevice;
+use berth_proto::vmm_process::device::{Direction, LimiterId};
+
 use crate::machine::{DeviceLimiter, Transports};
 use crate::vstate::vm::Vm;
 
@@ -25,6 +27,9 @@ use crate::vstate::vm::Vm;
 const FIRST_IRQ: u32 = 5;
 const LAST_IRQ: u32 = 23;
 pub const MAX_DEVICES: usize = (LAST_IRQ - FIRST_IRQ + 1) as usize;
+// The agent refuses a spec with more devices than this (the contract's
+// MAX_DEVICES): the two must agree.
+const _: () = assert!(MAX_DEVICES == berth_proto::vmm_process::config::MAX_DEVICES);
 
 type Device = (Box<dyn VirtioDevice>, Vec<DeviceLimiter>);
 
@@ -33,8 +38,7 @@ fn disk_device(index: usize, disk: &DiskConfig) -> Result<Device, BuildError> {
     let limiter = block.limiter();
     limiter.update(disk.limit);
     let limiters = vec![DeviceLimiter {
-        device: format!("disk{index}"),
-        direction: "io",
+        id: LimiterId::disk(index),
         limiter,
     }];
     Ok((Box::new(block), limiters))
@@ -68,16 +72,13 @@ fn nic_device(index: usize, nic: &NicConfig) -> Result<Device, BuildError> {
     let limiters = net.limiters();
     limiters.rx.update(nic.rx_limit);
     limiters.tx.update(nic.tx_limit);
-    let device = format!("nic{index}");
     let limiters = vec![
         DeviceLimiter {
-            device: device.clone(),
-            direction: "rx",
+            id: LimiterId::nic(index, Direction::Rx),
             limiter: limiters.rx,
         },
         DeviceLimiter {
-            device,
-            direction: "tx",
+            id: LimiterId::nic(index, Direction::Tx),
             limiter: limiters.tx,
         },
     ];

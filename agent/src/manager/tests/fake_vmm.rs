@@ -15,6 +15,7 @@ use berth_proto::vmm::{
 use berth_proto::vmm_process::config::VmConfig;
 
 use crate::store::VmDir;
+use crate::vmm_proc::RunState;
 use crate::vmm_proc::{Confinement, Launch, VmmControl, VmmExit, VmmProcess, VmmUnreachable, Vmms};
 
 /// What goes wrong for one VM's VMMs.
@@ -287,10 +288,14 @@ impl FakeControl {
     }
 
     fn info_of(p: &Proc) -> VmmInfo {
-        VmmInfo {
-            state: if p.paused { "paused" } else { "running" }.into(),
-            ..Default::default()
-        }
+        let mut info = VmmInfo::default();
+        let state = if p.paused {
+            RunState::Paused
+        } else {
+            RunState::Running
+        };
+        state.fill(&mut info);
+        info
     }
 
     fn end(&self, reason: &str) -> ttrpc::Result<()> {
