@@ -102,12 +102,14 @@ impl Manager {
             quarantined,
             vmms,
         });
-        for l in loaded {
-            let process = if l.record.state.has_vmm() {
-                (manager.vmms).adopt(&l.dir, l.record.pid, l.record.proc_start_ticks)
-            } else {
-                None
-            };
+        for mut l in loaded {
+            // Every VM is asked, not only those recorded as running: the
+            // run lock finds a VMM whatever the record says.
+            let process = (manager.vmms).adopt(&l.dir, l.record.pid, l.record.proc_start_ticks);
+            if let Some(p) = &process {
+                l.record.pid = p.pid();
+                l.record.proc_start_ticks = p.start_ticks();
+            }
             let entry = VmEntry::new(l.spec, l.record, process, l.dir);
             manager.reconcile_loaded(&entry).await;
             manager.registry.insert(entry.clone());
@@ -136,6 +138,23 @@ impl Manager {
         match self.vmms.connect(&entry.dir).await {
             Ok(client) => client.info(Duration::from_secs(1)).await.is_ok(),
             Err(_) => false,
+        }
+    }
+
+    /// FAILED_PRECONDITION when a VMM holds the VM's run lock, UNAVAILABLE
+    /// when that cannot be told: nothing that needs the VM without a VMM
+    /// goes ahead on a guess.
+    fn no_vmm_runs(&self, entry: &VmEntry) -> ApiResult<()> {
+        let id = lock(&entry.inner).spec.id.clone();
+        match self.vmms.holder(&entry.dir) {
+            Ok(None) => Ok(()),
+            Ok(Some(pid)) => Err(ApiError::FailedPrecondition(format!(
+                "a berth-vmm (pid {pid}) still runs VM {id}: it holds {}",
+                entry.dir.run_lock().display()
+            ))),
+            Err(e) => Err(ApiError::Unavailable(format!(
+                "cannot tell whether a VMM of VM {id} runs ({e})"
+            ))),
         }
     }
 
@@ -217,6 +236,9 @@ impl Manager {
         let entry = self.registry.entry(id)?;
         let _op = entry.op.lock().await;
         entry.allows(Operation::Delete)?;
+        // Whatever the record says: never remove the directory of a VM
+        // whose VMM lives.
+        self.no_vmm_runs(&entry)?;
         self.registry.remove(&entry, id)?;
         self.accounting.forget(id);
         Ok(())

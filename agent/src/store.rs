@@ -192,6 +192,11 @@ impl VmDir {
     pub fn snapshots(&self) -> PathBuf {
         self.0.join("snapshots")
     }
+    /// The lock every VMM of this VM holds for its life
+    /// (`berth_proto::vmm_process::run_lock`).
+    pub fn run_lock(&self) -> PathBuf {
+        self.run().join(berth_proto::vmm_process::run_lock::FILE)
+    }
     /// Where a VMM receiving a migration writes the address it listens on.
     pub fn migration_address(&self) -> PathBuf {
         self.run().join("migrate.addr")

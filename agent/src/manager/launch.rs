@@ -30,6 +30,9 @@ impl Manager {
         how: Launch<'_>,
         confinement: &Confinement<'_>,
     ) -> ApiResult<Box<dyn VmmProcess>> {
+        // The VMM would refuse to start beside another (the run lock); say
+        // so before spawning it.
+        self.no_vmm_runs(entry)?;
         let mut process = (self.vmms)
             .spawn(&entry.dir, config, cgroup_dirs, how, confinement)
             .map_err(|e| {

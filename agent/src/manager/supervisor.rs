@@ -86,7 +86,7 @@ impl Manager {
             (inner.record.state, inner.process.is_some())
         };
         // A migration's VMM is its watcher's business (rewatch_migration).
-        if !state.has_vmm() || state == VmState::Migrating {
+        if state == VmState::Migrating || !(state.has_vmm() || adopted) {
             return;
         }
         if adopted && state == VmState::Starting && !self.finish_interrupted_start(entry).await {

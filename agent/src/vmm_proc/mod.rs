@@ -111,8 +111,13 @@ pub trait Vmms: Send + Sync {
         how: Launch<'_>,
         confinement: &Confinement<'_>,
     ) -> std::io::Result<Box<dyn VmmProcess>>;
-    /// The VMM an earlier agent recorded, if it is still that process.
+    /// The VMM of this VM that still runs, found by its run lock: the one
+    /// an earlier agent recorded (`pid`, `start_ticks`; 0 if none), or
+    /// one the record lost.
     fn adopt(&self, dir: &VmDir, pid: i32, start_ticks: u64) -> Option<Box<dyn VmmProcess>>;
+    /// The pid of the VMM that holds this VM's run lock, if one does;
+    /// an error when that cannot be told now.
+    fn holder(&self, dir: &VmDir) -> std::io::Result<Option<i32>>;
     /// How a VMM that ended while nobody watched went: its exit record.
     fn read_exit(&self, dir: &VmDir) -> VmmExit;
     /// A client of the VMM's control socket.
@@ -138,8 +143,12 @@ impl Vmms for OsVmms {
             .map(|p| Box::new(p) as Box<dyn VmmProcess>)
     }
 
-    fn adopt(&self, _dir: &VmDir, pid: i32, start_ticks: u64) -> Option<Box<dyn VmmProcess>> {
-        OsVmmProcess::adopt(pid, start_ticks).map(|p| Box::new(p) as Box<dyn VmmProcess>)
+    fn adopt(&self, dir: &VmDir, pid: i32, start_ticks: u64) -> Option<Box<dyn VmmProcess>> {
+        OsVmmProcess::adopt(dir, pid, start_ticks).map(|p| Box::new(p) as Box<dyn VmmProcess>)
+    }
+
+    fn holder(&self, dir: &VmDir) -> std::io::Result<Option<i32>> {
+        berth_proto::vmm_process::run_lock::holder(&dir.run_lock())
     }
 
     fn read_exit(&self, dir: &VmDir) -> VmmExit {

@@ -13,6 +13,7 @@ use berth_proto::vmm_process::exit::{ExitRecord, SECCOMP_EXIT_STATUS};
 use berth_proto::vmm_process::files::write_atomic;
 use berth_proto::vmm_process::host::HostInfo;
 use berth_proto::vmm_process::launch::VmmArgs;
+use berth_proto::vmm_process::run_lock;
 
 use super::{Confinement, Launch, RestoreFrom, VmmExit, VmmProcess};
 use crate::store::VmDir;
@@ -44,32 +45,53 @@ fn libc_esrch() -> i32 {
     nix::errno::Errno::ESRCH as i32
 }
 
+/// Says that whether a VMM runs cannot be told now, once per ten seconds
+/// at most: under descriptor exhaustion this is asked for every VMM ten
+/// times a second.
+fn cannot_tell(pid: i32, e: &std::io::Error) {
+    static LAST_MS: AtomicU64 = AtomicU64::new(0);
+    static QUIET: AtomicU64 = AtomicU64::new(0);
+    let now = berth_proto::vmm_process::now_ms();
+    let last = LAST_MS.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= 10_000
+        && LAST_MS
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let quiet = QUIET.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            pid,
+            "cannot tell whether the VMM runs ({e}); taking it as running \
+             ({quiet} more such checks not logged)"
+        );
+    } else {
+        QUIET.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Does the VM in `dir` still have its VMM? Its run lock says; a VMM from
+/// before the lock (no lock file) is asked for by pid and start time.
+/// `None` when neither can tell now.
+fn still_runs(dir: &VmDir, pid: i32, start_ticks: u64) -> Option<bool> {
+    let lock = dir.run_lock();
+    match run_lock::holder(&lock) {
+        Ok(Some(_)) => Some(true),
+        Ok(None) if lock.exists() => Some(false),
+        Ok(None) => same_process(pid, start_ticks),
+        Err(e) => {
+            cannot_tell(pid, &e);
+            None
+        }
+    }
+}
+
 /// Is `pid` still the process that started at `start_ticks`? `None` when
 /// /proc cannot tell now (it is asked again later).
 fn same_process(pid: i32, start_ticks: u64) -> Option<bool> {
     match proc_start_ticks(pid) {
         Ok(ticks) => Some(ticks == Some(start_ticks)),
         Err(e) => {
-            // Once per ten seconds at most: under descriptor exhaustion
-            // this is asked for every VMM ten times a second.
-            static LAST_MS: AtomicU64 = AtomicU64::new(0);
-            static QUIET: AtomicU64 = AtomicU64::new(0);
-            let now = berth_proto::vmm_process::now_ms();
-            let last = LAST_MS.load(Ordering::Relaxed);
-            if now.saturating_sub(last) >= 10_000
-                && LAST_MS
-                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
-                let quiet = QUIET.swap(0, Ordering::Relaxed);
-                tracing::warn!(
-                    pid,
-                    "cannot tell whether the VMM runs ({e}); taking it as running \
-                     ({quiet} more such checks not logged)"
-                );
-            } else {
-                QUIET.fetch_add(1, Ordering::Relaxed);
-            }
+            cannot_tell(pid, &e);
             None
         }
     }
@@ -232,12 +254,39 @@ impl OsVmmProcess {
         })
     }
 
-    /// A VMM some earlier agent started, if it is still the same process
-    /// (or if /proc cannot tell now: a VMM taken for gone could be started
-    /// a second time).
-    pub fn adopt(pid: i32, start_ticks: u64) -> Option<OsVmmProcess> {
-        let alive = pid > 0 && same_process(pid, start_ticks) != Some(false);
-        alive.then_some(OsVmmProcess {
+    /// The VMM of the VM in `dir` that still runs: whoever holds its run
+    /// lock, which is the recorded `pid` unless the record lost it. A VMM
+    /// from before the run lock (no lock file) is recognised by pid and
+    /// start time. When neither can tell now, the recorded VMM is taken as
+    /// running: one taken for gone could be started a second time.
+    pub fn adopt(dir: &VmDir, pid: i32, start_ticks: u64) -> Option<OsVmmProcess> {
+        let lock = dir.run_lock();
+        let (pid, start_ticks) = match run_lock::holder(&lock) {
+            Ok(Some(holder)) if holder > 0 && holder != pid => {
+                let ticks = proc_start_ticks(holder).ok().flatten().unwrap_or(0);
+                tracing::warn!(
+                    pid = holder,
+                    recorded = pid,
+                    "a VMM the record does not name holds {}: taking it on",
+                    lock.display()
+                );
+                (holder, ticks)
+            }
+            Ok(Some(_)) => (pid, start_ticks),
+            Ok(None) if lock.exists() => return None,
+            Ok(None) => match same_process(pid, start_ticks) {
+                Some(false) => return None,
+                _ => (pid, start_ticks),
+            },
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read {} ({e}); taking pid {pid} as running",
+                    lock.display()
+                );
+                (pid, start_ticks)
+            }
+        };
+        (pid > 0).then_some(OsVmmProcess {
             pid,
             start_ticks,
             child: None,
@@ -279,7 +328,7 @@ impl VmmProcess for OsVmmProcess {
                     }
                 }
             },
-            None => match same_process(self.pid, self.start_ticks) {
+            None => match still_runs(dir, self.pid, self.start_ticks) {
                 Some(false) => None,
                 _ => return None,
             },

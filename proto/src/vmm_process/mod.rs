@@ -14,6 +14,7 @@ pub mod files;
 pub mod host;
 pub mod launch;
 pub mod migration;
+pub mod run_lock;
 pub mod snapshot;
 
 /// Milliseconds since the Unix epoch, as every record and reply carries

@@ -223,14 +223,20 @@ impl Vmms for FakeVmms {
         }))
     }
 
-    fn adopt(&self, _dir: &VmDir, pid: i32, start_ticks: u64) -> Option<Box<dyn VmmProcess>> {
-        let alive = self.world().procs.get(&pid).is_some_and(|p| p.alive);
-        (alive && start_ticks == ticks_of(pid)).then(|| {
-            Box::new(FakeProcess {
-                world: self.clone(),
-                pid,
-            }) as Box<dyn VmmProcess>
-        })
+    /// Like the run lock: whichever VMM of this VM lives is found, the
+    /// recorded one or not.
+    fn adopt(&self, dir: &VmDir, pid: i32, start_ticks: u64) -> Option<Box<dyn VmmProcess>> {
+        let holder = self.holder(dir).unwrap()?;
+        let recorded = holder == pid && start_ticks == ticks_of(pid);
+        let pid = if recorded { pid } else { holder };
+        Some(Box::new(FakeProcess {
+            world: self.clone(),
+            pid,
+        }))
+    }
+
+    fn holder(&self, dir: &VmDir) -> std::io::Result<Option<i32>> {
+        Ok(self.live(&vm_of(dir)).first().copied())
     }
 
     fn read_exit(&self, dir: &VmDir) -> VmmExit {

@@ -307,3 +307,31 @@ async fn a_start_the_last_agent_did_not_see_end_is_taken_on_or_ended() {
     assert!(node.vmms.live("mute").is_empty(), "a VMM was left running");
     assert_eq!(node.on_disk("mute").pid, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_vmm_holding_the_run_lock_is_never_doubled_nor_deleted_under() {
+    let node = Node::new("run-lock").await;
+    let m = &node.manager;
+    m.create(node.spec("a")).await.unwrap();
+    // A VMM of VM "a" runs that no record names (the record says Defined).
+    let (pid, _) = node.vmms.run_detached("a", false);
+    let e = m.start("a").await.unwrap_err();
+    assert!(
+        e.message()
+            .contains(&format!("a berth-vmm (pid {pid}) still runs VM a")),
+        "{e}"
+    );
+    assert_eq!(node.vmms.live("a"), vec![pid], "a second VMM was started");
+    m.stop("a", true, None).await.unwrap_err();
+    let e = m.delete("a").await.unwrap_err();
+    assert!(e.message().contains("still runs VM a"), "{e}");
+    assert!(m.config.vms_dir().join("a").exists());
+    // The next agent finds it by its lock and takes it on.
+    let again = node.restart().await;
+    let view = again.get("a").unwrap();
+    assert_eq!(view.record.state, VmState::Running);
+    assert_eq!(view.record.pid, pid);
+    again.stop("a", true, None).await.unwrap();
+    assert!(node.vmms.live("a").is_empty());
+    again.delete("a").await.unwrap();
+}
