@@ -11,7 +11,6 @@ use berth_proto::vmm_process::launch::VmmArgs as Args;
 use berth_vmm::builder;
 use berth_vmm::config::{DiskConfig, KernelConfig, NicConfig, SerialConfig, SerialInput, VmConfig};
 use berth_vmm::seccomp::ThreadKind;
-use clap::Parser;
 
 const DEFAULT_VCPUS: u32 = 1;
 const DEFAULT_MEMORY_MIB: u64 = 128;
