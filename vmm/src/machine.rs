@@ -16,7 +16,8 @@ use crate::devices::rate_limiter::RateLimiter;
 use crate::devices::virtio::mmio::{MmioTransport, TransportSnapshot};
 use crate::exit::ExitNotifier;
 use crate::snapshot::VmSnapshot;
-use crate::vstate::vcpu::VcpuSet;
+use crate::vstate::vcpu::{SaveError, VcpuSet};
+use crate::vstate::vcpu_state::StateError;
 use crate::vstate::vm::Vm;
 
 use berth_proto::vmm_process::device::{DeviceId, Direction, LimiterId};
@@ -25,6 +26,17 @@ pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The virtio-mmio transports, in the order the config lists devices.
 pub type Transports = Vec<Arc<Mutex<MmioTransport>>>;
+
+/// Why `Machine::capture` could not record the VM's state.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// The vCPUs' registers, saved by their own threads.
+    #[error(transparent)]
+    Vcpus(#[from] SaveError),
+    /// The VM-wide state: irqchips, PIT, clock.
+    #[error(transparent)]
+    Vm(#[from] StateError),
+}
 
 /// A device's rate limiter, by the contract's name for it (disk0/io,
 /// nic0/rx, nic0/tx).
@@ -102,12 +114,12 @@ impl Machine {
     }
 
     /// The vCPUs must be paused and the devices quiesced (`virtio`).
-    pub fn capture(&self, virtio: Vec<TransportSnapshot>) -> Result<VmSnapshot, String> {
+    pub fn capture(&self, virtio: Vec<TransportSnapshot>) -> Result<VmSnapshot, CaptureError> {
         let mut vcpus = self.vcpus.save_states(PAUSE_TIMEOUT)?;
         for (state, cpuid) in vcpus.iter_mut().zip(&self.guest_cpuids) {
             state.cpuid = cpuid.clone();
         }
-        let vm = crate::vstate::vcpu_state::save_vm(self.vm.fd()).map_err(|e| e.to_string())?;
+        let vm = crate::vstate::vcpu_state::save_vm(self.vm.fd())?;
         Ok(VmSnapshot {
             kind: "full".into(),
             parent: None,

@@ -12,10 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::devices::bus::lock;
-use crate::machine::{Machine, PAUSE_TIMEOUT};
+use crate::machine::{CaptureError, Machine, PAUSE_TIMEOUT};
 use crate::memory::GuestMemory;
 use crate::precopy::{self, Round, Sink};
 use crate::snapshot::{count_dirty, SnapshotError, Writer};
+use crate::vstate::vcpu::PauseTimeout;
 use crate::vstate::vm::VmError;
 
 /// A live snapshot pauses once a pass leaves at most this many pages dirty
@@ -54,9 +55,12 @@ pub enum TakeError {
     Write(#[from] SnapshotError),
     #[error(transparent)]
     Vm(#[from] VmError),
-    /// Pausing the vCPUs or saving their state.
-    #[error("{0}")]
-    Machine(String),
+    /// The vCPUs did not all stop.
+    #[error(transparent)]
+    Pause(#[from] PauseTimeout),
+    /// Saving the vCPUs' or the VM's state.
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
 }
 
 /// The snapshots one VMM takes. It remembers the last, the parent of the
@@ -130,9 +134,7 @@ impl Snapshots {
         };
         let paused_at = Instant::now();
         if !was_paused {
-            m.vcpus
-                .pause(PAUSE_TIMEOUT)
-                .map_err(|e| TakeError::Machine(e.to_string()))?;
+            m.vcpus.pause(PAUSE_TIMEOUT)?;
         }
         // Devices stop too, so nothing writes guest memory while it is saved.
         let virtio = m.quiesce_devices();
@@ -146,7 +148,7 @@ impl Snapshots {
                 writer.copy_all(memory)?;
                 None
             };
-            let mut snapshot = m.capture(virtio).map_err(TakeError::Machine)?;
+            let mut snapshot = m.capture(virtio)?;
             if diff {
                 snapshot.kind = "diff".into();
                 snapshot.parent = parent.clone();

@@ -7,7 +7,8 @@ use std::path::Path;
 use super::{attach_legacy, attach_virtio, create_vcpus, open_kvm, BuildError, Vmm};
 use crate::config::VmConfig;
 use crate::devices::bus::lock;
-use crate::devices::virtio::mmio::TransportSnapshot;
+use crate::devices::legacy::serial::SerialStateError;
+use crate::devices::virtio::mmio::{TransportSnapshot, TransportStateError};
 use crate::machine::Transports;
 use crate::memory::GuestMemory;
 use crate::snapshot::{SnapshotError, VmSnapshot};
@@ -23,11 +24,11 @@ pub enum RestoreError {
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error("cannot set up the serial device: {0}")]
-    Serial(String),
+    Serial(#[source] SerialStateError),
     #[error("cannot set up the virtio devices: the snapshot has {saved} virtio devices, the config {configured}")]
     DeviceCount { saved: usize, configured: usize },
     #[error("cannot set up a virtio device's state: {0}")]
-    DeviceState(String),
+    DeviceState(#[source] TransportStateError),
     #[error("cannot set up the vCPU state: the snapshot has fewer vCPUs")]
     MissingVcpu,
     #[error("cannot set up a vCPU's saved state: {0}")]

@@ -17,7 +17,7 @@ use super::protocol::{
 };
 use crate::devices::bus::lock;
 use crate::exit::ExitReason;
-use crate::machine::{Machine, PAUSE_TIMEOUT};
+use crate::machine::{CaptureError, Machine, PAUSE_TIMEOUT};
 use crate::precopy::{self, Round, Sink};
 use crate::seccomp::ThreadKind;
 use crate::vstate::vm::VmError;
@@ -197,6 +197,19 @@ enum Failure {
     NoConvergence(u32, u64, u64),
     #[error("{0}")]
     Local(String),
+    /// Saving the vCPUs' or the VM's state at the switchover.
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+}
+
+/// After Go, the destination never told us whether it runs the VM.
+#[derive(Debug, thiserror::Error)]
+#[error("the destination did not answer for {waited:?}: {last}")]
+struct ReconcileError {
+    waited: Duration,
+    /// Why the last attempt to ask it failed.
+    #[source]
+    last: Failure,
 }
 
 impl From<std::io::Error> for Failure {
@@ -295,7 +308,7 @@ fn run(machine: Arc<Machine>, params: Params, m: Arc<Migration>) {
             );
             m.update(|p| {
                 p.phase = Phase::Unknown;
-                p.error = why;
+                p.error = why.to_string();
                 p.total_ms = total_ms;
             });
         }
@@ -306,7 +319,7 @@ enum Outcome {
     /// Before the handover: the VM was resumed here.
     Resumed(Failure),
     /// After Go: the destination may run the VM; we do not resume.
-    Unknown(String),
+    Unknown(ReconcileError),
 }
 
 struct Sender<'a> {
@@ -420,7 +433,7 @@ impl Sender<'_> {
                 .map_err(|e| Failure::Local(e.to_string()))?;
             merge(&mut pending, &last);
             self.send_dirty(w, &pending)?;
-            let state = machine.capture(virtio).map_err(Failure::Local)?;
+            let state = machine.capture(virtio)?;
             self.bytes += write_json(w, FrameType::State, &state)? as u64;
             read_frame(r)?.expect::<protocol::Empty>(FrameType::Ready)?;
             Ok(())
@@ -454,19 +467,21 @@ impl Sender<'_> {
 
     /// Asks the destination, on new connections, whether it runs the VM;
     /// repeats Go if it is still waiting for one.
-    fn reconcile(&mut self) -> Result<(), String> {
+    fn reconcile(&mut self) -> Result<(), ReconcileError> {
         let deadline = Instant::now() + RECONCILE_FOR;
-        let mut last_error = String::new();
-        while Instant::now() < deadline {
-            match self.query_once() {
+        loop {
+            let last = match self.query_once() {
                 Ok(()) => return Ok(()),
-                Err(e) => last_error = e.to_string(),
-            }
+                Err(e) => e,
+            };
             std::thread::sleep(Duration::from_millis(200));
+            if Instant::now() >= deadline {
+                return Err(ReconcileError {
+                    waited: RECONCILE_FOR,
+                    last,
+                });
+            }
         }
-        Err(format!(
-            "the destination did not answer for {RECONCILE_FOR:?}: {last_error}"
-        ))
     }
 
     fn query_once(&mut self) -> Result<(), Failure> {

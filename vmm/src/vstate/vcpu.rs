@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use super::vcpu_state;
+use super::vcpu_state::{self, StateError};
 use crate::devices::bus::Bus;
 use crate::exit::{ExitNotifier, ExitReason};
 use crate::snapshot::state::VcpuState;
@@ -78,7 +78,7 @@ struct PauseState {
     parked: usize,
     /// Raised to ask every parked vCPU to save its state into `saved`.
     save_generation: u64,
-    saved: Vec<Option<Result<VcpuState, String>>>,
+    saved: Vec<Option<Result<VcpuState, StateError>>>,
 }
 
 impl VcpuControl {
@@ -96,8 +96,7 @@ impl VcpuControl {
         while state.paused && !exit.stopping() {
             if state.save_generation != generation {
                 generation = state.save_generation;
-                let saved =
-                    vcpu_state::save(&vcpu.fd, &vcpu.msr_indices).map_err(|e| e.to_string());
+                let saved = vcpu_state::save(&vcpu.fd, &vcpu.msr_indices);
                 if let Some(slot) = state.saved.get_mut(vcpu.index as usize) {
                     *slot = Some(saved);
                 }
@@ -137,6 +136,18 @@ pub struct VcpuSet {
 #[derive(Debug, thiserror::Error)]
 #[error("the vCPUs did not all stop within {0:?}")]
 pub struct PauseTimeout(Duration);
+
+/// Why `VcpuSet::save_states` returned no states.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error("the VM is not paused")]
+    NotPaused,
+    #[error("the vCPUs did not save their state within {0:?}")]
+    Timeout(Duration),
+    /// A vCPU's thread could not read its state from KVM.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
 
 impl VcpuSet {
     pub fn start(vcpus: Vec<Vcpu>, control: Arc<VcpuControl>) -> std::io::Result<VcpuSet> {
@@ -193,21 +204,19 @@ impl VcpuSet {
 
     /// Every vCPU's state, saved by its own (parked) thread. The VM must be
     /// paused.
-    pub fn save_states(&self, timeout: Duration) -> Result<Vec<VcpuState>, String> {
+    pub fn save_states(&self, timeout: Duration) -> Result<Vec<VcpuState>, SaveError> {
         let total = crate::devices::bus::lock(&self.threads).len();
         let deadline = Instant::now() + timeout;
         let mut state = crate::devices::bus::lock(&self.control.state);
         if !state.paused {
-            return Err("the VM is not paused".into());
+            return Err(SaveError::NotPaused);
         }
         state.saved = (0..total).map(|_| None).collect();
         state.save_generation += 1;
         self.control.changed.notify_all();
         while state.saved.iter().any(Option::is_none) {
             if Instant::now() > deadline {
-                return Err(format!(
-                    "the vCPUs did not save their state within {timeout:?}"
-                ));
+                return Err(SaveError::Timeout(timeout));
             }
             state = self
                 .control
@@ -218,7 +227,7 @@ impl VcpuSet {
         }
         std::mem::take(&mut state.saved)
             .into_iter()
-            .map(|s| s.expect("every slot filled"))
+            .map(|s| s.expect("every slot filled").map_err(SaveError::from))
             .collect()
     }
 

@@ -108,6 +108,11 @@ impl Write for ConsoleOut {
     }
 }
 
+/// A snapshot's serial registers or FIFO that the 16550 model refuses.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid serial state: {0:?}")]
+pub struct SerialStateError(#[source] vm_superio::serial::Error<io::Error>);
+
 pub struct SerialDevice {
     serial: Serial<IrqTrigger, NoEvents, ConsoleOut>,
 }
@@ -124,10 +129,10 @@ impl SerialDevice {
         state: &vm_superio::serial::SerialState,
         irq: IrqTrigger,
         out: ConsoleOut,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SerialStateError> {
         Serial::from_state(state, irq, NoEvents, out)
             .map(|serial| SerialDevice { serial })
-            .map_err(|e| format!("invalid serial state: {e:?}"))
+            .map_err(SerialStateError)
     }
 
     pub fn state(&self) -> vm_superio::serial::SerialState {
@@ -210,6 +215,21 @@ mod tests {
         // 7+3 fits; "abcdef" rotates; "ghijklmn" rotates again.
         assert_eq!(std::fs::read(&path).unwrap(), b"ghijklmn");
         assert_eq!(std::fs::read(dir.join("console.log.1")).unwrap(), b"abcdef");
+    }
+
+    #[test]
+    fn a_fifo_over_its_size_is_refused_with_the_model_error() {
+        let state = vm_superio::serial::SerialState {
+            in_buffer: vec![0; 65],
+            ..Default::default()
+        };
+        let irq = IrqTrigger::new().unwrap();
+        let Err(e) = SerialDevice::restore(&state, irq, ConsoleOut::new(None, false)) else {
+            panic!("a 65-byte FIFO restored");
+        };
+        assert_eq!(e.to_string(), "invalid serial state: FullFifo");
+        let cause = std::error::Error::source(&e).expect("the model's error is the cause");
+        assert_eq!(cause.to_string(), "No space left in FIFO");
     }
 
     const RBR: u64 = 0;

@@ -44,6 +44,23 @@ pub enum TransportError {
     QueueSize(u16),
 }
 
+/// Why a transport could not take a snapshot's state.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportStateError {
+    #[error(
+        "a type-{device_type} device with {queues} queues cannot take the state of a \
+         type-{saved_type} device with {saved_queues}"
+    )]
+    Mismatch {
+        device_type: u32,
+        queues: usize,
+        saved_type: u32,
+        saved_queues: usize,
+    },
+    #[error("invalid queue state: {0}")]
+    Queue(#[source] virtio_queue::Error),
+}
+
 /// A transport's registers and queues, as a snapshot keeps them.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TransportSnapshot {
@@ -87,19 +104,18 @@ impl MmioTransport {
 
     /// Continues from a snapshot: registers, queues, and (when the driver
     /// had set DRIVER_OK) a running device.
-    pub fn restore(&mut self, s: &TransportSnapshot) -> Result<(), String> {
+    pub fn restore(&mut self, s: &TransportSnapshot) -> Result<(), TransportStateError> {
         if s.device_type != self.device.device_type() || s.queues.len() != self.queues.len() {
-            return Err(format!(
-                "a type-{} device with {} queues cannot take the state of a type-{} device with {}",
-                self.device.device_type(),
-                self.queues.len(),
-                s.device_type,
-                s.queues.len()
-            ));
+            return Err(TransportStateError::Mismatch {
+                device_type: self.device.device_type(),
+                queues: self.queues.len(),
+                saved_type: s.device_type,
+                saved_queues: s.queues.len(),
+            });
         }
         for (queue, saved) in self.queues.iter_mut().zip(&s.queues) {
             *queue = Queue::try_from(virtio_queue::QueueState::from(*saved))
-                .map_err(|e| format!("invalid queue state: {e}"))?;
+                .map_err(TransportStateError::Queue)?;
         }
         self.status = s.status;
         self.driver_features = s.driver_features;
@@ -335,5 +351,24 @@ impl BusDevice for MmioTransport {
 impl Drop for MmioTransport {
     fn drop(&mut self) {
         self.device.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TransportStateError;
+
+    #[test]
+    fn a_mismatch_names_both_devices() {
+        let e = TransportStateError::Mismatch {
+            device_type: 2,
+            queues: 1,
+            saved_type: 1,
+            saved_queues: 2,
+        };
+        assert_eq!(
+            e.to_string(),
+            "a type-2 device with 1 queues cannot take the state of a type-1 device with 2"
+        );
     }
 }
