@@ -26,7 +26,7 @@ AGENT_LAYERS = [
     ["store", "images", "usage", "entitlement", "cgroups", "jail"],
     ["vmm_proc"],
     ["manager"],
-    ["server", "metrics", "doctor", "fuzzing"],
+    ["server", "api_guard", "metrics", "doctor", "fuzzing"],
 ]
 LAYERS = {"agent": AGENT_LAYERS}
 MAX_FILE_LINES = 800

@@ -50,6 +50,16 @@ pub struct AgentConfig {
     /// Serve Prometheus metrics at http://<this>/metrics ("127.0.0.1:9464");
     /// off unless set. Anyone who reaches it sees every VM's figures.
     pub metrics_listen: Option<String>,
+    /// The API guard (docs/agent.md): connections open at once on the API
+    /// sockets; at the cap the oldest one that never sent a request makes
+    /// room, else the newcomer is closed.
+    pub api_max_connections: usize,
+    /// A request frame begun must be whole within this many seconds.
+    pub api_frame_timeout_secs: u64,
+    /// The largest frame a client may announce (ttrpc's own limit).
+    pub api_max_frame_bytes: u64,
+    /// Frames over 64 KiB in flight, all connections together.
+    pub api_max_buffered_bytes: u64,
     /// How each VMM is confined (docs/security.md).
     pub jail: JailSettings,
 }
@@ -79,6 +89,10 @@ impl Default for AgentConfig {
             reserve_on_define: false,
             migration_listen: "127.0.0.1".into(),
             metrics_listen: None,
+            api_max_connections: 256,
+            api_frame_timeout_secs: 10,
+            api_max_frame_bytes: 4 << 20,
+            api_max_buffered_bytes: 64 << 20,
             jail: JailSettings::default(),
         }
     }

@@ -6,6 +6,7 @@
 //! `store` (state on disk), `vmm_proc` (one VMM process), `manager` (VMs and
 //! their lifecycle), `server` (the ttrpc edge), `notify` (systemd readiness).
 
+pub mod api_guard;
 pub mod cgroups;
 pub mod config;
 pub mod doctor;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use berth_agent::api_guard::{Guard, GuardLimits, PublicListener};
 use berth_agent::config::AgentConfig;
 use berth_agent::manager::Manager;
 use berth_agent::metrics::ApiMetrics;
@@ -103,6 +104,12 @@ fn secure_socket(config: &AgentConfig) -> Result<(), String> {
     Ok(())
 }
 
+async fn bind(address: &str) -> Result<PublicListener, String> {
+    PublicListener::bind(address)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// The Prometheus endpoint (`metrics_listen`), on a task of its own.
 async fn serve_metrics(
     listen: &str,
@@ -129,6 +136,7 @@ async fn run(args: Args) -> Result<(), String> {
     let mut config = load_config(&args)?;
     let limits = host_limits(&config);
     config.jail.check().map_err(|e| e.to_string())?;
+    let guard_limits = GuardLimits::from_config(&config).map_err(|e| e.to_string())?;
     // A jailed VMM opens its run and snapshot directories refusing
     // symlinks, so the state root is used by its real path.
     std::fs::create_dir_all(&config.state_root)
@@ -158,19 +166,20 @@ async fn run(args: Args) -> Result<(), String> {
         )
     })?;
 
-    let mut server = ttrpc::r#async::Server::new()
-        .bind(&address)
-        .map_err(|e| format!("cannot listen on {address}: {e}"))?;
+    // The guard accepts on the public sockets and hands ttrpc only what it
+    // admits (api_guard): ttrpc's own accept loop has no cap and spins on
+    // EMFILE. One ttrpc listener for both sockets: ttrpc serves only one.
+    let mut listeners = vec![(address.clone(), bind(&address).await?)];
     if let Some(tcp) = &tcp {
         tracing::warn!(
             "also listening on {tcp} (tcp_listen is set): anyone who reaches it controls this node"
         );
-        server = server
-            .bind(tcp)
-            .map_err(|e| format!("cannot listen on {tcp}: {e}"))?;
+        listeners.push((tcp.clone(), bind(tcp).await?));
     }
+    let (guard, admitted) = Guard::start(guard_limits, listeners);
     let api_metrics = Arc::new(ApiMetrics::default());
-    let mut server = server
+    let mut server = ttrpc::r#async::Server::new()
+        .add_listener(admitted)
         .register_service(
             api_metrics.wrap(berth_proto::vm_ttrpc::create_vm_service(Arc::new(VmApi(
                 manager.clone(),
@@ -212,6 +221,7 @@ async fn run(args: Args) -> Result<(), String> {
     let _ = berth_agent::notify::notify("STOPPING=1");
     tracing::info!("stopping; VMs keep running");
     let _ = server.shutdown().await;
+    drop(guard);
     let _ = std::fs::remove_file(&config.socket);
     Ok(())
 }
