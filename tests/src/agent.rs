@@ -166,6 +166,14 @@ impl TestAgent {
         }
     }
 
+    /// What the agent has logged so far (its stderr).
+    pub fn log(&self) -> String {
+        self.process
+            .as_ref()
+            .expect("agent running")
+            .stderr_so_far()
+    }
+
     pub fn vm_dir(&self, id: &str) -> PathBuf {
         self.dir.join("state/vms").join(id)
     }
