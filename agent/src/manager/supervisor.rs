@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::launch::attach_bridges;
 use super::registry::{lock, now_ms, VmEntry};
-use super::{Manager, START_TIMEOUT};
+use super::{Manager, KILL_WAIT, START_TIMEOUT};
 use crate::spec::RestartKind;
 use crate::store::VmState;
 use crate::vmm_proc::{RunState, VmmExit};
@@ -92,6 +92,10 @@ impl Manager {
         if adopted && state == VmState::Starting && !self.finish_interrupted_start(entry).await {
             return;
         }
+        if adopted && state == VmState::Stopping {
+            self.finish_interrupted_stop(entry).await;
+            return;
+        }
         if !adopted {
             let exit = self.vmms.read_exit(&entry.dir);
             let mut inner = lock(&entry.inner);
@@ -125,6 +129,31 @@ impl Manager {
                 tracing::warn!(vm = %inner.spec.id, pid, "VMM alive but its control socket does not answer");
             }
         }
+    }
+
+    /// An agent died while it stopped this VM: the stop was asked for, so
+    /// it is finished (the VMM may already be on its way out, and answer
+    /// nothing), and the VM is Stopped, not left Stopping.
+    async fn finish_interrupted_stop(&self, entry: &Arc<VmEntry>) {
+        let process = lock(&entry.inner).process.take();
+        let exit = match process {
+            Some(mut p) => {
+                p.kill();
+                p.wait_exit(&entry.dir, KILL_WAIT).await
+            }
+            None => None,
+        };
+        let why = match exit {
+            Some(e) if e.code.is_some() => e.reason,
+            _ => "stopped: the agent restarted while stopping it".to_string(),
+        };
+        let mut inner = lock(&entry.inner);
+        tracing::info!(vm = %inner.spec.id, "finishing a stop the last agent did not see end");
+        self.release_cgroup(&inner.spec.id);
+        inner.record.pid = 0;
+        inner.record.proc_start_ticks = 0;
+        inner.record.last_exit = why.clone();
+        let _ = (self.registry).transition(entry, &mut inner, VmState::Stopped, &why);
     }
 
     /// An agent died while this VM's VMM was starting. A VMM that comes

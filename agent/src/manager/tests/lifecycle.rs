@@ -335,3 +335,24 @@ async fn a_vmm_holding_the_run_lock_is_never_doubled_nor_deleted_under() {
     assert!(node.vmms.live("a").is_empty());
     again.delete("a").await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_the_last_agent_did_not_see_end_is_finished() {
+    let node = Node::new("interrupted-stop").await;
+    let m = &node.manager;
+    m.create(node.spec("a")).await.unwrap();
+    m.start("a").await.unwrap();
+    // The agent recorded the intent, then died before the VMM ended.
+    let entry = m.registry.entry("a").unwrap();
+    {
+        let mut inner = lock(&entry.inner);
+        inner.record.state = VmState::Stopping;
+        m.registry.save(&entry, &inner).unwrap();
+    }
+    let again = node.restart().await;
+    let view = again.get("a").unwrap();
+    assert_eq!(view.record.state, VmState::Stopped);
+    assert_eq!(view.record.pid, 0);
+    assert!(node.vmms.live("a").is_empty(), "the VMM runs on");
+    assert_eq!(node.on_disk("a").state, VmState::Stopped);
+}
