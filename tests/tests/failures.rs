@@ -312,3 +312,36 @@ async fn an_agent_killed_during_starts_never_leaves_a_vm_with_two_vmms_or_none_r
         }
     }
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_second_vmm_for_a_running_vm_refuses_to_start() {
+    report_mode("VMM run lock");
+    let agent = TestAgent::new("run-lock");
+    let c = agent.clients().await;
+    let vm = create_and_start(&c, probe_spec("one", 1, "probe.mode=tick")).await;
+    wait_console(&agent, "one", "PROBE tick 1", BOOT);
+    let lock = agent.vm_dir("one").join("run/vmm.lock");
+    // Whatever the agent's records say, a VMM started for the same VM by
+    // hand (or by a second agent) stops before it touches a guest.
+    let second = std::process::Command::new(berth_tests::binary("berth-vmm"))
+        .arg("--run-lock")
+        .arg(&lock)
+        .arg("--kernel")
+        .arg(berth_tests::probe_elf())
+        .args(["--memory-mib", "64", "--cmdline", "probe.mode=tick"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "another berth-vmm (pid {}) runs this VM",
+            vm.status.pid
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("KVM"), "it went on to KVM: {stderr}");
+    assert_eq!(vmm_pids(&agent.vm_dir("one")), vec![vm.status.pid]);
+    let before = last_tick(&agent, "one").unwrap_or(0);
+    wait_console(&agent, "one", &format!("PROBE tick {}", before + 2), BOOT);
+}

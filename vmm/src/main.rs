@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use berth_proto::vmm_process::exit::ExitRecord;
 use berth_proto::vmm_process::launch::VmmArgs as Args;
+use berth_proto::vmm_process::run_lock::RunLock;
 use berth_vmm::builder;
 use berth_vmm::config::{DiskConfig, KernelConfig, NicConfig, SerialConfig, SerialInput, VmConfig};
 use berth_vmm::seccomp::ThreadKind;
@@ -180,6 +181,17 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     }
+    // Before the gate, so a VMM the agent is about to record already holds
+    // its VM; kept until the process ends, however it ends.
+    let _run_lock = match args.run_lock.as_deref().map(RunLock::acquire) {
+        None => None,
+        Some(Ok(lock)) => Some(lock),
+        Some(Err(e)) => {
+            // No exit record: the file is the other VMM's to write.
+            eprintln!("berth-vmm: error: {e}");
+            return ExitCode::from(1);
+        }
+    };
     if args.start_gate_stdin {
         let mut byte = [0u8; 1];
         if !matches!(std::io::Read::read(&mut std::io::stdin(), &mut byte), Ok(1)) {

@@ -195,6 +195,7 @@ impl OsVmmProcess {
             exit_file: Some(dir.exit_file()),
             detach: true,
             start_gate_stdin: true,
+            run_lock: Some(dir.run_lock()),
             ..VmmArgs::default()
         };
         if let Some(plan) = &confinement.jail {

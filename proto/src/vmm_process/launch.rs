@@ -267,6 +267,10 @@ vmm_args! {
     /// it once this VMM's pid is on disk; end of file instead means the
     /// agent died first, and a VMM no agent knows of must not run.
     start_gate_stdin: bool = "--start-gate-stdin";
+    /// Hold an exclusive lock on this file for the VMM's whole life, taken
+    /// before anything else (`run_lock`): a second VMM for the same VM
+    /// refuses to start, and the agent tells a live VMM by it.
+    run_lock: Option<PathBuf> = "--run-lock" <"PATH">;
     /// Join this cgroup directory (repeat for each v1 hierarchy) before any
     /// thread starts, so every vCPU and device thread is accounted to it.
     cgroups: Vec<PathBuf> = "--cgroup" <"DIR">;
@@ -550,6 +554,7 @@ mod tests {
             exit_file: Some("/vm/run/exit.json".into()),
             detach: true,
             start_gate_stdin: true,
+            run_lock: Some("/vm/run/vmm.lock".into()),
             cgroups: vec!["/sys/fs/cgroup/cpu/berth/a".into(), "/b".into()],
             restore: Some("/vm/snapshots/s".into()),
             paused: true,
