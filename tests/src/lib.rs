@@ -402,3 +402,28 @@ pub fn scratch_dir(test: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// A small random source for fault-injection rounds, seeded from the clock
+/// and printed, so a failing round can be replayed with the same seed.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// Seeded from the clock; the seed is printed.
+    pub fn from_clock() -> Lcg {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        eprintln!("seed {seed}");
+        Lcg(seed)
+    }
+
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}

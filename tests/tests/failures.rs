@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use berth_tests::agent::*;
 use berth_tests::contract::vm as pb;
-use berth_tests::report_mode;
+use berth_tests::{report_mode, Lcg};
 use ttrpc::Code;
 
 const BOOT: Duration = Duration::from_secs(30);
@@ -210,28 +210,10 @@ async fn a_listing_larger_than_one_answer_comes_in_pages() {
     assert_eq!(listed.as_array().map(Vec::len), Some(150));
 }
 
-/// Small, seeded and printed, so a failing round can be replayed.
-struct Lcg(u64);
-
-impl Lcg {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn an_agent_killed_during_starts_never_leaves_a_vm_with_two_vmms_or_none_recorded() {
     report_mode("agent kill -9 during Start");
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("seed {seed}");
-    let mut rng = Lcg(seed);
+    let mut rng = Lcg::from_clock();
     let mut agent = TestAgent::new("kill-during-start");
     let mut ids: Vec<String> = Vec::new();
     for round in 0..6 {

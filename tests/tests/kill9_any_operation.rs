@@ -10,25 +10,12 @@ use std::time::{Duration, Instant};
 
 use berth_tests::agent::*;
 use berth_tests::contract::vm as pb;
-use berth_tests::report_mode;
+use berth_tests::{report_mode, Lcg};
 
 const BOOT: Duration = Duration::from_secs(30);
 const ROUNDS: usize = 20;
 /// The whole suite stops starting rounds after this, however many ran.
 const BUDGET: Duration = Duration::from_secs(150);
-
-/// Small, seeded and printed, so a failing round can be replayed.
-struct Lcg(u64);
-
-impl Lcg {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
-}
 
 #[derive(Clone, Debug, PartialEq)]
 enum Op {
@@ -260,12 +247,7 @@ async fn tidy(c: &Clients) {
 #[tokio::test(flavor = "current_thread")]
 async fn an_agent_killed_during_any_operation_leaves_every_vm_in_its_vmms_truth() {
     report_mode("agent kill -9 during every operation");
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("seed {seed}");
-    let mut rng = Lcg(seed);
+    let mut rng = Lcg::from_clock();
     let mut agent = TestAgent::new("kill-any-op");
     let mut ever = BTreeSet::new();
     {

@@ -126,22 +126,40 @@ pub async fn update(vms: &VmServiceClient, file: &Path, json: bool) -> Result<()
     Ok(())
 }
 
-pub async fn start(
+/// Start, Pause and Resume: the same call on one VM or a label group.
+#[derive(Clone, Copy)]
+pub enum Simple {
+    Start,
+    Pause,
+    Resume,
+}
+
+/// Does `action` to VM `id`, or to every VM matching `labels`.
+pub async fn simple(
     vms: &VmServiceClient,
+    action: Simple,
     id: Option<String>,
     labels: &[String],
     json: bool,
 ) -> Result<(), Failure> {
     match target(id, labels)? {
         Target::One(id) => {
-            print_vm(
-                &vms.start(ctx(), &vm_ref(&id)).await.map_err(from_ttrpc)?,
-                json,
-            );
+            let r = vm_ref(&id);
+            let vm = match action {
+                Simple::Start => vms.start(ctx(), &r).await,
+                Simple::Pause => vms.pause(ctx(), &r).await,
+                Simple::Resume => vms.resume(ctx(), &r).await,
+            };
+            print_vm(&vm.map_err(from_ttrpc)?, json);
             Ok(())
         }
         Target::Group(selector) => {
-            group::act(vms, selector, pb::GroupAction::GROUP_START, json, |_| {}).await
+            let each = match action {
+                Simple::Start => pb::GroupAction::GROUP_START,
+                Simple::Pause => pb::GroupAction::GROUP_PAUSE,
+                Simple::Resume => pb::GroupAction::GROUP_RESUME,
+            };
+            group::act(vms, selector, each, json, |_| {}).await
         }
     }
 }
@@ -180,46 +198,6 @@ pub async fn reboot(vms: &VmServiceClient, id: &str, json: bool) -> Result<(), F
         json,
     );
     Ok(())
-}
-
-pub async fn pause(
-    vms: &VmServiceClient,
-    id: Option<String>,
-    labels: &[String],
-    json: bool,
-) -> Result<(), Failure> {
-    match target(id, labels)? {
-        Target::One(id) => {
-            print_vm(
-                &vms.pause(ctx(), &vm_ref(&id)).await.map_err(from_ttrpc)?,
-                json,
-            );
-            Ok(())
-        }
-        Target::Group(selector) => {
-            group::act(vms, selector, pb::GroupAction::GROUP_PAUSE, json, |_| {}).await
-        }
-    }
-}
-
-pub async fn resume(
-    vms: &VmServiceClient,
-    id: Option<String>,
-    labels: &[String],
-    json: bool,
-) -> Result<(), Failure> {
-    match target(id, labels)? {
-        Target::One(id) => {
-            print_vm(
-                &vms.resume(ctx(), &vm_ref(&id)).await.map_err(from_ttrpc)?,
-                json,
-            );
-            Ok(())
-        }
-        Target::Group(selector) => {
-            group::act(vms, selector, pb::GroupAction::GROUP_RESUME, json, |_| {}).await
-        }
-    }
 }
 
 pub async fn delete(vms: &VmServiceClient, id: &str, json: bool) -> Result<(), Failure> {
