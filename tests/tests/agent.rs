@@ -581,6 +581,43 @@ async fn nics_are_attached_to_their_bridge_and_a_missing_bridge_is_an_error() {
     assert_eq!(code, Code::UNAVAILABLE, "{msg}");
     assert!(msg.contains("no-such-br0"), "{msg}");
     assert_eq!(state_of(&get(&c, "orphan").await), pb::VmState::CRASHED);
+    // The failed start left nothing behind: no VMM, no tap, no cgroup
+    // (where the running VM has its), and a record that says Crashed with
+    // no pid.
+    assert!(
+        cgroup_dirs_of("agent-bridge")
+            .iter()
+            .any(|d| d.join("bridged").is_dir()),
+        "the running VM's cgroup is not where the test looks"
+    );
+    assert!(vmm_pids(&agent.vm_dir("orphan")).is_empty());
+    let orphan_tap = format!("/sys/class/net/bt{}or", std::process::id());
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let leftovers = || {
+        let mut left: Vec<String> = cgroup_dirs_of("agent-bridge")
+            .into_iter()
+            .map(|d| d.join("orphan"))
+            .filter(|d| d.exists())
+            .map(|d| d.display().to_string())
+            .collect();
+        if std::path::Path::new(&orphan_tap).exists() {
+            left.push(orphan_tap.clone());
+        }
+        left
+    };
+    while !leftovers().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a failed start left {:?}",
+            leftovers()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(agent.vm_dir("orphan").join("state.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["state"], "crashed", "{record}");
+    assert_eq!(record["pid"], 0, "{record}");
     let stop = pb::StopVmRequest {
         id: "bridged".into(),
         force: true,
