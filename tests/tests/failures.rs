@@ -96,6 +96,75 @@ async fn a_stop_that_cannot_be_recorded_leaves_the_vm_running_and_retryable() {
     assert_eq!(state_of(&vm), pb::VmState::RUNNING);
 }
 
+#[tokio::test(flavor = "current_thread")]
+async fn start_pause_update_and_restore_on_a_full_state_root_fail_cleanly_and_work_after() {
+    report_mode("every operation on a full state root");
+    let agent = TestAgent::with_small_state_root("full-ops", 256 << 10);
+    let c = agent.clients().await;
+    create_and_start(&c, probe_spec("a", 1, "probe.mode=tick")).await;
+    wait_console(&agent, "a", "PROBE tick 1", BOOT);
+    let snap = pb::SnapshotVmRequest {
+        id: "a".into(),
+        name: "s1".into(),
+        ..Default::default()
+    };
+    c.vms.snapshot(ctx(), &snap).await.unwrap();
+    c.vms
+        .create(ctx(), &create_req(probe_spec("b", 1, "probe.mode=tick")))
+        .await
+        .unwrap();
+    let filler = agent.dir.join("state/filler");
+    fill(&filler);
+
+    // Start: its intent cannot be written, so it never began.
+    let (code, msg) = code_of(c.vms.start(ctx(), &vm_ref("b")).await);
+    assert_eq!(code, Code::INTERNAL, "{msg}");
+    assert!(msg.contains("it is Defined"), "{msg}");
+    assert_eq!(state_of(&get(&c, "b").await), pb::VmState::DEFINED);
+    assert!(vmm_pids(&agent.vm_dir("b")).is_empty(), "b got a VMM");
+    // Pause: the VMM did pause; the VM says so although it is not on disk.
+    let (code, msg) = code_of(c.vms.pause(ctx(), &vm_ref("a")).await);
+    assert_eq!(code, Code::INTERNAL, "{msg}");
+    assert_eq!(state_of(&get(&c, "a").await), pb::VmState::PAUSED);
+    // Update: refused whole, the document stays as it was.
+    let mut spec = get(&c, "b").await.spec.unwrap();
+    spec.vcpus = 2;
+    let req = pb::UpdateVmRequest {
+        spec: protobuf::MessageField::some(spec),
+        ..Default::default()
+    };
+    let (code, msg) = code_of(c.vms.update(ctx(), &req).await);
+    assert_eq!(code, Code::INTERNAL, "{msg}");
+    assert_eq!(get(&c, "b").await.spec.vcpus, 1);
+    // Restore into a new VM: no VM, directory or VMM is left of it.
+    let restore = pb::RestoreVmRequest {
+        id: "a".into(),
+        snapshot: "s1".into(),
+        new_id: "c".into(),
+        ..Default::default()
+    };
+    let (code, msg) = code_of(c.vms.restore(ctx(), &restore).await);
+    assert_eq!(code, Code::INTERNAL, "{msg}");
+    let (code, _) = code_of(c.vms.get(ctx(), &vm_ref("c")).await);
+    assert_eq!(code, Code::NOT_FOUND);
+    assert!(
+        !agent.vm_dir("c").exists(),
+        "a failed restore left c's directory"
+    );
+
+    // With room again, every one of them works.
+    std::fs::remove_file(&filler).unwrap();
+    let b = c.vms.start(ctx(), &vm_ref("b")).await.unwrap();
+    assert_eq!(state_of(&b), pb::VmState::RUNNING);
+    let a = c.vms.resume(ctx(), &vm_ref("a")).await.unwrap();
+    assert_eq!(state_of(&a), pb::VmState::RUNNING);
+    let restored = c.vms.restore(ctx(), &restore).await.unwrap();
+    assert_eq!(state_of(&restored), pb::VmState::RUNNING);
+    for id in ["a", "b", "c"] {
+        assert_eq!(vmm_pids(&agent.vm_dir(id).join("run")).len(), 1, "{id}");
+    }
+}
+
 fn create_req(spec: pb::VmSpec) -> pb::CreateVmRequest {
     pb::CreateVmRequest {
         spec: protobuf::MessageField::some(spec),
