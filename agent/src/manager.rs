@@ -207,29 +207,42 @@ impl Manager {
             (inner.record.state.has_vmm(), inner.spec.clone())
         };
         if live {
-            // Live: only the shares and the I/O limits may change, and
-            // they apply at once.
+            // Live: only the shares and the I/O limits may change.
             let mut same = spec.with_limits_of(&old);
             same.cpu = old.cpu.clone();
             same.memory = old.memory.clone();
             if same != old {
                 entry.allows(Operation::Redefine)?;
             }
-            self.cgroups.apply(&spec)?;
-            let changed: Vec<_> = (spec.rate_limits().into_iter())
-                .zip(old.rate_limits())
-                .filter(|(new, old)| new.1 != old.1)
-                .map(|(new, _)| new)
-                .collect();
-            self.push_rate_limits(&entry, changed).await?;
         }
-        let mut inner = lock(&entry.inner);
+        // The document first: a change that cannot be recorded is not made.
         (self.registry.store)
             .save_spec(&entry.dir, &spec)
             .map_err(internal)?;
-        inner.spec = spec;
-        drop(inner);
+        if live {
+            // Then at once to the running VM; if it does not take them,
+            // the document goes back to what the VM still runs with.
+            if let Err(e) = self.apply_live(&entry, &spec, &old).await {
+                if let Err(back) = self.registry.store.save_spec(&entry.dir, &old) {
+                    tracing::error!(vm = %old.id, "cannot put the spec back after a failed update: {back}");
+                }
+                let _ = self.cgroups.apply(&old);
+                return Err(e);
+            }
+        }
+        lock(&entry.inner).spec = spec;
         Ok(entry.view())
+    }
+
+    /// Applies a spec's shares and changed I/O limits to the running VM.
+    async fn apply_live(&self, entry: &VmEntry, spec: &VmSpec, old: &VmSpec) -> ApiResult<()> {
+        self.cgroups.apply(spec)?;
+        let changed: Vec<_> = (spec.rate_limits().into_iter())
+            .zip(old.rate_limits())
+            .filter(|(new, old)| new.1 != old.1)
+            .map(|(new, _)| new)
+            .collect();
+        self.push_rate_limits(entry, changed).await
     }
 
     pub async fn delete(&self, id: &str) -> ApiResult<()> {

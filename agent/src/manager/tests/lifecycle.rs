@@ -356,3 +356,55 @@ async fn a_stop_the_last_agent_did_not_see_end_is_finished() {
     assert!(node.vmms.live("a").is_empty(), "the VMM runs on");
     assert_eq!(node.on_disk("a").state, VmState::Stopped);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_live_update_is_recorded_before_it_is_applied_and_undone_if_refused() {
+    let node = Node::new("live-update").await;
+    let m = &node.manager;
+    let mut spec = node.spec("a");
+    spec.nics.push(crate::spec::Nic {
+        tap: "berthut2".into(),
+        ..Default::default()
+    });
+    m.create(spec).await.unwrap();
+    m.start("a").await.unwrap();
+    let mut wanted = m.get("a").unwrap().spec;
+    wanted.nics[0].tx_limit.bytes_per_s = 4 << 20;
+
+    // A document that cannot be written: nothing reaches the VMM.
+    let dir = m.config.vms_dir().join("a");
+    let aside = node.root.join("aside");
+    std::fs::rename(&dir, &aside).unwrap();
+    let e = m.update(wanted.clone()).await.unwrap_err();
+    assert!(matches!(e, ApiError::Internal(_)), "{e}");
+    std::fs::rename(&aside, &dir).unwrap();
+    assert!(
+        node.vmms.limits("a").is_empty(),
+        "applied though not recorded"
+    );
+
+    // A VMM that refuses the limit: the document goes back.
+    node.vmms.set_faults(
+        "a",
+        Faults {
+            refuse: Some((ttrpc::Code::INVALID_ARGUMENT, "no such limiter".into())),
+            ..Faults::default()
+        },
+    );
+    let e = m.update(wanted.clone()).await.unwrap_err();
+    assert!(e.message().contains("no such limiter"), "{e}");
+    assert_eq!(m.get("a").unwrap().spec.nics[0].tx_limit.bytes_per_s, 0);
+    let stored: VmSpec =
+        serde_json::from_slice(&std::fs::read(dir.join("spec.json")).unwrap()).unwrap();
+    assert_eq!(
+        stored.nics[0].tx_limit.bytes_per_s, 0,
+        "the refused change stayed on disk"
+    );
+
+    node.vmms.set_faults("a", Faults::default());
+    m.update(wanted).await.unwrap();
+    assert_eq!(
+        node.vmms.limits("a"),
+        [("nic0".to_string(), "tx".to_string(), 4 << 20)]
+    );
+}
