@@ -446,8 +446,9 @@ impl VmSpec {
     }
 
     /// The limits on the document's size, checked before anything in it
-    /// is looked at (or echoed in an error).
-    fn check_size(&self) -> Result<(), SpecError> {
+    /// is looked at (or echoed in an error). nodectl checks them too, so a
+    /// document over them is not sent at all.
+    pub fn check_size(&self) -> Result<(), SpecError> {
         let bytes = serde_json::to_vec(self).map_or(usize::MAX, |b| b.len());
         if bytes > MAX_SPEC_BYTES {
             return Err(err(

@@ -228,6 +228,30 @@ async fn oversized_labels_are_refused_and_a_listing_of_maximal_vms_works() {
     assert!(text.contains('…'), "long label cells are cut:\n{text}");
     let json = agent.nodectl().args(["list", "--json"]).output().unwrap();
     assert!(json.status.success(), "{json:?}");
+
+    // A document larger than a request can carry: refused for its size
+    // with the invalid-argument status, not taken for a lost agent.
+    let huge = agent.dir.join("huge.toml");
+    let text = format!(
+        "id = \"huge\"\nvcpus = 1\nmemory_mib = 64\n[kernel]\npath = \"/k\"\ncmdline = \"{}\"\n",
+        "x".repeat(5 << 20)
+    );
+    std::fs::write(&huge, text).unwrap();
+    let out = agent
+        .nodectl()
+        .arg("create")
+        .arg("-f")
+        .arg(&huge)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("limit of 65536"), "{err}");
+    assert!(
+        err.len() < 500,
+        "the document is not echoed: {} bytes",
+        err.len()
+    );
 }
 
 /// Collects every page of a listing; returns the VMs and the pages' sizes.

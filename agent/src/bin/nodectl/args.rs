@@ -33,5 +33,11 @@ pub fn parse_taps(taps: &[String]) -> Result<HashMap<String, String>, Failure> {
 pub fn read_spec(file: &Path) -> Result<VmSpec, Failure> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| fail(2, format!("cannot read {}: {e}", file.display())))?;
-    toml::from_str(&text).map_err(|e| fail(2, format!("{}: {e}", file.display())))
+    let spec: VmSpec =
+        toml::from_str(&text).map_err(|e| fail(2, format!("{}: {e}", file.display())))?;
+    // One the agent would refuse for its size may not even fit in a
+    // request: say why here, not "lost the agent".
+    spec.check_size()
+        .map_err(|e| fail(2, format!("{}: {e}", file.display())))?;
+    Ok(spec)
 }
