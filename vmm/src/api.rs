@@ -353,8 +353,8 @@ impl crate::builder::Control for ApiServer {
     }
 }
 
-/// Serves the control API for `machine` on the unix socket at `path`: what
-/// `Vmm::run` starts once the vCPUs run.
+/// Serves the control API for the running `machine` (`Vmm::start`) on the
+/// unix socket at `path`.
 pub fn start(path: &Path, machine: Arc<Machine>) -> Result<ApiServer, BuildError> {
     let console_in =
         ConsoleInput::start(machine.serial.clone()).map_err(|source| BuildError::Io {

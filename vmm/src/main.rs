@@ -365,10 +365,16 @@ fn run_incoming(args: &Args, address: &str) -> (i32, String) {
 
 /// Runs the guest, serving the control API on `--api-socket` if given.
 fn run_vmm(vmm: builder::Vmm, args: &Args, paused: bool) -> (i32, String) {
+    let running = match vmm.start(paused) {
+        Ok(running) => running,
+        Err(e) => return fail(e.to_string()),
+    };
     let socket = args.api_socket.as_deref();
-    finish(vmm.run(paused, |machine| {
-        (socket.map(|path| berth_vmm::api::start(path, machine))).transpose()
-    }))
+    let api = socket.map(|path| berth_vmm::api::start(path, running.machine.clone()));
+    match api.transpose() {
+        Ok(api) => finish(Ok(running.wait(api))),
+        Err(e) => fail(e.to_string()),
+    }
 }
 
 fn finish(result: Result<berth_vmm::exit::ExitReason, builder::BuildError>) -> (i32, String) {

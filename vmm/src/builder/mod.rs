@@ -2,8 +2,9 @@
 //! structures) or from saved state (`restore`: a snapshot, or what a
 //! migration sent). Both check the host's limits, then attach the same
 //! devices and create the vCPUs through the helpers here, and differ only in
-//! where memory and each part's state come from. `Vmm::run` then starts the
-//! threads.
+//! where memory and each part's state come from. `Vmm::start` then starts the
+//! threads and hands back the running machine, which a layer above serves
+//! (`api::start`) before it waits for the guest's end (`Running::wait`).
 
 mod boot;
 mod restore;
@@ -317,16 +318,38 @@ impl Vmm {
     }
 }
 
+/// A machine whose vCPUs run: what the builder hands back once a VM is
+/// started. A layer above may serve it (`api::start`), then waits.
+pub struct Running {
+    pub machine: Arc<Machine>,
+    vcpus: Arc<VcpuSet>,
+    exit_rx: Receiver<ExitReason>,
+}
+
+impl Running {
+    /// Waits until something ends the guest, stops the vCPUs and then
+    /// `control` (if it serves the machine); returns why the guest ended.
+    pub fn wait<C: Control>(self, control: Option<C>) -> ExitReason {
+        // Everything this thread still does is the control kind's: wait,
+        // stop the vCPUs, write the exit file.
+        seccomp::enter(ThreadKind::Control);
+        let reason = self
+            .exit_rx
+            .recv()
+            .expect("the VMM holds a sender for as long as it waits");
+        self.vcpus.stop_all(Duration::from_secs(1));
+        if let Some(server) = control {
+            server.shutdown(Duration::from_secs(1));
+        }
+        reason
+    }
+}
+
 impl Vmm {
-    /// Runs the guest until something ends it; returns why. Once the vCPUs
-    /// run, `serve` may start a control API for the machine (the VmmService:
-    /// pause, resume, shutdown, stop, stats, console input, snapshots,
-    /// migration), which is shut down after the guest ends.
-    pub fn run<C: Control>(
-        self,
-        start_paused: bool,
-        serve: impl FnOnce(Arc<Machine>) -> Result<Option<C>, BuildError>,
-    ) -> Result<ExitReason, BuildError> {
+    /// Starts the guest: the vCPU, signal and console-input threads, and
+    /// the running machine that a control API serves (pause, resume,
+    /// shutdown, stop, stats, console input, snapshots, migration).
+    pub fn start(self, start_paused: bool) -> Result<Running, BuildError> {
         vcpu::install_kick_handler().map_err(io_err("the vCPU kick signal"))?;
         let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(io_err("signal handling"))?;
         let on_signal = self.exit.clone();
@@ -357,19 +380,11 @@ impl Vmm {
             exit: self.exit.clone(),
             guest_cpuids: self.guest_cpuids.clone(),
         };
-        let api_server = serve(Arc::new(machine))?;
-        // Everything this thread still does is the control kind's: wait,
-        // stop the vCPUs, write the exit file.
-        seccomp::enter(ThreadKind::Control);
-        let reason = self
-            .exit_rx
-            .recv()
-            .expect("the VMM holds a sender for as long as it waits");
-        vcpus.stop_all(Duration::from_secs(1));
-        if let Some(server) = api_server {
-            server.shutdown(Duration::from_secs(1));
-        }
-        Ok(reason)
+        Ok(Running {
+            machine: Arc::new(machine),
+            vcpus,
+            exit_rx: self.exit_rx,
+        })
     }
 
     fn spawn_input(&self) -> Result<(), BuildError> {
