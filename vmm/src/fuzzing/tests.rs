@@ -586,6 +586,7 @@ fn sample_state(vendor: &str, vcpus: usize) -> VmSnapshot {
                 used_ring: r.used,
                 ..Default::default()
             }],
+            active: None,
         }],
     }
 }

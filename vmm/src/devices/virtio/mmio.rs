@@ -34,6 +34,10 @@ pub struct MmioTransport {
     driver_features_sel: u32,
     driver_features: u64,
     status: u32,
+    /// The device took DRIVER_OK and runs. Not the same as the DRIVER_OK
+    /// bit: an activation that failed leaves the bit set (with FAILED or
+    /// NEEDS_RESET), and a FEATURES_OK added after it activates nothing.
+    active: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +77,10 @@ pub struct TransportSnapshot {
     pub interrupt_status: u32,
     pub needs_reset: bool,
     pub queues: Vec<QueueSnapshot>,
+    /// Whether the device ran; absent in snapshots from before it was
+    /// recorded, which go by the DRIVER_OK bit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<bool>,
 }
 
 impl MmioTransport {
@@ -95,6 +103,7 @@ impl MmioTransport {
             interrupt_status: self.signals.interrupt_status(),
             needs_reset: self.signals.needs_reset(),
             queues: queues.into_iter().map(Into::into).collect(),
+            active: Some(self.active),
         }
     }
 
@@ -123,7 +132,10 @@ impl MmioTransport {
         self.device_features_sel = s.device_features_sel;
         self.driver_features_sel = s.driver_features_sel;
         self.signals.restore(s.interrupt_status, s.needs_reset);
-        if s.status & status::DRIVER_OK != 0 && !s.needs_reset {
+        let was_active = s
+            .active
+            .unwrap_or(s.status & status::DRIVER_OK != 0 && !s.needs_reset);
+        if was_active {
             self.activate();
         }
         Ok(())
@@ -148,6 +160,7 @@ impl MmioTransport {
             driver_features_sel: 0,
             driver_features: 0,
             status: 0,
+            active: false,
         })
     }
 
@@ -306,7 +319,9 @@ impl MmioTransport {
         ) {
             eprintln!("berth-vmm: virtio device activation failed: {e}");
             self.status |= status::FAILED;
+            return;
         }
+        self.active = true;
     }
 
     fn reset(&mut self) {
@@ -320,6 +335,7 @@ impl MmioTransport {
         }
         self.signals.clear();
         self.status = 0;
+        self.active = false;
         self.driver_features = 0;
         self.queue_sel = 0;
         self.device_features_sel = 0;
