@@ -19,6 +19,7 @@ if [[ -d /sys/module/kvm_intel || -d /sys/module/kvm_amd ]] && [[ ! -d /sys/modu
     kernel="$image/vmlinux"
     spec_kernel="path = \"$kernel\"
 initrd = \"$image/initramfs.cpio.gz\"
+discovery = \"legacy\"
 cmdline = \"console=ttyS0 reboot=k panic=-1 berth.run=\\\"uname -a; grep -c ^processor /proc/cpuinfo; free -m\\\"\""
 else
     echo "== software KVM (kvm_pvm) or unknown: the probe guest (2 vCPUs, 256 MiB)"

@@ -19,6 +19,14 @@ pub struct Sample {
     pub devices: Vec<DeviceUsage>,
     pub exits: u64,
     pub exits_by_reason: BTreeMap<String, u64>,
+    pub unclaimed: Unclaimed,
+}
+
+/// Guest accesses no device of the VMM claimed (cumulative).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Unclaimed {
+    pub port: u64,
+    pub mmio: u64,
 }
 
 /// One disk or NIC direction, as its VMM counts it.
@@ -52,6 +60,7 @@ pub struct Report {
     pub devices: Vec<DeviceUsage>,
     pub exits: u64,
     pub exits_by_reason: BTreeMap<String, u64>,
+    pub unclaimed: Unclaimed,
     /// The cgroup's CPU throttling, cumulative for the VM's group.
     pub throttled_ns_total: u64,
 }
@@ -90,6 +99,7 @@ pub fn measure(prev: &Sample, last: &Sample) -> Report {
         devices: last.devices.clone(),
         exits: last.exits,
         exits_by_reason: last.exits_by_reason.clone(),
+        unclaimed: last.unclaimed,
         throttled_ns_total: last.usage.throttled_ns,
         ..Default::default()
     }
@@ -185,6 +195,7 @@ mod tests {
             devices: Vec::new(),
             exits: 10,
             exits_by_reason: BTreeMap::new(),
+            unclaimed: Unclaimed::default(),
         };
         let b = Sample {
             at: t0 + Duration::from_secs(2),
@@ -198,10 +209,12 @@ mod tests {
             devices: Vec::new(),
             exits: 25,
             exits_by_reason: [("hlt".to_string(), 25)].into(),
+            unclaimed: Unclaimed { port: 3, mmio: 1 },
         };
         let r = measure(&a, &b);
         assert_eq!(r.interval_ms, 2000);
         assert_eq!(r.exits, 25, "cumulative, from the latest sample");
+        assert_eq!(r.unclaimed, Unclaimed { port: 3, mmio: 1 });
         assert!((r.cpu_used - 0.5).abs() < 1e-9);
         assert!((r.cpu_wait - 0.1).abs() < 1e-9);
         assert_eq!((r.throttled, r.throttled_periods), (true, 5));

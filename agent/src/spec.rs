@@ -53,6 +53,10 @@ pub struct Kernel {
     /// An initrd from the image store instead of `initrd`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub initrd_image: String,
+    /// How the guest finds its CPUs and devices (ACPI unless the kernel
+    /// has none).
+    #[serde(default)]
+    pub discovery: berth_proto::vmm_process::config::Discovery,
 }
 
 fn path_is_empty(p: &Path) -> bool {
@@ -572,6 +576,7 @@ impl VmSpec {
                 initrd: self.kernel.initrd.clone(),
                 cmdline: self.kernel.cmdline.clone(),
             },
+            discovery: self.kernel.discovery,
             serial: SerialConfig {
                 log: Some(console_log.to_owned()),
                 log_max_bytes: Some(console_log_max_bytes),

@@ -5,6 +5,7 @@
 struct bootinfo boot;
 
 /* Linux boot_params ("zero page") offsets */
+#define BP_ACPI_RSDP_ADDR 0x070
 #define BP_EXT_CMD_LINE_PTR 0x0c8
 #define BP_E820_ENTRIES 0x1e8
 #define BP_CMD_LINE_PTR 0x228
@@ -15,6 +16,7 @@ struct bootinfo boot;
 #define PVH_MAGIC 0x336ec578
 #define PVH_VERSION 4
 #define PVH_CMDLINE 24
+#define PVH_RSDP 32
 #define PVH_MEMMAP 40
 #define PVH_MEMMAP_ENTRIES 48
 #define PVH_MEMMAP_ENTRY_SIZE 24
@@ -41,6 +43,7 @@ void bootinfo_read(int kind, uint64_t info) {
         uint64_t cmd = rd32(info + BP_CMD_LINE_PTR) |
                        (uint64_t)rd32(info + BP_EXT_CMD_LINE_PTR) << 32;
         copy_cmdline(cmd);
+        boot.rsdp = rd64(info + BP_ACPI_RSDP_ADDR);
         uint32_t n = *(volatile uint8_t *)phys(info + BP_E820_ENTRIES);
         for (uint32_t i = 0; i < n; i++) {
             uint64_t e = info + BP_E820_TABLE + i * BP_E820_ENTRY_SIZE;
@@ -53,6 +56,7 @@ void bootinfo_read(int kind, uint64_t info) {
         return;
     }
     copy_cmdline(rd64(info + PVH_CMDLINE));
+    boot.rsdp = rd64(info + PVH_RSDP);
     if (rd32(info + PVH_VERSION) < 1) /* version 0 has no memory map */
         return;
     uint64_t map = rd64(info + PVH_MEMMAP);

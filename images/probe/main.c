@@ -62,6 +62,22 @@ void probe_main(int kind, uint64_t info) {
         pr("PROBE cpus_mp %u\n", mp.ncpus);
     else
         pr("PROBE cpus_mp 1 nomptable\n");
+    acpi_find();
+    if (acpi.rsdp) {
+        pr("PROBE acpi rsdp=0x%lx dsdt=0x%lx\n", acpi.rsdp, acpi.dsdt);
+        pr("PROBE cpus_madt %u\n", acpi.ncpus);
+        for (uint32_t i = 0; i < acpi.nvirtio; i++)
+            pr("PROBE acpi_virtio 0x%lx 0x%lx %u\n", acpi.virtio[i].base, acpi.virtio[i].size,
+               acpi.virtio[i].gsi);
+    } else {
+        pr("PROBE acpi none\n");
+    }
+    /* CPUs from the MADT when there is one, as Linux prefers it. */
+    if (acpi.ncpus) {
+        mp.ncpus = acpi.ncpus;
+        for (uint32_t i = 0; i < acpi.ncpus; i++)
+            mp.apic_id[i] = acpi.apic_id[i];
+    }
     /* The mode is known before the APs start: it may give them work. */
     char name[32] = "boot";
     probe_arg(boot.cmdline, "mode", name, sizeof name);

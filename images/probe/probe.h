@@ -29,6 +29,7 @@ struct e820_entry {
 
 struct bootinfo {
     int kind;
+    uint64_t rsdp; /* where the loader says the ACPI RSDP is (0: not said) */
     char cmdline[CMDLINE_MAX];
     uint32_t e820_count;
     struct e820_entry e820[MAX_E820];
@@ -63,6 +64,23 @@ struct mp_info {
     int bsp; /* index into apic_id, -1 if no entry has the BP flag */
 };
 
+#define ACPI_MAX_VIRTIO 32
+#define GIB4_BELOW 0x100000000ull
+struct acpi_window {
+    uint64_t base, size;
+    uint32_t gsi;
+};
+struct acpi_info {
+    uint64_t rsdp, dsdt; /* 0: no ACPI */
+    uint32_t ncpus;      /* enabled local APICs in the MADT */
+    uint8_t apic_id[MAX_CPUS];
+    uint32_t nvirtio; /* LNRO0005 devices in the DSDT */
+    struct acpi_window virtio[ACPI_MAX_VIRTIO];
+    uint16_t sleep_port, reset_port; /* FADT registers in I/O space (0: none) */
+    uint8_t reset_value, s5_type, s5_found;
+};
+extern struct acpi_info acpi;
+
 /* lib.c */
 void *memcpy(void *dst, const void *src, size_t n);
 void *memset(void *dst, int c, size_t n);
@@ -89,6 +107,8 @@ int e820_is_ram(uint64_t addr, uint64_t size);
 void idt_init(void);
 void idt_load(void);
 
+/* acpi.c */
+void acpi_find(void);
 /* mptable.c */
 void mp_find(struct mp_info *mp);
 

@@ -131,6 +131,22 @@ int virtio_scan(const char *cmdline) {
         }
         probe_device(d);
     }
+    if (vdev_count)
+        pr("PROBE virtio_source cmdline\n");
+    else if (acpi.nvirtio) {
+        pr("PROBE virtio_source acpi\n");
+        for (uint32_t i = 0; i < acpi.nvirtio && vdev_count < VIRTIO_MAX_DEV; i++) {
+            struct vdev *d = &vdevs[vdev_count];
+            memset(d, 0, sizeof *d);
+            d->index = vdev_count++;
+            for (int q = 0; q < VIRTIO_MAX_QUEUES; q++)
+                d->qslot[q] = -1;
+            d->base = acpi.virtio[i].base;
+            d->size = acpi.virtio[i].size;
+            d->irq = acpi.virtio[i].gsi;
+            probe_device(d);
+        }
+    }
     return vdev_count;
 }
 

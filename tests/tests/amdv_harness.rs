@@ -22,7 +22,7 @@ const GUEST_COMMAND: &str =
 
 fn vmm(kernel: &str, vcpus: u32, marker: &str) -> String {
     format!(
-        "timeout 240 berth-vmm --kernel /guest/{kernel} --initrd /guest/initramfs.cpio.gz \
+        "timeout 240 berth-vmm --discovery legacy --kernel /guest/{kernel} --initrd /guest/initramfs.cpio.gz \
          --vcpus {vcpus} --memory-mib {GUEST_MEMORY_MIB} --console-stdout \
          --cmdline 'console=ttyS0 reboot=k panic=-1 quiet {marker} berth.run=\"{GUEST_COMMAND}\"'\n"
     )
@@ -162,7 +162,7 @@ gunzip -c /guest/rootfs.ext4.gz > /tmp/rootfs.ext4
 mkfifo /tmp/in1 /tmp/in2
 exec 3<>/tmp/in1 4<>/tmp/in2
 waitfor() { for i in $(seq 600); do grep -q "$2" "$1" && return 0; sleep 0.1; done; echo "timeout waiting for $2"; return 1; }
-timeout 240 berth-vmm --kernel /guest/bzImage --vcpus 2 --memory-mib 256 --disk /tmp/rootfs.ext4   --api-socket /tmp/v.sock --console-log /tmp/c1.log --console-in /tmp/in1   --cmdline 'console=ttyS0 reboot=k panic=-1 quiet root=/dev/vda rw' 2>/tmp/e1.log &
+timeout 240 berth-vmm --discovery legacy --kernel /guest/bzImage --vcpus 2 --memory-mib 256 --disk /tmp/rootfs.ext4   --api-socket /tmp/v.sock --console-log /tmp/c1.log --console-in /tmp/in1   --cmdline 'console=ttyS0 reboot=k panic=-1 quiet root=/dev/vda rw' 2>/tmp/e1.log &
 waitfor /tmp/c1.log BERTH-GUEST-READY
 sleep 1
 echo 'echo before-snapshot-$((40+2))' >&3
@@ -201,7 +201,7 @@ token=harness-migration-token-42
 expires=$(( $(date +%s) * 1000 + 180000 ))
 timeout 240 berth-vmm --migrate-listen 127.0.0.1:0 --migrate-token $token --migrate-expires-at-ms $expires   --migrate-address-file /tmp/addr --console-log /tmp/c2.log --console-in /tmp/in2 --tap tap0=tap1 2>/tmp/e2.log &
 dst=$!
-timeout 240 berth-vmm --kernel /guest/bzImage --vcpus 2 --memory-mib 256 --disk /tmp/rootfs.ext4   --nic tap=tap0,mac=52:54:00:12:34:56 --api-socket /tmp/v1.sock --console-log /tmp/c1.log   --console-in /tmp/in1 --cmdline 'console=ttyS0 reboot=k panic=-1 quiet root=/dev/vda rw' 2>/tmp/e1.log &
+timeout 240 berth-vmm --discovery legacy --kernel /guest/bzImage --vcpus 2 --memory-mib 256 --disk /tmp/rootfs.ext4   --nic tap=tap0,mac=52:54:00:12:34:56 --api-socket /tmp/v1.sock --console-log /tmp/c1.log   --console-in /tmp/in1 --cmdline 'console=ttyS0 reboot=k panic=-1 quiet root=/dev/vda rw' 2>/tmp/e1.log &
 src=$!
 waitdev tap0 && ip link set tap0 up && ip addr add 10.0.2.1/24 dev tap0
 waitfor /tmp/c1.log BERTH-GUEST-READY
@@ -277,7 +277,7 @@ fn virtio_scenarios() -> Vec<Scenario> {
             name: "virtio_blk_root",
             script: format!(
                 "gunzip -c /guest/rootfs.ext4.gz > /tmp/rootfs.ext4\n\
-                 timeout 240 berth-vmm --kernel /guest/bzImage --vcpus 2 --memory-mib {GUEST_MEMORY_MIB} \\\n\
+                 timeout 240 berth-vmm --discovery legacy --kernel /guest/bzImage --vcpus 2 --memory-mib {GUEST_MEMORY_MIB} \\\n\
                  --console-stdout --disk /tmp/rootfs.ext4,serial=berth-root \\\n\
                  --cmdline 'console=ttyS0 reboot=k panic=-1 quiet root=/dev/vda rw \
                  berth.run=\"grep -w ext4 /proc/self/mountinfo; echo vda-dev=$(cat /sys/block/vda/dev); \
@@ -293,7 +293,7 @@ fn virtio_scenarios() -> Vec<Scenario> {
                 "mkdir -p /www && dd if=/dev/urandom of=/www/blob bs=1024 count=2048 2>/dev/null\n\
                  echo \"host-blob-md5=$(md5sum /www/blob | cut -d' ' -f1)\"\n\
                  httpd -p 8080 -h /www\n\
-                 timeout 240 berth-vmm --kernel /guest/bzImage --initrd /guest/initramfs.cpio.gz \\\n\
+                 timeout 240 berth-vmm --discovery legacy --kernel /guest/bzImage --initrd /guest/initramfs.cpio.gz \\\n\
                  --vcpus 1 --memory-mib {GUEST_MEMORY_MIB} --console-stdout \\\n\
                  --nic tap=tap0,mac=52:54:00:12:34:56 \\\n\
                  --cmdline 'console=ttyS0 reboot=k panic=-1 quiet berth.run=\"ip link set eth0 up; \

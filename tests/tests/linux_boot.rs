@@ -42,6 +42,9 @@ fn boot_linux(kernel: &Path, test: &str) {
             );
             let mut cmd = vmm_command(kernel, 2, MEMORY_MIB, &cmdline);
             cmd.arg("--initrd").arg(linux.join("initramfs.cpio.gz"));
+            // Our tinyconfig kernel has no ACPI: the MP table and the
+            // command-line announcements.
+            cmd.args(["--discovery", "legacy"]);
             let out = run(cmd, Duration::from_secs(120));
             assert!(
                 out.stdout.contains("BERTH-GUEST-READY cpus=2"),
@@ -65,6 +68,9 @@ fn boot_linux(kernel: &Path, test: &str) {
             let cmdline = format!("earlyprintk=ttyS0 console=ttyS0 {marker}");
             let mut cmd = vmm_command(kernel, 1, MEMORY_MIB, &cmdline);
             cmd.arg("--initrd").arg(linux.join("initramfs.cpio.gz"));
+            // Our tinyconfig kernel has no ACPI: the MP table and the
+            // command-line announcements.
+            cmd.args(["--discovery", "legacy"]);
             let out = run(cmd, Duration::from_secs(180));
             assert!(
                 out.stdout.contains("Linux version 6.1"),

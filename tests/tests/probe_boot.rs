@@ -23,9 +23,35 @@ fn probe_ram(out: &Finished) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// How the guest is told its CPUs and devices (berth-vmm's --discovery).
+#[derive(Clone, Copy, Debug)]
+enum Discovery {
+    Acpi,
+    Legacy,
+}
+
+fn probe_command(
+    vcpus: u32,
+    memory_mib: u64,
+    cmdline: &str,
+    d: Discovery,
+) -> std::process::Command {
+    let mut cmd = vmm_command(&probe_elf(), vcpus, memory_mib, cmdline);
+    if let Discovery::Legacy = d {
+        cmd.args(["--discovery", "legacy"]);
+    }
+    cmd
+}
+
 fn boot_probe(vcpus: u32, memory_mib: u64) {
-    report_mode(&format!("probe {vcpus} vCPUs {memory_mib} MiB"));
-    let cmd = vmm_command(&probe_elf(), vcpus, memory_mib, "probe.mode=boot");
+    boot_probe_with(vcpus, memory_mib, Discovery::Acpi);
+}
+
+fn boot_probe_with(vcpus: u32, memory_mib: u64, discovery: Discovery) {
+    report_mode(&format!(
+        "probe {vcpus} vCPUs {memory_mib} MiB, {discovery:?}"
+    ));
+    let cmd = probe_command(vcpus, memory_mib, "probe.mode=boot", discovery);
     let out = run(cmd, TIMEOUT);
     let ctx = out.describe();
     assert_eq!(
@@ -33,7 +59,35 @@ fn boot_probe(vcpus: u32, memory_mib: u64) {
         Some("boot=linux"),
         "{ctx}"
     );
-    assert_eq!(out.probe_value("cpus_mp"), Some(vcpus.to_string()), "{ctx}");
+    // Each discovery alone: a guest never sees both.
+    match discovery {
+        Discovery::Acpi => {
+            assert_eq!(
+                out.probe_value("cpus_madt"),
+                Some(vcpus.to_string()),
+                "{ctx}"
+            );
+            assert_eq!(
+                out.probe_value("cpus_mp").as_deref(),
+                Some("1 nomptable"),
+                "{ctx}"
+            );
+            assert_eq!(
+                out.probe_value("acpi").as_deref(),
+                Some("rsdp=0xe0000 dsdt=0xe0040"),
+                "the RSDP where the zero page says, the DSDT after it\n{ctx}"
+            );
+            assert!(
+                out.probe_lines()
+                    .contains(&"PROBE e820 0xe0000 0x20000 2".to_string()),
+                "the tables' range is reserved in the e820 map\n{ctx}"
+            );
+        }
+        Discovery::Legacy => {
+            assert_eq!(out.probe_value("cpus_mp"), Some(vcpus.to_string()), "{ctx}");
+            assert_eq!(out.probe_value("acpi").as_deref(), Some("none"), "{ctx}");
+        }
+    }
     assert_eq!(out.probe_value("cpus_up"), Some(vcpus.to_string()), "{ctx}");
     let ram = probe_ram(&out);
     assert_eq!(ram, expected_low_e820(memory_mib), "{ctx}");
@@ -73,6 +127,76 @@ fn probe_2_vcpus_64_mib() {
 #[test]
 fn probe_4_vcpus_64_mib() {
     boot_probe(4, 64);
+}
+
+#[test]
+fn probe_2_vcpus_legacy_mp_table() {
+    boot_probe_with(2, 64, Discovery::Legacy);
+}
+
+#[test]
+fn probe_4_vcpus_legacy_mp_table() {
+    boot_probe_with(4, 64, Discovery::Legacy);
+}
+
+/// The guest powers off the way Linux does on hardware-reduced ACPI (the
+/// FADT's sleep control register, the DSDT's S5 type): the VMM ends with
+/// status 0 and says so; with legacy discovery there is no such register.
+#[test]
+fn acpi_poweroff_ends_the_vmm_cleanly() {
+    report_mode("acpi_poweroff_ends_the_vmm_cleanly");
+    let out = run(
+        probe_command(2, 64, "probe.mode=poweroff", Discovery::Acpi),
+        TIMEOUT,
+    );
+    let ctx = out.describe();
+    assert_eq!(
+        out.probe_value("poweroff").as_deref(),
+        Some("port=0x600 slp_typ=5"),
+        "{ctx}"
+    );
+    assert!(
+        !out.stdout.contains("PROBE done"),
+        "the write ended the guest\n{ctx}"
+    );
+    assert!(out.stderr.contains("berth-vmm: guest powered off"), "{ctx}");
+    assert_eq!(out.status.code(), Some(0), "{ctx}");
+
+    let out = run(
+        probe_command(1, 64, "probe.mode=poweroff", Discovery::Legacy),
+        TIMEOUT,
+    );
+    let ctx = out.describe();
+    assert_eq!(
+        out.probe_value("poweroff").as_deref(),
+        Some("error=no_acpi_sleep_register"),
+        "{ctx}"
+    );
+}
+
+/// `reboot` through the FADT's reset register, without the i8042.
+#[test]
+fn acpi_reset_register_resets() {
+    report_mode("acpi_reset_register_resets");
+    let out = run(
+        probe_command(1, 64, "probe.mode=acpi_reset", Discovery::Acpi),
+        TIMEOUT,
+    );
+    let ctx = out.describe();
+    assert_eq!(
+        out.probe_value("acpi_reset").as_deref(),
+        Some("port=0x600 value=1"),
+        "{ctx}"
+    );
+    assert!(
+        !out.stdout.contains("PROBE done"),
+        "the write ended the guest\n{ctx}"
+    );
+    assert!(
+        out.stderr.contains("berth-vmm: guest requested reset"),
+        "{ctx}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{ctx}");
 }
 
 #[test]

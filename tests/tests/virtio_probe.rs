@@ -45,20 +45,59 @@ fn assert_pattern(file: &[u8], seed: u64, d: u64, start: u64, count: u64) {
     }
 }
 
+/// The disk found through the DSDT (the default, ACPI) and through the
+/// command line (legacy discovery) is driven the same way.
 #[test]
 fn blk_writes_land_in_the_file_and_host_data_reads_back() {
-    report_mode("blk_writes_land_in_the_file_and_host_data_reads_back");
-    let dir = scratch_dir("virtio-blk");
+    blk_round_trip("acpi");
+}
+
+#[test]
+fn blk_found_through_the_command_line_works_the_same() {
+    blk_round_trip("legacy");
+}
+
+fn blk_round_trip(discovery: &str) {
+    report_mode(&format!("blk_round_trip {discovery}"));
+    let dir = scratch_dir(&format!("virtio-blk-{discovery}"));
     let path = disk(&dir, "disk0.img", 2048, 1);
     let before = std::fs::read(&path).unwrap();
     let mut cmd =
         probe("probe.mode=blk probe.blk_write=8:300:5 probe.blk_read=512:96 probe.blk_oob=1");
     cmd.arg("--disk")
-        .arg(format!("{},serial=berth-disk-0", path.display()));
+        .arg(format!("{},serial=berth-disk-0", path.display()))
+        .args(["--discovery", discovery]);
     let out = run(cmd, TIMEOUT);
     let ctx = out.describe();
     let lines = out.probe_lines();
     let has = |l: &str| lines.iter().any(|x| x == l);
+    assert!(
+        has(&format!(
+            "PROBE virtio_source {}",
+            if discovery == "acpi" {
+                "acpi"
+            } else {
+                "cmdline"
+            }
+        )),
+        "{ctx}"
+    );
+    assert!(
+        has("PROBE virtio dev=0 base=0xd0000000 irq=5 id=2"),
+        "{ctx}"
+    );
+    if discovery == "acpi" {
+        assert!(
+            has("PROBE acpi_virtio 0xd0000000 0x1000 5"),
+            "the DSDT's window and GSI\n{ctx}"
+        );
+        assert!(
+            !out.stdout.contains("virtio_mmio.device="),
+            "no command-line words with ACPI\n{ctx}"
+        );
+    } else {
+        assert_eq!(out.probe_value("acpi").as_deref(), Some("none"), "{ctx}");
+    }
     assert!(
         has("PROBE blk dev=0 capacity=2048 ro=0 id=berth-disk-0"),
         "{ctx}"

@@ -249,6 +249,10 @@ impl VmmService for VmmApi {
                     )
                 })
                 .collect(),
+            unclaimed_port_accesses: (self.machine.vcpus.control.unclaimed_port)
+                .load(std::sync::atomic::Ordering::Relaxed),
+            unclaimed_mmio_accesses: (self.machine.vcpus.control.unclaimed_mmio)
+                .load(std::sync::atomic::Ordering::Relaxed),
             devices: (self.machine.limiters.iter())
                 .map(|d| {
                     let s = d.limiter.stats();

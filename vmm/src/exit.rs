@@ -11,6 +11,9 @@ pub enum ExitReason {
     GuestReset,
     /// The guest asked KVM to power off.
     GuestShutdown,
+    /// The guest entered ACPI S5 (`poweroff`) through the FADT's sleep
+    /// control register.
+    GuestPowerOff,
     /// The VMM was told to stop (SIGTERM, SIGINT).
     Signal(i32),
     /// The VMM was told to stop through its control API.
@@ -28,6 +31,7 @@ impl ExitReason {
         match self {
             ExitReason::GuestReset
             | ExitReason::GuestShutdown
+            | ExitReason::GuestPowerOff
             | ExitReason::Signal(_)
             | ExitReason::Stopped
             | ExitReason::Migrated(_) => 0,
@@ -41,6 +45,7 @@ impl fmt::Display for ExitReason {
         match self {
             ExitReason::GuestReset => f.write_str("guest requested reset"),
             ExitReason::GuestShutdown => f.write_str("guest requested shutdown"),
+            ExitReason::GuestPowerOff => f.write_str("guest powered off"),
             ExitReason::Signal(sig) => write!(f, "stopped by signal {sig}"),
             ExitReason::Stopped => f.write_str("stopped by request"),
             ExitReason::Migrated(to) => write!(f, "migrated to {to}"),

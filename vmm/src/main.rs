@@ -36,6 +36,7 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
             serial: SerialConfig::default(),
             disks: Vec::new(),
             nics: Vec::new(),
+            discovery: Default::default(),
         },
     };
     if let Some(kernel) = &args.kernel {
@@ -52,6 +53,9 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
     }
     if let Some(mib) = args.memory_mib {
         config.memory_mib = mib;
+    }
+    if let Some(discovery) = args.discovery {
+        config.discovery = discovery;
     }
     apply_console_flags(args, &mut config);
     for spec in &args.disks {

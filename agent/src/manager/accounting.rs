@@ -179,6 +179,10 @@ impl Manager {
             vcpu_wait_ns: vmm.vcpu_wait_ns,
             exits: vmm.exits,
             exits_by_reason: vmm.exits_by_reason.into_iter().collect(),
+            unclaimed: entitlement::Unclaimed {
+                port: vmm.unclaimed_port_accesses,
+                mmio: vmm.unclaimed_mmio_accesses,
+            },
             devices: (vmm.devices.into_iter())
                 .map(|d| entitlement::DeviceUsage {
                     limit: rate_limit_from_pb(&d.limit),

@@ -61,6 +61,7 @@ pub fn spec_from_pb(p: &pb::VmSpec) -> Result<VmSpec, ApiError> {
     refuse_unknown_fields("spec.kernel", &kernel)?;
     let cpu = p.cpu.clone().unwrap_or_default();
     let restart = p.restart.clone().unwrap_or_default();
+    let discovery = discovery_from_pb(kernel.discovery)?;
     Ok(VmSpec {
         id: p.id.clone(),
         name: p.name.clone(),
@@ -77,6 +78,7 @@ pub fn spec_from_pb(p: &pb::VmSpec) -> Result<VmSpec, ApiError> {
             cmdline: kernel.cmdline,
             image: kernel.image,
             initrd_image: kernel.initrd_image,
+            discovery,
         },
         disks: p
             .disks
@@ -127,6 +129,29 @@ pub fn spec_from_pb(p: &pb::VmSpec) -> Result<VmSpec, ApiError> {
     })
 }
 
+/// A discovery this agent does not know (a newer client's) is refused,
+/// never read as the default.
+fn discovery_from_pb(
+    d: EnumOrUnknown<pb::Discovery>,
+) -> Result<berth_proto::vmm_process::config::Discovery, ApiError> {
+    use berth_proto::vmm_process::config::Discovery;
+    match d.enum_value() {
+        Ok(pb::Discovery::DISCOVERY_ACPI) => Ok(Discovery::Acpi),
+        Ok(pb::Discovery::DISCOVERY_LEGACY) => Ok(Discovery::Legacy),
+        Err(n) => Err(ApiError::InvalidArgument(format!(
+            "spec.kernel.discovery {n} is not a discovery this agent knows (ACPI or LEGACY)"
+        ))),
+    }
+}
+
+fn discovery_to_pb(d: berth_proto::vmm_process::config::Discovery) -> pb::Discovery {
+    use berth_proto::vmm_process::config::Discovery;
+    match d {
+        Discovery::Acpi => pb::Discovery::DISCOVERY_ACPI,
+        Discovery::Legacy => pb::Discovery::DISCOVERY_LEGACY,
+    }
+}
+
 pub fn spec_to_pb(s: &VmSpec) -> pb::VmSpec {
     pb::VmSpec {
         id: s.id.clone(),
@@ -149,6 +174,7 @@ pub fn spec_to_pb(s: &VmSpec) -> pb::VmSpec {
             cmdline: s.kernel.cmdline.clone(),
             image: s.kernel.image.clone(),
             initrd_image: s.kernel.initrd_image.clone(),
+            discovery: discovery_to_pb(s.kernel.discovery).into(),
             ..Default::default()
         }),
         disks: s
@@ -354,6 +380,8 @@ pub fn stats_to_pb(spec: &VmSpec, state: VmState, r: crate::entitlement::Report)
         throttled: r.throttled,
         exits: r.exits,
         exits_by_reason: r.exits_by_reason.into_iter().collect(),
+        unclaimed_port_accesses: r.unclaimed.port,
+        unclaimed_mmio_accesses: r.unclaimed.mmio,
         devices: (r.devices.into_iter())
             .map(|d| berth_proto::common::DeviceStats {
                 device: d.device,

@@ -25,6 +25,51 @@ pub struct VmConfig {
     /// virtio-net interfaces, in order.
     #[serde(default)]
     pub nics: Vec<NicConfig>,
+    /// How the guest finds its CPUs and devices.
+    #[serde(default)]
+    pub discovery: Discovery,
+}
+
+/// How a guest learns its CPUs and virtio devices. Either one or the
+/// other, never both: a kernel that reads ACPI and also takes
+/// `virtio_mmio.device=` words would register every device twice.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Discovery {
+    /// ACPI tables (RSDP, XSDT, FADT, MADT, DSDT): what stock distribution
+    /// kernels read. Their virtio-mmio devices are `LNRO0005` devices.
+    #[default]
+    Acpi,
+    /// An MP table and one `virtio_mmio.device=` word per device on the
+    /// command line, for kernels built without ACPI.
+    Legacy,
+}
+
+impl Discovery {
+    pub const ALL: [Discovery; 2] = [Discovery::Acpi, Discovery::Legacy];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Discovery::Acpi => "acpi",
+            Discovery::Legacy => "legacy",
+        }
+    }
+}
+
+impl std::fmt::Display for Discovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Discovery {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        Discovery::ALL
+            .into_iter()
+            .find(|d| d.as_str() == text)
+            .ok_or_else(|| format!("{text:?} is not a discovery: use acpi or legacy"))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,6 +284,31 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(a.vcpus, 2);
         assert_eq!(a.serial.input, SerialInput::Stdin);
+        assert_eq!(
+            a.discovery,
+            Discovery::Acpi,
+            "ACPI unless a config says otherwise"
+        );
+    }
+
+    #[test]
+    fn discovery_reads_from_both_formats_and_refuses_anything_else() {
+        let toml = write_tmp(
+            "legacy.toml",
+            "vcpus = 1\nmemory_mib = 64\ndiscovery = \"legacy\"\n[kernel]\npath = \"/k\"\n",
+        );
+        assert_eq!(
+            VmConfig::from_file(&toml).unwrap().discovery,
+            Discovery::Legacy
+        );
+        let json = write_tmp(
+            "bios.json",
+            r#"{"vcpus":1,"memory_mib":64,"kernel":{"path":"/k"},"discovery":"bios"}"#,
+        );
+        let err = VmConfig::from_file(&json).unwrap_err().to_string();
+        assert!(err.contains("unknown variant `bios`"), "{err}");
+        assert_eq!("acpi".parse(), Ok(Discovery::Acpi));
+        assert!("ACPI".parse::<Discovery>().is_err());
     }
 
     #[test]
@@ -264,6 +334,7 @@ mod tests {
             serial: SerialConfig::default(),
             disks: Vec::new(),
             nics: Vec::new(),
+            discovery: Discovery::default(),
         };
         assert!(matches!(cfg.validate(), Err(ConfigError::NoVcpus)));
         cfg.vcpus = 1;

@@ -15,6 +15,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use super::config::Discovery;
+
 /// The environment variable that carries the migration token: not on the
 /// command line, where any local user could read it.
 pub const MIGRATE_TOKEN_ENV: &str = "BERTH_MIGRATE_TOKEN";
@@ -63,6 +65,15 @@ macro_rules! number_value {
     )*};
 }
 number_value!(u32, u64);
+
+impl Value for Discovery {
+    fn read(text: &OsStr) -> Result<Self, String> {
+        String::read(text)?.parse()
+    }
+    fn write(&self) -> OsString {
+        self.as_str().into()
+    }
+}
 
 /// How a field takes its flag: a switch (`bool`), at most one value
 /// (`Option`), any number (`Vec`), or one value with a default.
@@ -245,6 +256,9 @@ vmm_args! {
     vcpus: Option<u32> = "--vcpus" <"N">;
     /// Guest RAM in MiB.
     memory_mib: Option<u64> = "--memory-mib" <"MIB">;
+    /// How the guest finds its CPUs and devices: ACPI tables (the default),
+    /// or an MP table and virtio_mmio.device= words for kernels without ACPI.
+    discovery: Option<Discovery> = "--discovery" <"acpi|legacy">;
     /// Append console output to this file.
     console_log: Option<PathBuf> = "--console-log" <"PATH">;
     /// Copy console output to stdout.
@@ -545,6 +559,7 @@ mod tests {
             cmdline: Some("console=ttyS0 a=\"b c\"".into()),
             vcpus: Some(3),
             memory_mib: Some(96),
+            discovery: Some(Discovery::Legacy),
             console_log: Some("/vm/console.log".into()),
             console_stdout: true,
             console_in: Some("stdin".into()),
@@ -609,6 +624,12 @@ mod tests {
                 Some(std::ffi::OsStr::new("a-token-of-sixteen-chars"))
             )]
         );
+    }
+
+    #[test]
+    fn a_discovery_that_is_not_one_is_refused_with_the_choices() {
+        let err = VmmArgs::try_parse_from(["berth-vmm", "--discovery", "bios"]).unwrap_err();
+        assert!(err.to_string().contains("use acpi or legacy"), "{err}");
     }
 
     #[test]

@@ -31,6 +31,7 @@ use crate::arch::x86_64::{cpuid, mptable, regs};
 use crate::config::{ConfigError, SerialInput, VmConfig};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN, KEYBOARD_GSI};
+use crate::devices::legacy::power::{PowerPort, POWER_PORT, POWER_PORT_LEN};
 use crate::devices::legacy::serial::{
     pump_input, ConsoleLog, ConsoleOut, IrqTrigger, SerialDevice, COM1_GSI, COM1_PORT_BASE,
     COM1_PORT_LEN,
@@ -64,6 +65,8 @@ pub enum BuildError {
     Boot(#[from] crate::arch::x86_64::boot::BootError),
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
+    #[error(transparent)]
+    Acpi(#[from] crate::arch::x86_64::acpi::AcpiError),
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
     #[error("cannot open console log {path}: {source}")]
@@ -213,8 +216,12 @@ fn attach_legacy(
     if let Some(s) = saved {
         crate::devices::bus::lock(&i8042).restore(&s.i8042);
     }
+    // The power port is there whatever the discovery: it holds no state,
+    // and a restored guest that booted with ACPI still needs it.
+    let power = Arc::new(Mutex::new(PowerPort::new(exit.clone())));
     pio.insert(COM1_PORT_BASE, COM1_PORT_LEN, serial.clone())
         .and_then(|_| pio.insert(I8042_PORT_BASE, I8042_PORT_LEN, i8042.clone()))
+        .and_then(|_| pio.insert(u64::from(POWER_PORT), POWER_PORT_LEN, power))
         .map_err(|e| io_err("the port I/O bus")(std::io::Error::other(e)))?;
     Ok(Legacy {
         exit,

@@ -1,7 +1,8 @@
 //! Placing virtio-mmio devices: each gets a 4 KiB register window in the
 //! MMIO gap and its own IOAPIC line, an irqfd for interrupts and one
-//! ioeventfd per queue for notifications, and a `virtio_mmio.device=` word
-//! on the kernel command line so Linux finds it without ACPI or a DT.
+//! ioeventfd per queue for notifications. The guest learns the windows from
+//! the DSDT, or (legacy discovery) from a `virtio_mmio.device=` word each on
+//! the kernel command line.
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
@@ -9,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::IoEventAddress;
 
 use super::BuildError;
+use crate::arch::x86_64::acpi::MmioWindow;
 use crate::arch::x86_64::layout::MMIO_GAP_START;
 use crate::config::{DiskConfig, NicConfig};
 use crate::devices::bus::Bus;
@@ -87,8 +89,8 @@ fn nic_device(index: usize, nic: &NicConfig) -> Result<Device, BuildError> {
 
 /// What `attach_devices` made.
 pub struct Attached {
-    /// The command-line words that announce the devices.
-    pub cmdline: Vec<String>,
+    /// Where each device is, in slot order (disks first).
+    pub windows: Vec<MmioWindow>,
     pub transports: Transports,
     pub limiters: Vec<DeviceLimiter>,
 }
@@ -117,7 +119,7 @@ pub fn attach_devices(
         limiters.append(&mut l);
     }
 
-    let mut cmdline = Vec::with_capacity(count);
+    let mut windows = Vec::with_capacity(count);
     let mut transports = Vec::with_capacity(count);
     for (slot, device) in devices.into_iter().enumerate() {
         let base = MMIO_GAP_START + slot as u64 * MMIO_WINDOW;
@@ -143,11 +145,31 @@ pub fn attach_devices(
                 source: std::io::Error::other(e),
             })?;
         transports.push(transport);
-        cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        windows.push(MmioWindow {
+            base,
+            len: MMIO_WINDOW,
+            gsi: irq,
+        });
     }
     Ok(Attached {
-        cmdline,
+        windows,
         transports,
         limiters,
     })
+}
+
+/// The command-line words that announce `windows` to a kernel without ACPI
+/// (Linux's CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+pub fn cmdline_words(windows: &[MmioWindow]) -> Vec<String> {
+    windows
+        .iter()
+        .map(|w| {
+            format!(
+                "virtio_mmio.device={}K@{:#x}:{}",
+                w.len >> 10,
+                w.base,
+                w.gsi
+            )
+        })
+        .collect()
 }

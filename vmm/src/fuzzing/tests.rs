@@ -554,6 +554,7 @@ fn sample_state(vendor: &str, vcpus: usize) -> VmSnapshot {
             serial: Default::default(),
             disks: Vec::new(),
             nics: Vec::new(),
+            discovery: Default::default(),
         },
         regions: vec![(0, SNAPSHOT_MEMORY)],
         vcpus: (0..vcpus).map(|_| vcpu()).collect(),

@@ -68,6 +68,9 @@ pub struct VcpuControl {
     pub exits: AtomicU64,
     /// The same by reason, indexed like `EXIT_REASONS`.
     pub exits_by_reason: [AtomicU64; EXIT_REASONS.len()],
+    /// Port and MMIO accesses no device claimed.
+    pub unclaimed_port: AtomicU64,
+    pub unclaimed_mmio: AtomicU64,
     /// Kernel thread ids of the vCPU threads, by index (0 until started).
     tids: Mutex<Vec<i32>>,
 }
@@ -338,24 +341,32 @@ impl Vcpu {
             let settled = settling && matches!(&exit, Err(e) if e.errno() == libc::EINTR);
             self.control.exits_by_reason[exit_reason_index(&exit)].fetch_add(1, Ordering::Relaxed);
             let step = match exit {
+                // What no device claims reads as all-ones (an empty bus) and
+                // drops writes: a guest probing for hardware goes on.
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !self.pio.read(u64::from(port), data) {
                         data.fill(0xff);
+                        self.control.unclaimed_port.fetch_add(1, Ordering::Relaxed);
                     }
                     Step::Continue
                 }
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    self.pio.write(u64::from(port), data);
+                    if !self.pio.write(u64::from(port), data) {
+                        self.control.unclaimed_port.fetch_add(1, Ordering::Relaxed);
+                    }
                     Step::Continue
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
                     if !self.mmio.read(addr, data) {
-                        data.fill(0);
+                        data.fill(0xff);
+                        self.control.unclaimed_mmio.fetch_add(1, Ordering::Relaxed);
                     }
                     Step::Continue
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    self.mmio.write(addr, data);
+                    if !self.mmio.write(addr, data) {
+                        self.control.unclaimed_mmio.fetch_add(1, Ordering::Relaxed);
+                    }
                     Step::Continue
                 }
                 Ok(VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr) => Step::Continue,

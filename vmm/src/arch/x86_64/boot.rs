@@ -232,13 +232,15 @@ pub fn write_cmdline(
     Ok(())
 }
 
-/// Builds the zero page for the 64-bit entry.
+/// Builds the zero page for the 64-bit entry; `acpi_rsdp` is where the
+/// ACPI tables start, when the VM has them.
 pub fn write_zero_page(
     mem: &GuestMemory,
     kernel: &LoadedKernel,
     cmdline_len: usize,
     initrd: Option<InitrdPlacement>,
     mem_size: u64,
+    acpi_rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     let mut params = boot_params::default();
     if let Some(hdr) = kernel.setup_header {
@@ -256,7 +258,10 @@ pub fn write_zero_page(
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
     }
-    let map = e820_map(mem_size);
+    if let Some(rsdp) = acpi_rsdp {
+        params.acpi_rsdp_addr = rsdp;
+    }
+    let map = e820_map(mem_size, acpi_rsdp.is_some());
     for (slot, &(addr, size, type_)) in params.e820_table.iter_mut().zip(map.iter()) {
         *slot = boot_e820_entry {
             addr,
@@ -284,14 +289,32 @@ mod tests {
             setup_header: None,
         };
         write_cmdline(&mem, &kernel, "console=ttyS0").unwrap();
-        write_zero_page(&mem, &kernel, 13, Some((0x300_0000, 0x1000)), 64 << 20).unwrap();
+        write_zero_page(
+            &mem,
+            &kernel,
+            13,
+            Some((0x300_0000, 0x1000)),
+            64 << 20,
+            None,
+        )
+        .unwrap();
         let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!({ params.hdr.cmd_line_ptr }, CMDLINE_START as u32);
         assert_eq!({ params.hdr.ramdisk_image }, 0x300_0000);
         assert_eq!({ params.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
         assert_eq!(params.e820_entries, 2);
+        assert_eq!({ params.acpi_rsdp_addr }, 0, "no ACPI tables, no RSDP");
         let high = params.e820_table[1];
         assert_eq!(({ high.addr }, { high.size }), (HIMEM_START, (63 << 20)));
+        write_zero_page(&mem, &kernel, 13, None, 64 << 20, Some(0xe_0000)).unwrap();
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        assert_eq!({ params.acpi_rsdp_addr }, 0xe_0000);
+        assert_eq!(params.e820_entries, 3);
+        let tables = params.e820_table[1];
+        assert_eq!(
+            ({ tables.addr }, { tables.size }, { tables.r#type }),
+            (0xe_0000, 0x2_0000, E820_RESERVED)
+        );
         let mut line = [0u8; 14];
         mem.read_slice(&mut line, GuestAddress(CMDLINE_START))
             .unwrap();

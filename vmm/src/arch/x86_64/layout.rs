@@ -35,6 +35,7 @@ pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
 /// e820 entry types.
 pub const E820_RAM: u32 = 1;
+pub const E820_RESERVED: u32 = 2;
 
 /// Guest RAM regions for `mem_size` bytes: one below the MMIO gap and, when
 /// the guest is larger than the space below it, the rest from 4 GiB up.
@@ -49,9 +50,14 @@ pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
     }
 }
 
-/// The e820 map the guest sees: `(addr, size, type)`.
-pub fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
+/// The e820 map the guest sees: `(addr, size, type)`. With ACPI tables,
+/// the range they live in (below 1 MiB) is reserved.
+pub fn e820_map(mem_size: u64, acpi: bool) -> Vec<(u64, u64, u32)> {
     let mut map = vec![(0, EBDA_START, E820_RAM)];
+    if acpi {
+        use super::acpi::{ACPI_END, ACPI_START};
+        map.push((ACPI_START, ACPI_END - ACPI_START, E820_RESERVED));
+    }
     for (start, size) in ram_regions(mem_size) {
         let start = start.max(HIMEM_START);
         let end = if start >= MMIO_GAP_END {
@@ -87,8 +93,16 @@ mod tests {
     #[test]
     fn small_guest_has_low_ram_and_the_legacy_hole() {
         assert_eq!(
-            e820_map(64 * MIB),
+            e820_map(64 * MIB, false),
             vec![(0, EBDA_START, E820_RAM), (MIB, 63 * MIB, E820_RAM)]
+        );
+        assert_eq!(
+            e820_map(64 * MIB, true),
+            vec![
+                (0, EBDA_START, E820_RAM),
+                (0xe_0000, 0x2_0000, E820_RESERVED),
+                (MIB, 63 * MIB, E820_RAM)
+            ]
         );
     }
 
@@ -97,7 +111,7 @@ mod tests {
         let mem = 4096 * MIB;
         let regions = ram_regions(mem);
         assert_eq!(regions.iter().map(|r| r.1).sum::<u64>(), mem);
-        let map = e820_map(mem);
+        let map = e820_map(mem, false);
         assert_eq!(map[1], (MIB, MMIO_GAP_START - MIB, E820_RAM));
         assert_eq!(map[2], (MMIO_GAP_END, mem - MMIO_GAP_START, E820_RAM));
         assert!(map

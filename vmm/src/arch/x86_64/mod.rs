@@ -1,5 +1,7 @@
-//! x86-64: the Linux boot protocol, MP table, CPUID and initial registers.
+//! x86-64: the Linux boot protocol, ACPI tables or the MP table, CPUID and
+//! initial registers.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod gdt;
