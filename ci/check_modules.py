@@ -21,7 +21,7 @@ from pathlib import Path
 CRATES = {"agent": "agent/src", "vmm": "vmm/src", "proto": "proto/src"}
 # The agent's layers, lowest first (docs/architecture.md).
 AGENT_LAYERS = [
-    ["config", "root_lock", "host", "names", "notify"],
+    ["config", "root_lock", "host", "names", "notify", "cloud_init"],
     ["spec"],
     ["store", "images", "usage", "entitlement", "cgroups", "jail"],
     ["vmm_proc"],

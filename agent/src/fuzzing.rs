@@ -159,7 +159,11 @@ fn admit(spec: &VmSpec) -> Result<(), String> {
     let stored: VmSpec = serde_json::from_slice(&json).expect("spec.json reads back");
     assert_eq!(&stored, spec, "a spec changed through spec.json");
     // The VMM accepts the config the agent derives from an accepted spec.
-    let vmm = spec.vmm_config(Path::new("/var/lib/berth/console.log"), 1 << 20);
+    let vmm = spec.vmm_config(
+        Path::new("/var/lib/berth/console.log"),
+        1 << 20,
+        Path::new("/var/lib/berth/seed.img"),
+    );
     if let Err(e) = vmm.validate() {
         panic!("the agent accepted a spec its VMM refuses: {e}");
     }

@@ -2,12 +2,14 @@
 //! over ttrpc; it keeps VM definitions and state under its state root and
 //! runs one berth-vmm per started VM, detached, so VMs outlive the agent.
 //!
-//! `config` (the agent's TOML), `spec` (the VM document and its checks),
+//! `config` (the agent's TOML), `spec` (the VM document and its checks;
+//! `cloud_init`, its first-boot part and the NoCloud seed),
 //! `store` (state on disk), `vmm_proc` (one VMM process), `manager` (VMs and
 //! their lifecycle), `server` (the ttrpc edge), `notify` (systemd readiness).
 
 pub mod api_guard;
 pub mod cgroups;
+pub mod cloud_init;
 pub mod config;
 pub mod doctor;
 pub mod entitlement;

@@ -35,6 +35,9 @@ pub struct VmSpec {
     pub memory: MemoryPolicy,
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// What cloud-init gets on first boot; None: no seed disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<crate::cloud_init::CloudInit>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -460,11 +463,17 @@ impl VmSpec {
                 format!("{bytes} bytes, more than the limit of {MAX_SPEC_BYTES}"),
             ));
         }
-        let devices = self.disks.len() + self.nics.len();
+        let seed = usize::from(self.cloud_init.is_some());
+        let devices = self.disks.len() + self.nics.len() + seed;
         if devices > MAX_DEVICES {
+            let what = if seed == 1 {
+                "disks and NICs with the cloud-init seed disk"
+            } else {
+                "disks and NICs"
+            };
             return Err(err(
                 "disks",
-                format!("{devices} disks and NICs, more than the limit of {MAX_DEVICES}"),
+                format!("{devices} {what}, more than the limit of {MAX_DEVICES}"),
             ));
         }
         Ok(())
@@ -537,6 +546,18 @@ impl VmSpec {
             return Err(err("kernel.cmdline", "longer than 2047 bytes"));
         }
         self.check_devices(config)?;
+        if let Some(c) = &self.cloud_init {
+            crate::cloud_init::validate(c, self.nics.len()).map_err(|e| err(e.field, e.message))?;
+            if c.hostname.is_empty() {
+                // The VM's name becomes the hostname: it must be one.
+                crate::cloud_init::check_hostname(self.display_name()).map_err(|e| {
+                    err(
+                        "cloud_init.hostname",
+                        format!("empty, and the VM's name {e}"),
+                    )
+                })?;
+            }
+        }
         if !(1..=10000).contains(&self.cpu.weight) {
             return Err(err(
                 "cpu.weight",
@@ -560,14 +581,42 @@ impl VmSpec {
         }
     }
 
+    /// The MAC of NIC `index`: the spec's, or one derived from the VM's id
+    /// (locally administered, unicast), so that it stays the same across
+    /// restarts and a guest's network configuration can match on it.
+    pub fn nic_mac(&self, index: usize) -> String {
+        match self.nics.get(index) {
+            Some(n) if !n.mac.is_empty() => n.mac.clone(),
+            _ => {
+                // FNV-1a of the id: stable across agent versions and hosts.
+                let hash = (self.id.bytes()).fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+                });
+                let h = hash.to_be_bytes();
+                format!(
+                    "02:b3:{:02x}:{:02x}:{:02x}:{:02x}",
+                    h[0], h[1], h[2], index as u8
+                )
+            }
+        }
+    }
+
     /// The description berth-vmm boots from, with the console going to
-    /// `console_log` and the paths as resolved at validation.
+    /// `console_log`, the paths as resolved at validation, and (with a
+    /// cloud-init part) the seed at `seed` as a last, read-only disk.
     pub fn vmm_config(
         &self,
         console_log: &Path,
         console_log_max_bytes: u64,
+        seed: &Path,
     ) -> berth_proto::vmm_process::config::VmConfig {
         use berth_proto::vmm_process::config::*;
+        let seed_disk = self.cloud_init.as_ref().map(|_| DiskConfig {
+            path: seed.to_owned(),
+            read_only: true,
+            serial: Some("cidata".into()),
+            limit: LimitConfig::default(),
+        });
         VmConfig {
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
@@ -592,14 +641,13 @@ impl VmSpec {
                     serial: (!d.serial.is_empty()).then(|| d.serial.clone()),
                     limit: d.limit.to_vmm(),
                 })
+                .chain(seed_disk)
                 .collect(),
-            nics: self
-                .nics
-                .iter()
-                .map(|n| NicConfig {
+            nics: (self.nics.iter().enumerate())
+                .map(|(i, n)| NicConfig {
                     tap: Some(n.tap.clone()),
                     tap_fd: None,
-                    mac: (!n.mac.is_empty()).then(|| n.mac.clone()),
+                    mac: Some(self.nic_mac(i)),
                     rx_limit: n.rx_limit.to_vmm(),
                     tx_limit: n.tx_limit.to_vmm(),
                 })

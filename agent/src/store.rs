@@ -177,6 +177,11 @@ impl VmDir {
     pub fn console_log(&self) -> PathBuf {
         self.run().join("console.log")
     }
+    /// The NoCloud seed disk of a VM with a cloud-init part
+    /// (`cloud_init::seed`), rewritten at every Start.
+    pub fn cloud_init_seed(&self) -> PathBuf {
+        self.0.join("cloud-init-seed.img")
+    }
     pub fn socket(&self) -> PathBuf {
         self.run().join("vmm.sock")
     }

@@ -63,6 +63,36 @@ impl Manager {
         Ok(process)
     }
 
+    /// Writes the VM's NoCloud seed, when its spec has a cloud-init part,
+    /// before a VMM opens it: at every Start, so it says what the spec
+    /// says now.
+    pub(super) fn write_cloud_init_seed(&self, entry: &VmEntry, spec: &VmSpec) -> ApiResult<()> {
+        let Some(c) = &spec.cloud_init else {
+            return Ok(());
+        };
+        let macs: Vec<String> = (0..spec.nics.len()).map(|i| spec.nic_mac(i)).collect();
+        let hostname = if c.hostname.is_empty() {
+            spec.display_name()
+        } else {
+            &c.hostname
+        };
+        let seed = crate::cloud_init::seed::Seed {
+            instance_id: &spec.id,
+            hostname,
+            cloud_init: c,
+            nic_macs: &macs,
+        };
+        let path = entry.dir.cloud_init_seed();
+        seed.write(&path).map_err(|e| {
+            let message = format!("cannot write the cloud-init seed {}: {e}", path.display());
+            if e.raw_os_error() == Some(nix::libc::ENOSPC) {
+                ApiError::ResourceExhausted(message)
+            } else {
+                ApiError::Internal(message)
+            }
+        })
+    }
+
     /// Spawns the VMM (booting, or restoring from a snapshot) and waits until its control socket answers.
     pub(super) async fn launch_from(
         &self,
@@ -76,12 +106,18 @@ impl Manager {
                 (self.registry).transition(entry, &mut inner, VmState::Starting, why)?;
             }
             (
-                inner
-                    .spec
-                    .vmm_config(&entry.dir.console_log(), self.config.console_log_max_bytes),
+                inner.spec.vmm_config(
+                    &entry.dir.console_log(),
+                    self.config.console_log_max_bytes,
+                    &entry.dir.cloud_init_seed(),
+                ),
                 inner.spec.clone(),
             )
         };
+        if let Err(e) = self.write_cloud_init_seed(entry, &spec) {
+            self.abort_launch(entry, None, e.to_string()).await?;
+            return Err(e);
+        }
         let cgroup_dirs = match self.cgroups.prepare(&spec) {
             Ok(dirs) => dirs,
             Err(e) => {

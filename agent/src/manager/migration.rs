@@ -199,8 +199,12 @@ impl Manager {
         let cgroup_dirs = self.cgroups.prepare(&spec)?;
         let token = new_token()?;
         let expires_at_ms = now_ms() + ttl.as_millis() as u64;
-        let mut config =
-            spec.vmm_config(&entry.dir.console_log(), self.config.console_log_max_bytes);
+        let mut config = spec.vmm_config(
+            &entry.dir.console_log(),
+            self.config.console_log_max_bytes,
+            &entry.dir.cloud_init_seed(),
+        );
+        self.write_cloud_init_seed(entry, &spec)?;
         let confinement = self.confine(entry, &spec, &mut config, None, nic_taps(&spec, taps))?;
         let how = Launch::Incoming(IncomingFrom {
             listen: &listen,

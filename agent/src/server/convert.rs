@@ -62,6 +62,16 @@ pub fn spec_from_pb(p: &pb::VmSpec) -> Result<VmSpec, ApiError> {
     let cpu = p.cpu.clone().unwrap_or_default();
     let restart = p.restart.clone().unwrap_or_default();
     let discovery = discovery_from_pb(kernel.discovery)?;
+    let cloud_init = match p.cloud_init.as_ref() {
+        Some(c) => {
+            refuse_unknown_fields("spec.cloud_init", c)?;
+            for (i, n) in c.nics.iter().enumerate() {
+                refuse_unknown_fields(&format!("spec.cloud_init.nics[{i}]"), n)?;
+            }
+            Some(cloud_init_from_pb(c))
+        }
+        None => None,
+    };
     Ok(VmSpec {
         id: p.id.clone(),
         name: p.name.clone(),
@@ -126,6 +136,7 @@ pub fn spec_from_pb(p: &pb::VmSpec) -> Result<VmSpec, ApiError> {
                 restart.max_retries
             },
         },
+        cloud_init,
     })
 }
 
@@ -220,6 +231,41 @@ pub fn spec_to_pb(s: &VmSpec) -> pb::VmSpec {
             max_retries: s.restart.max_retries,
             ..Default::default()
         }),
+        cloud_init: s.cloud_init.as_ref().map(cloud_init_to_pb).into(),
+        ..Default::default()
+    }
+}
+
+fn cloud_init_from_pb(c: &pb::CloudInit) -> crate::cloud_init::CloudInit {
+    crate::cloud_init::CloudInit {
+        hostname: c.hostname.clone(),
+        ssh_authorized_keys: c.ssh_authorized_keys.clone(),
+        user_data: c.user_data.clone(),
+        network_config: c.network_config.clone(),
+        nics: (c.nics.iter())
+            .map(|n| crate::cloud_init::StaticNic {
+                address: n.address.clone(),
+                gateway: n.gateway.clone(),
+                dns: n.dns.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn cloud_init_to_pb(c: &crate::cloud_init::CloudInit) -> pb::CloudInit {
+    pb::CloudInit {
+        hostname: c.hostname.clone(),
+        ssh_authorized_keys: c.ssh_authorized_keys.clone(),
+        user_data: c.user_data.clone(),
+        network_config: c.network_config.clone(),
+        nics: (c.nics.iter())
+            .map(|n| pb::StaticNic {
+                address: n.address.clone(),
+                gateway: n.gateway.clone(),
+                dns: n.dns.clone(),
+                ..Default::default()
+            })
+            .collect(),
         ..Default::default()
     }
 }

@@ -20,7 +20,8 @@ pub fn vm_json(vm: &pb::Vm) -> Value {
         "labels": spec.labels,
         "vcpus": spec.vcpus,
         "memory_mib": spec.memory_mib,
-        "kernel": {"path": kernel.path, "initrd": kernel.initrd, "cmdline": kernel.cmdline},
+        "kernel": {"path": kernel.path, "initrd": kernel.initrd, "cmdline": kernel.cmdline,
+                   "discovery": discovery_name(kernel.discovery.enum_value())},
         "disks": spec.disks.iter().map(|d| json!({"path": d.path, "read_only": d.read_only, "serial": d.serial})).collect::<Vec<_>>(),
         "nics": spec.nics.iter().map(|n| json!({"tap": n.tap, "bridge": n.bridge, "mac": n.mac})).collect::<Vec<_>>(),
         "cpu": {"weight": cpu.weight, "max": cpu.max, "cpuset": cpu.cpuset},
@@ -31,6 +32,23 @@ pub fn vm_json(vm: &pb::Vm) -> Value {
         "last_exit": status.last_exit,
         "console_log": status.console_log,
         "migration": status.migration.as_ref().map(migration_json),
+        "cloud_init": spec.cloud_init.as_ref().map(cloud_init_json),
+    })
+}
+
+fn discovery_name(d: Result<pb::Discovery, i32>) -> Value {
+    match d {
+        Ok(pb::Discovery::DISCOVERY_ACPI) => "acpi".into(),
+        Ok(pb::Discovery::DISCOVERY_LEGACY) => "legacy".into(),
+        Err(n) => n.into(),
+    }
+}
+
+fn cloud_init_json(c: &pb::CloudInit) -> Value {
+    json!({
+        "hostname": c.hostname, "ssh_authorized_keys": c.ssh_authorized_keys,
+        "user_data": c.user_data, "network_config": c.network_config,
+        "nics": c.nics.iter().map(|n| json!({"address": n.address, "gateway": n.gateway, "dns": n.dns})).collect::<Vec<_>>(),
     })
 }
 
@@ -75,6 +93,8 @@ pub fn stats_json(s: &pb::VmStats) -> Value {
         "memory_mib": s.memory_mib, "memory_resident_bytes": s.memory_resident_bytes,
         "memory_limit_bytes": s.memory_limit_bytes, "interval_ms": s.interval_ms,
         "breaches": s.breaches, "exits": s.exits,
+        "unclaimed_port_accesses": s.unclaimed_port_accesses,
+        "unclaimed_mmio_accesses": s.unclaimed_mmio_accesses,
         "devices": s.devices.iter().map(|d| json!({
             "device": d.device, "direction": d.direction, "bytes": d.bytes,
             "ops": d.ops, "throttled_ns": d.throttled_ns,
