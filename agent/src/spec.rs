@@ -38,6 +38,17 @@ pub struct VmSpec {
     /// What cloud-init gets on first boot; None: no seed disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_init: Option<crate::cloud_init::CloudInit>,
+    /// A virtio-rng entropy device; None: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng: Option<Rng>,
+}
+
+/// The entropy device, with its limit on the bytes and requests it serves.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rng {
+    #[serde(default)]
+    pub limit: RateLimit,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -311,6 +322,9 @@ impl VmSpec {
             out.push((LimiterId::nic(i, Direction::Rx), n.rx_limit));
             out.push((LimiterId::nic(i, Direction::Tx), n.tx_limit));
         }
+        if let Some(rng) = &self.rng {
+            out.push((LimiterId::rng(), rng.limit));
+        }
         out
     }
 
@@ -324,6 +338,9 @@ impl VmSpec {
         for (n, o) in s.nics.iter_mut().zip(&other.nics) {
             n.rx_limit = o.rx_limit;
             n.tx_limit = o.tx_limit;
+        }
+        if let (Some(r), Some(o)) = (&mut s.rng, &other.rng) {
+            r.limit = o.limit;
         }
         s
     }
@@ -464,12 +481,14 @@ impl VmSpec {
             ));
         }
         let seed = usize::from(self.cloud_init.is_some());
-        let devices = self.disks.len() + self.nics.len() + seed;
+        let rng = usize::from(self.rng.is_some());
+        let devices = self.disks.len() + self.nics.len() + seed + rng;
         if devices > MAX_DEVICES {
-            let what = if seed == 1 {
-                "disks and NICs with the cloud-init seed disk"
-            } else {
-                "disks and NICs"
+            let what = match (seed, rng) {
+                (0, 0) => "disks and NICs",
+                (_, 0) => "disks and NICs with the cloud-init seed disk",
+                (0, _) => "disks and NICs with the rng",
+                _ => "disks and NICs with the cloud-init seed disk and the rng",
             };
             return Err(err(
                 "disks",
@@ -652,6 +671,9 @@ impl VmSpec {
                     tx_limit: n.tx_limit.to_vmm(),
                 })
                 .collect(),
+            rng: self.rng.as_ref().map(|r| RngConfig {
+                limit: r.limit.to_vmm(),
+            }),
         }
     }
 }

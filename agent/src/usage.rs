@@ -11,7 +11,7 @@
 //! What is lost is only what a VMM counted and took with it when it died
 //! between two saves.
 
-use berth_proto::vmm_process::device::{Direction, LimiterId};
+use berth_proto::vmm_process::device::{DeviceId, Direction, LimiterId};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -71,12 +71,22 @@ pub struct Reading {
 pub fn io_totals(devices: &[berth_proto::common::DeviceStats]) -> (u64, u64, u64) {
     let mut totals = (0, 0, 0);
     for d in devices {
-        match LimiterId::parse(&d.device, &d.direction).map(|id| id.direction) {
-            Ok(Direction::Io) => totals.0 += d.bytes,
-            Ok(Direction::Rx) => totals.1 += d.bytes,
-            Ok(Direction::Tx) => totals.2 += d.bytes,
-            // A limiter this agent does not know counts nowhere.
-            Err(_) => {}
+        match LimiterId::parse(&d.device, &d.direction) {
+            Ok(LimiterId {
+                device: DeviceId::Disk(_),
+                ..
+            }) => totals.0 += d.bytes,
+            Ok(LimiterId {
+                direction: Direction::Rx,
+                ..
+            }) => totals.1 += d.bytes,
+            Ok(LimiterId {
+                direction: Direction::Tx,
+                ..
+            }) => totals.2 += d.bytes,
+            // Entropy is not I/O a VM is billed for; a limiter this agent
+            // does not know counts nowhere.
+            Ok(_) | Err(_) => {}
         }
     }
     totals

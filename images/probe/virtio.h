@@ -33,6 +33,7 @@
 #define VIRTIO_MAGIC 0x74726976 /* "virt" */
 #define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
+#define VIRTIO_ID_RNG 4
 
 /* Status bits */
 #define VIRTIO_STATUS_ACKNOWLEDGE 1

@@ -280,3 +280,48 @@ fn hostile_descriptors_get_errors_or_a_reset_and_the_vmm_keeps_serving() {
     assert!(lines.contains(&"PROBE done".to_string()), "{ctx}");
     assert_eq!(out.status.code(), Some(0), "the VMM survived it all\n{ctx}");
 }
+
+/// virtio-rng: the guest's buffers come back full of random bytes, two
+/// answers differ; without `--rng` the guest finds no such device.
+#[test]
+fn rng_hands_the_guest_random_bytes() {
+    report_mode("rng_hands_the_guest_random_bytes");
+    let mut cmd = probe("probe.mode=rng probe.rng_bytes=1024");
+    cmd.arg("--rng");
+    let out = run(cmd, TIMEOUT);
+    let ctx = out.describe();
+    for i in 0..2 {
+        let line = out
+            .probe_lines()
+            .into_iter()
+            .find_map(|l| {
+                l.strip_prefix(&format!("PROBE rng read {i} "))
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| panic!("no read {i}\n{ctx}"));
+        let distinct: u32 = line
+            .strip_prefix("len=1024 distinct=")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{line}\n{ctx}"));
+        // 1 KiB of random bytes holds nearly every byte value.
+        assert!(distinct > 200, "{line}\n{ctx}");
+    }
+    assert!(
+        out.probe_lines()
+            .contains(&"PROBE rng differ=1".to_string()),
+        "{ctx}"
+    );
+    assert!(
+        out.probe_lines()
+            .contains(&"PROBE virtio dev=0 base=0xd0000000 irq=5 id=4".to_string()),
+        "{ctx}"
+    );
+
+    let out = run(probe("probe.mode=rng"), TIMEOUT);
+    assert_eq!(
+        out.probe_value("rng").as_deref(),
+        Some("error=no_device"),
+        "{}",
+        out.describe()
+    );
+}

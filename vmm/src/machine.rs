@@ -105,6 +105,7 @@ impl Machine {
                     config.nics.get_mut(i).map(|n| &mut n.rx_limit)
                 }
                 (DeviceId::Nic(i), _) => config.nics.get_mut(i).map(|n| &mut n.tx_limit),
+                (DeviceId::Rng, _) => config.rng.as_mut().map(|r| &mut r.limit),
             };
             if let Some(slot) = slot {
                 *slot = limit;

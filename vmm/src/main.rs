@@ -37,6 +37,7 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
             disks: Vec::new(),
             nics: Vec::new(),
             discovery: Default::default(),
+            rng: None,
         },
     };
     if let Some(kernel) = &args.kernel {
@@ -63,6 +64,9 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
     }
     for spec in &args.nics {
         config.nics.push(parse_nic(spec)?);
+    }
+    if args.rng && config.rng.is_none() {
+        config.rng = Some(Default::default());
     }
     Ok(config)
 }

@@ -62,6 +62,9 @@ pub fn spec_from_pb(p: &pb::VmSpec) -> Result<VmSpec, ApiError> {
     let cpu = p.cpu.clone().unwrap_or_default();
     let restart = p.restart.clone().unwrap_or_default();
     let discovery = discovery_from_pb(kernel.discovery)?;
+    if let Some(r) = p.rng.as_ref() {
+        refuse_unknown_fields("spec.rng", r)?;
+    }
     let cloud_init = match p.cloud_init.as_ref() {
         Some(c) => {
             refuse_unknown_fields("spec.cloud_init", c)?;
@@ -137,6 +140,9 @@ pub fn spec_from_pb(p: &pb::VmSpec) -> Result<VmSpec, ApiError> {
             },
         },
         cloud_init,
+        rng: p.rng.as_ref().map(|r| spec::Rng {
+            limit: rate_limit_from_pb(&r.limit),
+        }),
     })
 }
 
@@ -232,6 +238,12 @@ pub fn spec_to_pb(s: &VmSpec) -> pb::VmSpec {
             ..Default::default()
         }),
         cloud_init: s.cloud_init.as_ref().map(cloud_init_to_pb).into(),
+        rng: (s.rng.as_ref())
+            .map(|r| pb::Rng {
+                limit: limit_field(r.limit),
+                ..Default::default()
+            })
+            .into(),
         ..Default::default()
     }
 }

@@ -28,6 +28,17 @@ pub struct VmConfig {
     /// How the guest finds its CPUs and devices.
     #[serde(default)]
     pub discovery: Discovery,
+    /// A virtio-rng entropy device, after the disks and NICs; None: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng: Option<RngConfig>,
+}
+
+/// The entropy device: bytes handed out and requests, token-bucket limited.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RngConfig {
+    #[serde(default)]
+    pub limit: LimitConfig,
 }
 
 /// How a guest learns its CPUs and virtio devices. Either one or the
@@ -335,6 +346,7 @@ mod tests {
             disks: Vec::new(),
             nics: Vec::new(),
             discovery: Discovery::default(),
+            rng: None,
         };
         assert!(matches!(cfg.validate(), Err(ConfigError::NoVcpus)));
         cfg.vcpus = 1;

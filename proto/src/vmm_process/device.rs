@@ -1,6 +1,7 @@
 //! How the control API names a device's rate limiter: the device
-//! ("disk0", "nic1": its kind and its index in the VM config) and the
-//! direction ("io" for a disk; "rx" and "tx" for a NIC). Both processes
+//! ("disk0", "nic1": its kind and its index in the VM config; "rng", the
+//! one entropy device) and the direction ("io" for a disk and the rng;
+//! "rx" and "tx" for a NIC). Both processes
 //! parse and print these names here, so neither spells them itself.
 
 use std::fmt;
@@ -10,11 +11,16 @@ use std::fmt;
 pub enum DeviceId {
     Disk(usize),
     Nic(usize),
+    /// The entropy device (at most one per VM).
+    Rng,
 }
 
 impl DeviceId {
-    /// "disk<N>" or "nic<N>".
+    /// "disk<N>", "nic<N>" or "rng".
     pub fn parse(name: &str) -> Option<DeviceId> {
+        if name == "rng" {
+            return Some(DeviceId::Rng);
+        }
         let number = |rest: &str| {
             // "disk01" is not "disk1": one spelling a device.
             let canonical = !rest.is_empty() && (rest == "0" || !rest.starts_with('0'));
@@ -29,7 +35,7 @@ impl DeviceId {
     /// The directions this device's limiters have.
     pub fn directions(self) -> &'static [Direction] {
         match self {
-            DeviceId::Disk(_) => &[Direction::Io],
+            DeviceId::Disk(_) | DeviceId::Rng => &[Direction::Io],
             DeviceId::Nic(_) => &[Direction::Rx, Direction::Tx],
         }
     }
@@ -40,6 +46,7 @@ impl fmt::Display for DeviceId {
         match self {
             DeviceId::Disk(i) => write!(f, "disk{i}"),
             DeviceId::Nic(i) => write!(f, "nic{i}"),
+            DeviceId::Rng => f.write_str("rng"),
         }
     }
 }
@@ -89,7 +96,7 @@ pub struct LimiterId {
 
 /// A device or direction name the contract does not have.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("no rate limiter {device:?}/{direction:?}: devices are disk<N> (io) and nic<N> (rx, tx)")]
+#[error("no rate limiter {device:?}/{direction:?}: devices are disk<N> (io), nic<N> (rx, tx) and rng (io)")]
 pub struct UnknownLimiter {
     pub device: String,
     pub direction: String,
@@ -99,6 +106,13 @@ impl LimiterId {
     pub fn disk(index: usize) -> LimiterId {
         LimiterId {
             device: DeviceId::Disk(index),
+            direction: Direction::Io,
+        }
+    }
+
+    pub fn rng() -> LimiterId {
+        LimiterId {
+            device: DeviceId::Rng,
             direction: Direction::Io,
         }
     }
@@ -138,6 +152,7 @@ mod tests {
             LimiterId::disk(12),
             LimiterId::nic(0, Direction::Rx),
             LimiterId::nic(3, Direction::Tx),
+            LimiterId::rng(),
         ] {
             let back = LimiterId::parse(&id.device.to_string(), id.direction.word());
             assert_eq!(back, Ok(id));
@@ -151,6 +166,8 @@ mod tests {
             ("tap0", "rx"),
             ("nic1", "up"),
             ("disk-1", "io"),
+            ("rng", "rx"),
+            ("rng0", "io"),
         ] {
             let e = LimiterId::parse(device, direction).unwrap_err();
             assert!(e.to_string().contains(device), "{e}");

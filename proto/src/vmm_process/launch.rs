@@ -269,6 +269,8 @@ vmm_args! {
     disks: Vec<String> = "--disk" <"PATH[,ro][,serial=ID][,bps=N][,iops=N]">;
     /// A virtio-net NIC; repeat for more.
     nics: Vec<String> = "--nic" <"tap=NAME|fd=N[,mac=MAC][,rx_bps=N][,tx_bps=N]">;
+    /// A virtio-rng entropy device (after the disks and NICs).
+    rng: bool = "--rng";
     /// Serve the control API (berth.v1 VmmService) on this unix socket.
     api_socket: Option<PathBuf> = "--api-socket" <"PATH">;
     /// On exit, write {"code": .., "reason": ".."} to this file (atomically),
@@ -565,6 +567,7 @@ mod tests {
             console_in: Some("stdin".into()),
             disks: vec!["/d0,ro".into(), "/d1,serial=x".into()],
             nics: vec!["tap=t0".into(), "fd=5,mac=52:54:00:00:00:01".into()],
+            rng: true,
             api_socket: Some("/vm/run/api.sock".into()),
             exit_file: Some("/vm/run/exit.json".into()),
             detach: true,

@@ -97,7 +97,7 @@ pub enum BuildError {
     Tap(#[from] crate::devices::virtio::net::tap::TapError),
     #[error(transparent)]
     Transport(#[from] crate::devices::virtio::mmio::TransportError),
-    #[error("{0} virtio devices requested; at most {max} fit the free interrupt lines", max = virtio::MAX_DEVICES)]
+    #[error("{0} virtio devices requested (disks, NICs and the rng); at most {max} fit the free interrupt lines", max = virtio::MAX_DEVICES)]
     TooManyDevices(usize),
 }
 
@@ -235,7 +235,7 @@ fn attach_legacy(
 /// Every disk and NIC of `config` on a new MMIO bus.
 fn attach_virtio(vm: &Vm, config: &VmConfig) -> Result<(virtio::Attached, Arc<Bus>), BuildError> {
     let mut mmio = Bus::default();
-    let attached = virtio::attach_devices(vm, &config.disks, &config.nics, &mut mmio)?;
+    let attached = virtio::attach_devices(vm, config, &mut mmio)?;
     Ok((attached, Arc::new(mmio)))
 }
 

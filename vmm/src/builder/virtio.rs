@@ -12,12 +12,13 @@ use kvm_ioctls::IoEventAddress;
 use super::BuildError;
 use crate::arch::x86_64::acpi::MmioWindow;
 use crate::arch::x86_64::layout::MMIO_GAP_START;
-use crate::config::{DiskConfig, NicConfig};
+use crate::config::{DiskConfig, NicConfig, VmConfig};
 use crate::devices::bus::Bus;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, NOTIFY_OFFSET};
 use crate::devices::virtio::net::tap::Tap;
 use crate::devices::virtio::net::{parse_mac, Net};
+use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::VirtioDevice;
 use berth_proto::vmm_process::device::{Direction, LimiterId};
 
@@ -87,6 +88,20 @@ fn nic_device(index: usize, nic: &NicConfig) -> Result<Device, BuildError> {
     Ok((Box::new(net), limiters))
 }
 
+fn rng_device(rng: &crate::config::RngConfig) -> Result<Device, BuildError> {
+    let device = Rng::new().map_err(|source| BuildError::Io {
+        what: "the entropy device's rate limiter",
+        source,
+    })?;
+    let limiter = device.limiter();
+    limiter.update(rng.limit);
+    let limiters = vec![DeviceLimiter {
+        id: LimiterId::rng(),
+        limiter,
+    }];
+    Ok((Box::new(device), limiters))
+}
+
 /// What `attach_devices` made.
 pub struct Attached {
     /// Where each device is, in slot order (disks first).
@@ -95,14 +110,11 @@ pub struct Attached {
     pub limiters: Vec<DeviceLimiter>,
 }
 
-/// Creates every disk and NIC and wires it into `mmio` and KVM.
-pub fn attach_devices(
-    vm: &Vm,
-    disks: &[DiskConfig],
-    nics: &[NicConfig],
-    mmio: &mut Bus,
-) -> Result<Attached, BuildError> {
-    let count = disks.len() + nics.len();
+/// Creates every disk, NIC and the entropy device, in that order, and
+/// wires them into `mmio` and KVM.
+pub fn attach_devices(vm: &Vm, config: &VmConfig, mmio: &mut Bus) -> Result<Attached, BuildError> {
+    let (disks, nics) = (&config.disks, &config.nics);
+    let count = disks.len() + nics.len() + usize::from(config.rng.is_some());
     if count > MAX_DEVICES {
         return Err(BuildError::TooManyDevices(count));
     }
@@ -115,6 +127,11 @@ pub fn attach_devices(
     }
     for (index, nic) in nics.iter().enumerate() {
         let (device, mut l) = nic_device(index, nic)?;
+        devices.push(device);
+        limiters.append(&mut l);
+    }
+    if let Some(rng) = &config.rng {
+        let (device, mut l) = rng_device(rng)?;
         devices.push(device);
         limiters.append(&mut l);
     }

@@ -555,6 +555,7 @@ fn sample_state(vendor: &str, vcpus: usize) -> VmSnapshot {
             disks: Vec::new(),
             nics: Vec::new(),
             discovery: Default::default(),
+            rng: None,
         },
         regions: vec![(0, SNAPSHOT_MEMORY)],
         vcpus: (0..vcpus).map(|_| vcpu()).collect(),

@@ -1,6 +1,6 @@
 //! virtio devices over the virtio-mmio transport (virtio 1.x, "modern").
 //!
-//! A device (`block`, `net`) knows its features, config space and how to
+//! A device (`block`, `net`, `rng`) knows its features, config space and how to
 //! serve its queues; the transport (`mmio`) owns the registers, feature
 //! negotiation, queue setup and reset, and hands the device its queues when
 //! the driver sets DRIVER_OK. Devices serve queues on their own worker thread
@@ -10,6 +10,7 @@ pub mod block;
 pub mod chain;
 pub mod mmio;
 pub mod net;
+pub mod rng;
 pub mod signals;
 pub mod worker;
 
@@ -22,6 +23,7 @@ pub use signals::DeviceSignals;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_RNG: u32 = 4;
 
 /// Device status bits (virtio 1.x, 2.1).
 pub mod status {

@@ -1,0 +1,212 @@
+//! virtio-rng, the entropy device (virtio 1.x, 5.4): every buffer the
+//! driver offers is filled from the host's getrandom(2). A guest's sshd and
+//! cloud-init want entropy at first boot, before the guest has gathered
+//! its own. Rate-limited like the other devices, in bytes and requests.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::Bytes;
+use vmm_sys_util::epoll::Epoll;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::worker::{DeviceWorker, EventHandler};
+use super::{ActivateError, ActiveQueue, DeviceSignals, VirtioDevice};
+use super::{TYPE_RNG, VIRTIO_F_VERSION_1};
+use crate::devices::rate_limiter::{LimitConfig, RateLimiter};
+use crate::memory::GuestMemory;
+
+const QUEUE_SIZE: u16 = 256;
+/// At most this much per request: a driver asking for more gets this much
+/// (the used length says so), and the worker never holds a huge buffer.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+pub struct Rng {
+    worker: DeviceWorker<RngQueue>,
+    limiter: Arc<RateLimiter>,
+}
+
+impl Rng {
+    pub fn new() -> std::io::Result<Rng> {
+        Ok(Rng {
+            worker: DeviceWorker::default(),
+            limiter: Arc::new(RateLimiter::new(LimitConfig::default())?),
+        })
+    }
+
+    /// The device's limiter (bytes handed out and requests; unlimited
+    /// until set).
+    pub fn limiter(&self) -> Arc<RateLimiter> {
+        self.limiter.clone()
+    }
+}
+
+const NAME: &str = "rng";
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        TYPE_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    /// virtio-rng has no config space.
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        _features: u64,
+        mut queues: Vec<ActiveQueue>,
+        signals: Arc<DeviceSignals>,
+    ) -> Result<(), ActivateError> {
+        self.reset();
+        let Some(active) = queues.pop() else {
+            return Ok(());
+        };
+        let handler = RngQueue {
+            mem,
+            queue: active.queue,
+            notify: active.notify,
+            signals,
+            limiter: self.limiter.clone(),
+            buf: Vec::new(),
+        };
+        self.worker.start(NAME, handler)?;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.worker.reset();
+    }
+
+    fn quiesce(&mut self) -> Vec<virtio_queue::QueueState> {
+        self.worker
+            .quiesce()
+            .iter()
+            .map(|q| q.queue.state())
+            .collect()
+    }
+
+    fn resume(&mut self) {
+        self.worker.resume(NAME);
+    }
+}
+
+pub struct RngQueue {
+    mem: GuestMemory,
+    queue: Queue,
+    notify: EventFd,
+    signals: Arc<DeviceSignals>,
+    limiter: Arc<RateLimiter>,
+    buf: Vec<u8>,
+}
+
+const NOTIFY_TOKEN: u64 = 0;
+const LIMITER_TOKEN: u64 = 1;
+
+impl RngQueue {
+    /// A queue served by calling `process` directly (tests, fuzzing).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn detached(
+        rng: &Rng,
+        mem: GuestMemory,
+        queue: Queue,
+        signals: Arc<DeviceSignals>,
+    ) -> std::io::Result<RngQueue> {
+        Ok(RngQueue {
+            mem,
+            queue,
+            notify: EventFd::new(libc::EFD_NONBLOCK)?,
+            signals,
+            limiter: rng.limiter.clone(),
+            buf: Vec::new(),
+        })
+    }
+
+    /// Fills one chain's device-writable buffers; returns the bytes
+    /// written. A descriptor the device may not write, or one outside
+    /// guest memory, ends the fill there: the driver gets what was written.
+    fn fill(&mut self, descriptors: &[virtio_queue::desc::split::Descriptor]) -> u32 {
+        let mut written = 0usize;
+        for d in descriptors {
+            if !d.is_write_only() || written >= MAX_REQUEST_BYTES {
+                break;
+            }
+            let n = (d.len() as usize).min(MAX_REQUEST_BYTES - written);
+            self.buf.resize(n, 0);
+            if getrandom::fill(&mut self.buf).is_err()
+                || self.mem.write_slice(&self.buf, d.addr()).is_err()
+            {
+                break;
+            }
+            written += n;
+        }
+        written as u32
+    }
+
+    /// Serves every available request; returns how many completed.
+    pub fn process(&mut self) -> usize {
+        let mut completed = 0;
+        while !self.signals.needs_reset() {
+            let chain = match self.queue.iter(&self.mem) {
+                Ok(mut avail) => avail.next(),
+                Err(_) => {
+                    self.signals.set_needs_reset();
+                    break;
+                }
+            };
+            let Some(chain) = chain else { break };
+            if !self.limiter.admit() {
+                self.queue.go_to_previous_position();
+                break;
+            }
+            let head = chain.head_index();
+            let Ok(descriptors) = super::chain::collect(chain) else {
+                self.signals.set_needs_reset();
+                break;
+            };
+            let written = self.fill(&descriptors);
+            self.limiter.consume(u64::from(written));
+            if self.queue.add_used(&self.mem, head, written).is_err() {
+                self.signals.set_needs_reset();
+                break;
+            }
+            completed += 1;
+        }
+        if completed > 0 && self.queue.needs_notification(&self.mem).unwrap_or(true) {
+            self.signals.signal_used();
+        }
+        completed
+    }
+}
+
+impl EventHandler for RngQueue {
+    fn sources(&self) -> Vec<(std::os::fd::RawFd, u64)> {
+        vec![
+            (self.notify.as_raw_fd(), NOTIFY_TOKEN),
+            (self.limiter.timer_fd(), LIMITER_TOKEN),
+        ]
+    }
+
+    fn handle(&mut self, token: u64, _epoll: &Epoll) {
+        if token == LIMITER_TOKEN {
+            self.limiter.timer_fired();
+        } else {
+            let _ = self.notify.read();
+        }
+        self.process();
+    }
+}
+
+#[cfg(test)]
+mod tests;
