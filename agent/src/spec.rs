@@ -71,6 +71,12 @@ pub struct Kernel {
     /// has none).
     #[serde(default)]
     pub discovery: berth_proto::vmm_process::config::Discovery,
+    /// Boot the kernel and initrd found on disk 0's root partition (read
+    /// at every Start, so a kernel the guest upgraded is the next one);
+    /// `root=PARTUUID=<that partition>` is added unless the command line
+    /// names a root. Instead of path/image.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_disk: bool,
 }
 
 fn path_is_empty(p: &Path) -> bool {
@@ -538,15 +544,18 @@ impl VmSpec {
             ));
         }
         let kernel = &self.kernel;
+        if kernel.from_disk {
+            self.check_kernel_from_disk()?;
+        }
         check_source(
             "kernel",
             "path",
             "image",
             Some(&kernel.path),
             &kernel.image,
-            true,
+            !kernel.from_disk,
         )?;
-        if kernel.image.is_empty() {
+        if kernel.image.is_empty() && !kernel.from_disk {
             resolve_in_roots("kernel.path", &kernel.path, &config.kernel_roots)?;
         }
         let initrd = kernel.initrd.as_deref();
@@ -588,6 +597,26 @@ impl VmSpec {
                 "cpu.max",
                 format!("{} is not between 0 and {}", self.cpu.max, limits.max_vcpus),
             ));
+        }
+        Ok(())
+    }
+
+    /// `kernel.from_disk` stands alone: no kernel or initrd of its own,
+    /// and a disk 0 to read them from.
+    fn check_kernel_from_disk(&self) -> Result<(), SpecError> {
+        let k = &self.kernel;
+        let other = !path_is_empty(&k.path)
+            || !k.image.is_empty()
+            || k.initrd.is_some()
+            || !k.initrd_image.is_empty();
+        if other {
+            return Err(err(
+                "kernel.from_disk",
+                "the kernel and initrd come from disk 0: give no path, image, initrd or initrd_image",
+            ));
+        }
+        if self.disks.is_empty() {
+            return Err(err("kernel.from_disk", "the VM has no disk 0 to boot from"));
         }
         Ok(())
     }

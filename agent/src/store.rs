@@ -177,6 +177,10 @@ impl VmDir {
     pub fn console_log(&self) -> PathBuf {
         self.run().join("console.log")
     }
+    /// The kernel and initrd read from disk 0 (`kernel.from_disk`).
+    pub fn boot_files(&self) -> PathBuf {
+        self.0.join("boot")
+    }
     /// The NoCloud seed disk of a VM with a cloud-init part
     /// (`cloud_init::seed`), rewritten at every Start.
     pub fn cloud_init_seed(&self) -> PathBuf {

@@ -11,6 +11,7 @@
 //! index entry is written (atomically) only after its blob exists, so a
 //! crash leaves at worst an unnamed blob, never a name without content.
 
+pub mod boot_files;
 mod copy;
 mod import;
 

@@ -13,6 +13,7 @@ use super::Manager;
 use crate::jail::JailPlan;
 use crate::spec::{resolve_in_roots, VmSpec};
 use crate::vmm_proc::Confinement;
+use berth_proto::vmm_process::files::write_atomic;
 
 impl Manager {
     /// Rewrites `config`'s paths to what they resolve to now (the jail
@@ -36,7 +37,9 @@ impl Manager {
                 .map_err(|e| ApiError::FailedPrecondition(format!("{e} (checked again at start)")))
         };
         let kernel = &spec.kernel;
-        config.kernel.path = if kernel.image.is_empty() {
+        config.kernel.path = if kernel.from_disk {
+            Default::default() // set from disk 0 below
+        } else if kernel.image.is_empty() {
             recheck("kernel.path", &kernel.path, &self.config.kernel_roots)?
         } else {
             self.image_file("kernel.image", &kernel.image)?.1
@@ -63,6 +66,9 @@ impl Manager {
             } else {
                 self.disk_copy(entry, i, &spec_disk.image)?
             };
+        }
+        if kernel.from_disk {
+            boot_from_disk(entry, config)?;
         }
         if !settings.enabled {
             tracing::warn!(vm = %spec.id, "JAIL IS OFF for this VMM (jail.enabled = false): it runs as root with the host's files in reach; debugging only");
@@ -104,4 +110,52 @@ impl Manager {
     fn jail_uid(&self, entry: &Arc<VmEntry>) -> ApiResult<u32> {
         self.registry.claim_jail_uid(entry, &self.config.jail)
     }
+}
+
+/// Reads the kernel and initrd off disk 0 (as resolved: the VM's own copy
+/// of an image) into the VM's directory and points `config` at them,
+/// adding `root=PARTUUID=` unless the command line names a root.
+fn boot_from_disk(entry: &VmEntry, config: &mut VmConfig) -> ApiResult<()> {
+    let disk = config
+        .disks
+        .first()
+        .map(|d| d.path.clone())
+        .ok_or_else(|| {
+            ApiError::FailedPrecondition("kernel.from_disk: the VM has no disk 0".into())
+        })?;
+    let refused = |e: &dyn std::fmt::Display| {
+        ApiError::FailedPrecondition(format!(
+            "kernel.from_disk: disks[0] ({}): {e}",
+            disk.display()
+        ))
+    };
+    let boot = crate::images::boot_files::find(&disk).map_err(|e| refused(&e))?;
+    let dir = entry.dir.boot_files();
+    let write = |name: &str, bytes: &[u8]| {
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| write_atomic(&dir.join(name), bytes))
+            .map(|()| dir.join(name))
+            .map_err(|e| {
+                ApiError::Internal(format!("cannot write {}: {e}", dir.join(name).display()))
+            })
+    };
+    config.kernel.path = write("vmlinuz", &boot.kernel)?;
+    config.kernel.initrd = match &boot.initrd {
+        Some(bytes) => Some(write("initrd.img", bytes)?),
+        None => None,
+    };
+    let names_root = config
+        .kernel
+        .cmdline
+        .split_whitespace()
+        .any(|w| w.starts_with("root="));
+    if !names_root {
+        let root = format!("root=PARTUUID={}", boot.partuuid);
+        config.kernel.cmdline = [config.kernel.cmdline.trim(), &root]
+            .join(" ")
+            .trim()
+            .to_string();
+    }
+    tracing::info!(dir = %entry.dir.0.display(), partition = boot.partition, kernel = %boot.kernel_path, "booting the kernel on disk 0");
+    Ok(())
 }

@@ -92,6 +92,7 @@ pub fn spec_from_pb(p: &pb::VmSpec) -> Result<VmSpec, ApiError> {
             image: kernel.image,
             initrd_image: kernel.initrd_image,
             discovery,
+            from_disk: kernel.from_disk,
         },
         disks: p
             .disks
@@ -192,6 +193,7 @@ pub fn spec_to_pb(s: &VmSpec) -> pb::VmSpec {
             image: s.kernel.image.clone(),
             initrd_image: s.kernel.initrd_image.clone(),
             discovery: discovery_to_pb(s.kernel.discovery).into(),
+            from_disk: s.kernel.from_disk,
             ..Default::default()
         }),
         disks: s
