@@ -16,11 +16,6 @@ struct acpi_info acpi;
 #define BYTE_PREFIX 0x0a
 #define GAS_SYSTEM_IO 1
 
-static uint8_t rd8(uint64_t a) { return *(volatile uint8_t *)phys(a); }
-static uint16_t rd16(uint64_t a) { return rd8(a) | (uint16_t)rd8(a + 1) << 8; }
-static uint32_t rd32(uint64_t a) { return rd16(a) | (uint32_t)rd16(a + 2) << 16; }
-static uint64_t rd64(uint64_t a) { return rd32(a) | (uint64_t)rd32(a + 4) << 32; }
-
 static int sums_to_zero(uint64_t a, uint32_t n) {
     uint8_t s = 0;
     while (n--)

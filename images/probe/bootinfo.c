@@ -21,9 +21,6 @@ struct bootinfo boot;
 #define PVH_MEMMAP_ENTRIES 48
 #define PVH_MEMMAP_ENTRY_SIZE 24
 
-static uint32_t rd32(uint64_t a) { return *(volatile uint32_t *)phys(a); }
-static uint64_t rd64(uint64_t a) { return rd32(a) | (uint64_t)rd32(a + 4) << 32; }
-
 static void copy_cmdline(uint64_t addr) {
     size_t i = 0;
     if (addr)

@@ -148,5 +148,10 @@ static inline void *phys(uint64_t addr) {
     __asm__("" : "+r"(addr));
     return (void *)addr;
 }
+/* Little-endian reads of guest-physical memory (identity-mapped). */
+static inline uint8_t rd8(uint64_t a) { return *(volatile uint8_t *)phys(a); }
+static inline uint16_t rd16(uint64_t a) { return rd8(a) | (uint16_t)rd8(a + 1) << 8; }
+static inline uint32_t rd32(uint64_t a) { return rd16(a) | (uint32_t)rd16(a + 2) << 16; }
+static inline uint64_t rd64(uint64_t a) { return rd32(a) | (uint64_t)rd32(a + 4) << 32; }
 #endif /* __ASSEMBLER__ */
 #endif

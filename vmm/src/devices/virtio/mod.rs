@@ -10,6 +10,7 @@ pub mod block;
 pub mod chain;
 pub mod mmio;
 pub mod net;
+pub mod request_queue;
 pub mod rng;
 pub mod signals;
 pub mod worker;

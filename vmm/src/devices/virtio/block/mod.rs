@@ -8,10 +8,11 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::request_queue::{serve_available, Served};
 use super::worker::{DeviceWorker, EventHandler};
 use super::{read_config_bytes, ActivateError, ActiveQueue, DeviceSignals, VirtioDevice};
 use super::{TYPE_BLOCK, VIRTIO_F_VERSION_1};
@@ -214,42 +215,23 @@ impl BlockQueue {
 
     /// Serves every available request; returns how many completed.
     pub fn process(&mut self) -> usize {
-        let mut completed = 0;
-        while !self.signals.needs_reset() {
-            let chain = match self.queue.iter(&self.mem) {
-                Ok(mut avail) => avail.next(),
-                // An avail index more than a ring ahead: the driver is broken.
-                Err(_) => {
-                    self.signals.set_needs_reset();
-                    break;
-                }
-            };
-            let Some(chain) = chain else { break };
-            if !self.limiter.admit() {
-                // Left on the ring; the limiter's timer brings us back.
-                self.queue.go_to_previous_position();
-                break;
-            }
-            let head = chain.head_index();
-            let data_bytes = (chain.clone().map(|d| u64::from(d.len())))
-                .sum::<u64>()
-                .saturating_sub(REQUEST_FRAMING);
-            let Some(used_len) = request::serve(&self.disk, &self.mem, chain, &mut self.buf) else {
-                self.signals.set_needs_reset();
-                break;
-            };
-            self.limiter.consume(data_bytes);
-            if self.queue.add_used(&self.mem, head, used_len).is_err() {
-                // A head index outside the ring cannot be completed.
-                self.signals.set_needs_reset();
-                break;
-            }
-            completed += 1;
-        }
-        if completed > 0 && self.queue.needs_notification(&self.mem).unwrap_or(true) {
-            self.signals.signal_used();
-        }
-        completed
+        let (disk, mem, buf) = (&self.disk, &self.mem, &mut self.buf);
+        serve_available(
+            &mut self.queue,
+            mem,
+            &self.signals,
+            &self.limiter,
+            |chain| {
+                let data_bytes = (chain.clone().map(|d| u64::from(d.len())))
+                    .sum::<u64>()
+                    .saturating_sub(REQUEST_FRAMING);
+                let used_len = request::serve(disk, mem, chain, buf)?;
+                Some(Served {
+                    used_len,
+                    charged_bytes: data_bytes,
+                })
+            },
+        )
     }
 }
 

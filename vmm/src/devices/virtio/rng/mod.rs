@@ -6,11 +6,13 @@
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::Queue;
 use vm_memory::Bytes;
 use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::request_queue::{serve_available, Served};
 use super::worker::{DeviceWorker, EventHandler};
 use super::{ActivateError, ActiveQueue, DeviceSignals, VirtioDevice};
 use super::{TYPE_RNG, VIRTIO_F_VERSION_1};
@@ -102,6 +104,25 @@ impl VirtioDevice for Rng {
     }
 }
 
+/// Fills one chain's device-writable buffers; returns the bytes written. A
+/// descriptor the device may not write, or one outside guest memory, ends
+/// the fill there: the driver gets what was written.
+fn fill(mem: &GuestMemory, buf: &mut Vec<u8>, descriptors: &[Descriptor]) -> u32 {
+    let mut written = 0usize;
+    for d in descriptors {
+        if !d.is_write_only() || written >= MAX_REQUEST_BYTES {
+            break;
+        }
+        let n = (d.len() as usize).min(MAX_REQUEST_BYTES - written);
+        buf.resize(n, 0);
+        if getrandom::fill(buf).is_err() || mem.write_slice(buf, d.addr()).is_err() {
+            break;
+        }
+        written += n;
+    }
+    written as u32
+}
+
 pub struct RngQueue {
     mem: GuestMemory,
     queue: Queue,
@@ -133,60 +154,23 @@ impl RngQueue {
         })
     }
 
-    /// Fills one chain's device-writable buffers; returns the bytes
-    /// written. A descriptor the device may not write, or one outside
-    /// guest memory, ends the fill there: the driver gets what was written.
-    fn fill(&mut self, descriptors: &[virtio_queue::desc::split::Descriptor]) -> u32 {
-        let mut written = 0usize;
-        for d in descriptors {
-            if !d.is_write_only() || written >= MAX_REQUEST_BYTES {
-                break;
-            }
-            let n = (d.len() as usize).min(MAX_REQUEST_BYTES - written);
-            self.buf.resize(n, 0);
-            if getrandom::fill(&mut self.buf).is_err()
-                || self.mem.write_slice(&self.buf, d.addr()).is_err()
-            {
-                break;
-            }
-            written += n;
-        }
-        written as u32
-    }
-
     /// Serves every available request; returns how many completed.
     pub fn process(&mut self) -> usize {
-        let mut completed = 0;
-        while !self.signals.needs_reset() {
-            let chain = match self.queue.iter(&self.mem) {
-                Ok(mut avail) => avail.next(),
-                Err(_) => {
-                    self.signals.set_needs_reset();
-                    break;
-                }
-            };
-            let Some(chain) = chain else { break };
-            if !self.limiter.admit() {
-                self.queue.go_to_previous_position();
-                break;
-            }
-            let head = chain.head_index();
-            let Ok(descriptors) = super::chain::collect(chain) else {
-                self.signals.set_needs_reset();
-                break;
-            };
-            let written = self.fill(&descriptors);
-            self.limiter.consume(u64::from(written));
-            if self.queue.add_used(&self.mem, head, written).is_err() {
-                self.signals.set_needs_reset();
-                break;
-            }
-            completed += 1;
-        }
-        if completed > 0 && self.queue.needs_notification(&self.mem).unwrap_or(true) {
-            self.signals.signal_used();
-        }
-        completed
+        let (mem, buf) = (&self.mem, &mut self.buf);
+        serve_available(
+            &mut self.queue,
+            mem,
+            &self.signals,
+            &self.limiter,
+            |chain| {
+                let descriptors = super::chain::collect(chain).ok()?;
+                let written = fill(mem, buf, &descriptors);
+                Some(Served {
+                    used_len: written,
+                    charged_bytes: u64::from(written),
+                })
+            },
+        )
     }
 }
 
