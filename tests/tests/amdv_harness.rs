@@ -28,6 +28,25 @@ fn vmm(kernel: &str, vcpus: u32, marker: &str) -> String {
     )
 }
 
+/// What the ACPI guest runs: the same proof, then the ACPI devices Linux
+/// enumerated and the size of the disk it found through the DSDT alone.
+const ACPI_COMMAND: &str =
+    "echo computed-$((6*7)); cat /proc/cmdline; grep System.RAM /proc/iomem; \
+     ls /sys/bus/acpi/devices; echo vda-sectors=$(cat /sys/block/vda/size)";
+
+/// Linux with berth-vmm's default discovery, ACPI: no MP table and no
+/// virtio_mmio.device= words, an 8 MiB disk, and `reboot=a`, so the
+/// guest's reboot goes through the FADT's reset register. `command`
+/// replaces the usual one.
+fn vmm_acpi(vcpus: u32, marker: &str, command: &str) -> String {
+    format!(
+        "dd if=/dev/zero of=/tmp/acpi.img bs=1M count=8 2>/dev/null\n\
+         timeout 240 berth-vmm --kernel /guest/bzImage --initrd /guest/initramfs.cpio.gz \
+         --vcpus {vcpus} --memory-mib {GUEST_MEMORY_MIB} --disk /tmp/acpi.img --console-stdout \
+         --cmdline 'console=ttyS0 reboot=a panic=-1 quiet {marker} berth.run=\"{command}\"'\n"
+    )
+}
+
 fn all_scenarios() -> Vec<Scenario> {
     let mut all = vec![
         Scenario {
@@ -37,6 +56,14 @@ fn all_scenarios() -> Vec<Scenario> {
         Scenario {
             name: "boot_2_vcpus",
             script: vmm("bzImage", 2, "berth.marker=two-vcpus-bzimage"),
+        },
+        Scenario {
+            name: "acpi_boot_2_vcpus",
+            script: vmm_acpi(2, "berth.marker=two-vcpus-acpi", ACPI_COMMAND),
+        },
+        Scenario {
+            name: "acpi_poweroff",
+            script: vmm_acpi(1, "berth.marker=acpi-poweroff", "poweroff -f"),
         },
     ];
     all.extend(virtio_scenarios());
@@ -146,6 +173,61 @@ fn boot_1_vcpu() {
 fn boot_2_vcpus() {
     check_scenario("boot_2_vcpus", |r| {
         check_linux_boot(r, 2, "berth.marker=two-vcpus-bzimage")
+    });
+}
+
+/// Linux found its 2 CPUs in the MADT and its disk through the DSDT's
+/// LNRO0005 device (the command line announced nothing), and its reboot
+/// went through the FADT's reset register.
+#[test]
+fn acpi_boot_2_vcpus() {
+    check_scenario("acpi_boot_2_vcpus", |r| {
+        let out = &r.output;
+        let ctx = format!("scenario {} ({} ms):\n{out}", r.name, r.ms);
+        eprintln!("[amdv_harness] {} took {} ms", r.name, r.ms);
+        assert!(
+            out.contains("BERTH-GUEST-READY cpus=2 "),
+            "two CPUs from the MADT\n{ctx}"
+        );
+        assert!(out.contains("computed-42"), "{ctx}");
+        let cmdline = out
+            .lines()
+            .find(|l| l.contains("berth.marker=two-vcpus-acpi") && l.contains("berth.run="))
+            .unwrap_or_else(|| panic!("no /proc/cmdline line\n{ctx}"));
+        assert!(!cmdline.contains("virtio_mmio.device"), "{ctx}");
+        assert!(
+            out.contains("LNRO0005:00"),
+            "the virtio transport as an ACPI device\n{ctx}"
+        );
+        assert!(out.contains("PNP0501:00"), "COM1 from the DSDT\n{ctx}");
+        assert!(
+            out.contains("vda-sectors=16384"),
+            "the 8 MiB disk found through ACPI\n{ctx}"
+        );
+        assert!(out.contains("BERTH-RUN-EXIT 0"), "{ctx}");
+        assert!(
+            out.contains("berth-vmm: guest requested reset"),
+            "reboot=a ended berth-vmm through the reset register\n{ctx}"
+        );
+        assert_eq!(r.exit, 0, "berth-vmm exit status\n{ctx}");
+    });
+}
+
+/// `poweroff -f` in Linux enters S5 through the FADT's sleep control
+/// register: berth-vmm ends with status 0 and says the guest powered off.
+#[test]
+fn acpi_poweroff() {
+    check_scenario("acpi_poweroff", |r| {
+        let out = &r.output;
+        let ctx = format!("scenario {} ({} ms):\n{out}", r.name, r.ms);
+        eprintln!("[amdv_harness] {} took {} ms", r.name, r.ms);
+        assert!(out.contains("BERTH-GUEST-READY cpus=1 "), "{ctx}");
+        assert!(out.contains("berth-vmm: guest powered off"), "{ctx}");
+        assert!(
+            !out.contains("BERTH-RUN-EXIT"),
+            "poweroff did not return\n{ctx}"
+        );
+        assert_eq!(r.exit, 0, "berth-vmm exit status\n{ctx}");
     });
 }
 
