@@ -103,12 +103,7 @@ async fn the_seed_holds_the_spec_and_the_guest_reads_it() {
 
     // The guest sees the seed as a read-only disk after the spec's disks
     // (here the only one), byte for byte.
-    wait_console(
-        &agent,
-        "ci",
-        "PROBE blk dev=0 read",
-        Duration::from_secs(30),
-    );
+    wait_console(&agent, "ci", "PROBE done", Duration::from_secs(30));
     let console = console_text(&agent, "ci");
     assert!(
         console.contains("PROBE blk dev=0 capacity=2048 ro=1 id=cidata"),
