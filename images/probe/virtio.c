@@ -103,6 +103,16 @@ static void probe_device(struct vdev *d) {
     d->usable = d->id != 0; /* DeviceID 0: an empty transport slot */
 }
 
+/* The next device slot, cleared, with no queue slot assigned yet. */
+static struct vdev *next_vdev(void) {
+    struct vdev *d = &vdevs[vdev_count];
+    memset(d, 0, sizeof *d);
+    d->index = vdev_count++;
+    for (int i = 0; i < VIRTIO_MAX_QUEUES; i++)
+        d->qslot[i] = -1;
+    return d;
+}
+
 int virtio_scan(const char *cmdline) {
     static const char key[] = "virtio_mmio.device=";
     const size_t klen = sizeof key - 1;
@@ -120,11 +130,7 @@ int virtio_scan(const char *cmdline) {
             pr("PROBE virtio error=too_many_devices max=%d\n", VIRTIO_MAX_DEV);
             break;
         }
-        struct vdev *d = &vdevs[vdev_count];
-        memset(d, 0, sizeof *d);
-        d->index = vdev_count++;
-        for (int i = 0; i < VIRTIO_MAX_QUEUES; i++)
-            d->qslot[i] = -1;
+        struct vdev *d = next_vdev();
         if (!parse_device_word(w + klen, d)) {
             pr("PROBE virtio dev=%d error=malformed\n", d->index);
             continue;
@@ -136,11 +142,7 @@ int virtio_scan(const char *cmdline) {
     else if (acpi.nvirtio) {
         pr("PROBE virtio_source acpi\n");
         for (uint32_t i = 0; i < acpi.nvirtio && vdev_count < VIRTIO_MAX_DEV; i++) {
-            struct vdev *d = &vdevs[vdev_count];
-            memset(d, 0, sizeof *d);
-            d->index = vdev_count++;
-            for (int q = 0; q < VIRTIO_MAX_QUEUES; q++)
-                d->qslot[q] = -1;
+            struct vdev *d = next_vdev();
             d->base = acpi.virtio[i].base;
             d->size = acpi.virtio[i].size;
             d->irq = acpi.virtio[i].gsi;

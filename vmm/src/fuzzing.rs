@@ -28,6 +28,7 @@ use crate::devices::virtio::block::{Block, BlockQueue, SECTOR_SIZE};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::tap::{Tap, VNET_HDR_LEN};
 use crate::devices::virtio::net::{NetQueues, MAX_FRAME};
+use crate::devices::virtio::request_queue::RequestQueue;
 use crate::devices::virtio::{
     chain, read_config_bytes, ActivateError, ActiveQueue, DeviceSignals, VirtioDevice,
     VIRTIO_F_VERSION_1,

@@ -5,8 +5,13 @@
 //! ring) sets DEVICE_NEEDS_RESET and the device serves nothing more until
 //! the driver resets it.
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use std::os::fd::{AsRawFd, RawFd};
 
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::epoll::Epoll;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::worker::EventHandler;
 use super::DeviceSignals;
 use crate::devices::rate_limiter::RateLimiter;
 use crate::memory::GuestMemory;
@@ -60,4 +65,35 @@ pub fn serve_available(
         signals.signal_used();
     }
     completed
+}
+
+/// A device's worker state whose only event sources are its queue's
+/// notifications and its limiter's timer, both of which mean "serve what is
+/// available". Its worker loop is the `EventHandler` below.
+pub trait RequestQueue: Send + 'static {
+    fn notify(&self) -> &EventFd;
+    fn limiter(&self) -> &RateLimiter;
+    /// Serves every available request; returns how many completed.
+    fn process(&mut self) -> usize;
+}
+
+const NOTIFY_TOKEN: u64 = 0;
+const LIMITER_TOKEN: u64 = 1;
+
+impl<T: RequestQueue> EventHandler for T {
+    fn sources(&self) -> Vec<(RawFd, u64)> {
+        vec![
+            (self.notify().as_raw_fd(), NOTIFY_TOKEN),
+            (self.limiter().timer_fd(), LIMITER_TOKEN),
+        ]
+    }
+
+    fn handle(&mut self, token: u64, _epoll: &Epoll) {
+        if token == LIMITER_TOKEN {
+            self.limiter().timer_fired();
+        } else {
+            let _ = self.notify().read();
+        }
+        self.process();
+    }
 }

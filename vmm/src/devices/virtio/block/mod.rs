@@ -4,16 +4,14 @@
 mod request;
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
-use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::request_queue::{serve_available, Served};
-use super::worker::{DeviceWorker, EventHandler};
+use super::request_queue::{serve_available, RequestQueue, Served};
+use super::worker::DeviceWorker;
 use super::{read_config_bytes, ActivateError, ActiveQueue, DeviceSignals, VirtioDevice};
 use super::{TYPE_BLOCK, VIRTIO_F_VERSION_1};
 use crate::devices::rate_limiter::{LimitConfig, RateLimiter};
@@ -182,8 +180,6 @@ pub struct BlockQueue {
     limiter: Arc<RateLimiter>,
 }
 
-const NOTIFY_TOKEN: u64 = 0;
-const LIMITER_TOKEN: u64 = 1;
 /// A request's header (16 bytes) and status byte, which are not its data.
 const REQUEST_FRAMING: u64 = 17;
 
@@ -212,9 +208,18 @@ impl BlockQueue {
             limiter: block.limiter.clone(),
         })
     }
+}
 
-    /// Serves every available request; returns how many completed.
-    pub fn process(&mut self) -> usize {
+impl RequestQueue for BlockQueue {
+    fn notify(&self) -> &EventFd {
+        &self.notify
+    }
+
+    fn limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
+    fn process(&mut self) -> usize {
         let (disk, mem, buf) = (&self.disk, &self.mem, &mut self.buf);
         serve_available(
             &mut self.queue,
@@ -232,24 +237,6 @@ impl BlockQueue {
                 })
             },
         )
-    }
-}
-
-impl EventHandler for BlockQueue {
-    fn sources(&self) -> Vec<(std::os::fd::RawFd, u64)> {
-        vec![
-            (self.notify.as_raw_fd(), NOTIFY_TOKEN),
-            (self.limiter.timer_fd(), LIMITER_TOKEN),
-        ]
-    }
-
-    fn handle(&mut self, token: u64, _epoll: &Epoll) {
-        if token == LIMITER_TOKEN {
-            self.limiter.timer_fired();
-        } else {
-            let _ = self.notify.read();
-        }
-        self.process();
     }
 }
 

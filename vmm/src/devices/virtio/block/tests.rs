@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::request::{S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT};
 use super::*;
 use crate::arch::x86_64::layout::create_guest_memory;
+use crate::devices::virtio::request_queue::RequestQueue;
 
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;

@@ -3,17 +3,15 @@
 //! cloud-init want entropy at first boot, before the guest has gathered
 //! its own. Rate-limited like the other devices, in bytes and requests.
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::Queue;
 use vm_memory::Bytes;
-use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::request_queue::{serve_available, Served};
-use super::worker::{DeviceWorker, EventHandler};
+use super::request_queue::{serve_available, RequestQueue, Served};
+use super::worker::DeviceWorker;
 use super::{ActivateError, ActiveQueue, DeviceSignals, VirtioDevice};
 use super::{TYPE_RNG, VIRTIO_F_VERSION_1};
 use crate::devices::rate_limiter::{LimitConfig, RateLimiter};
@@ -132,12 +130,10 @@ pub struct RngQueue {
     buf: Vec<u8>,
 }
 
-const NOTIFY_TOKEN: u64 = 0;
-const LIMITER_TOKEN: u64 = 1;
-
 impl RngQueue {
-    /// A queue served by calling `process` directly (tests, fuzzing).
-    #[cfg(any(test, feature = "fuzzing"))]
+    /// A queue served by calling `process` directly, with no worker
+    /// thread (unit tests).
+    #[cfg(test)]
     pub(crate) fn detached(
         rng: &Rng,
         mem: GuestMemory,
@@ -153,9 +149,18 @@ impl RngQueue {
             buf: Vec::new(),
         })
     }
+}
 
-    /// Serves every available request; returns how many completed.
-    pub fn process(&mut self) -> usize {
+impl RequestQueue for RngQueue {
+    fn notify(&self) -> &EventFd {
+        &self.notify
+    }
+
+    fn limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
+    fn process(&mut self) -> usize {
         let (mem, buf) = (&self.mem, &mut self.buf);
         serve_available(
             &mut self.queue,
@@ -171,24 +176,6 @@ impl RngQueue {
                 })
             },
         )
-    }
-}
-
-impl EventHandler for RngQueue {
-    fn sources(&self) -> Vec<(std::os::fd::RawFd, u64)> {
-        vec![
-            (self.notify.as_raw_fd(), NOTIFY_TOKEN),
-            (self.limiter.timer_fd(), LIMITER_TOKEN),
-        ]
-    }
-
-    fn handle(&mut self, token: u64, _epoll: &Epoll) {
-        if token == LIMITER_TOKEN {
-            self.limiter.timer_fired();
-        } else {
-            let _ = self.notify.read();
-        }
-        self.process();
     }
 }
 

@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::*;
 use crate::arch::x86_64::layout::create_guest_memory;
 use crate::devices::rate_limiter::BucketConfig;
+use crate::devices::virtio::request_queue::RequestQueue;
 
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;
