@@ -237,3 +237,55 @@ async fn the_agent_jails_every_vmm_with_its_own_uid() {
         .unwrap();
     assert_eq!(again, uids[1]);
 }
+
+/// A guest that prints past its console log's bound, under the seccomp
+/// filters the agent turns on: the log rotates (one old log kept) and the
+/// guest runs on. The vCPU thread that writes the console may not rename
+/// or open files, so the rotation must happen elsewhere; when it did not,
+/// the first rotation killed the VMM (found by a Debian boot whose two
+/// boots' console passed 1 MiB).
+#[tokio::test(flavor = "current_thread")]
+async fn a_console_past_its_bound_rotates_and_the_guest_runs_on() {
+    report_mode("console rotation under seccomp");
+    let agent = TestAgent::with_config("console-rotate", "console_log_max_bytes = 2048\n");
+    let c = agent.clients().await;
+    // A tick every ~5 ms: about 3 KiB of console a second.
+    let spec = probe_spec("chatty", 1, "probe.mode=tick probe.tick_cycles=13000000");
+    create_and_start(&c, spec).await;
+    let run = agent.vm_dir("chatty").join("run");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !run.join("console.log.1").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no rotation within 60 s; console:\n{}",
+            console_text(&agent, "chatty")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Past the first rotation, the guest keeps printing: a later tick than
+    // any the old log holds shows up in the new one.
+    let old = std::fs::read_to_string(run.join("console.log.1")).unwrap_or_default();
+    let last_old = old
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("PROBE tick "))
+        .filter_map(|n| n.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    wait_console(
+        &agent,
+        "chatty",
+        &format!("PROBE tick {}\r\n", last_old + 50),
+        Duration::from_secs(60),
+    );
+    let vm = get(&c, "chatty").await;
+    assert_eq!(
+        state_of(&vm),
+        berth_tests::contract::vm::VmState::RUNNING,
+        "{:?}",
+        vm.status
+    );
+    for file in ["console.log", "console.log.1"] {
+        let len = std::fs::metadata(run.join(file)).unwrap().len();
+        assert!(len <= 2048 + 64, "{file} holds {len} bytes, over the bound");
+    }
+}

@@ -17,7 +17,8 @@ pub enum ThreadKind {
     Vcpu,
     /// A virtio device worker: queues, disk files, taps.
     Device,
-    /// The main thread, the control API, signals and console input.
+    /// The main thread, the control API, signals, console input and the
+    /// console log's rotation.
     Control,
     /// Live migration: the sender, the receiver and the status responder.
     Migration,

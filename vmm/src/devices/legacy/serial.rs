@@ -4,7 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use vm_superio::serial::NoEvents;
@@ -12,6 +12,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::{lock, BusDevice};
+use crate::seccomp::ThreadKind;
 
 pub const COM1_PORT_BASE: u64 = 0x3f8;
 pub const COM1_PORT_LEN: u64 = 8;
@@ -39,35 +40,72 @@ impl Trigger for IrqTrigger {
 
 /// A console log file that stays under a size bound: when full it becomes
 /// `<path>.1` (one old log kept) and writing starts over.
+///
+/// The console is written from the vCPU thread, whose seccomp filter allows
+/// `write` but no `rename` or `open`: a rotation is done by a thread of its
+/// own (kind control) while the writer waits for the new file, once per
+/// bound's worth of output.
 pub struct ConsoleLog {
-    path: PathBuf,
     file: File,
     size: u64,
     max: Option<u64>,
+    rotator: Option<Rotator>,
+}
+
+/// The rotation thread's two ends: "rotate now", and the new file back.
+struct Rotator {
+    ask: mpsc::Sender<()>,
+    done: mpsc::Receiver<io::Result<File>>,
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// `path` becomes `path.1`; a new, empty `path` is opened.
+fn rotate(path: &Path) -> io::Result<File> {
+    let mut old = path.to_owned().into_os_string();
+    old.push(".1");
+    std::fs::rename(path, old)?;
+    open_append(path)
 }
 
 impl ConsoleLog {
     pub fn open(path: &Path, max: Option<u64>) -> io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = open_append(path)?;
         let size = file.metadata()?.len();
+        let rotator = match max {
+            Some(_) => Some(Self::start_rotator(path.to_owned())?),
+            None => None,
+        };
         Ok(ConsoleLog {
-            path: path.to_owned(),
             file,
             size,
             max,
+            rotator,
         })
     }
 
+    /// The thread ends when the log is dropped (its channel closes).
+    fn start_rotator(path: PathBuf) -> io::Result<Rotator> {
+        let (ask, asked) = mpsc::channel::<()>();
+        let (done_tx, done) = mpsc::channel();
+        crate::seccomp::spawn(ThreadKind::Control, "console-log".into(), move || {
+            for () in asked {
+                if done_tx.send(rotate(&path)).is_err() {
+                    return;
+                }
+            }
+        })?;
+        Ok(Rotator { ask, done })
+    }
+
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        if let Some(max) = self.max {
+        if let (Some(max), Some(rotator)) = (self.max, &self.rotator) {
             if self.size > 0 && self.size + buf.len() as u64 > max {
-                let mut old = self.path.clone().into_os_string();
-                old.push(".1");
-                std::fs::rename(&self.path, old)?;
-                self.file = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.path)?;
+                let gone = || io::Error::other("the console log's rotation thread is gone");
+                rotator.ask.send(()).map_err(|_| gone())?;
+                self.file = rotator.done.recv().map_err(|_| gone())??;
                 self.size = 0;
             }
         }
