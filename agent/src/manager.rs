@@ -416,10 +416,7 @@ impl Manager {
                 process
                     .wait_exit(&entry.dir, KILL_WAIT)
                     .await
-                    .unwrap_or(VmmExit {
-                        code: None,
-                        reason: "VMM killed".into(),
-                    })
+                    .unwrap_or(VmmExit::other(None, "VMM killed"))
             }
         };
         let mut inner = lock(&entry.inner);

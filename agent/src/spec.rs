@@ -187,6 +187,8 @@ pub enum RestartKind {
 pub struct RestartPolicy {
     pub kind: RestartKind,
     pub max_retries: u32,
+    /// What the guest's own reboot does (whatever `kind` says).
+    pub on_reboot: OnReboot,
 }
 
 impl Default for RestartPolicy {
@@ -194,8 +196,19 @@ impl Default for RestartPolicy {
         RestartPolicy {
             kind: RestartKind::Never,
             max_retries: DEFAULT_MAX_RETRIES,
+            on_reboot: OnReboot::Restart,
         }
     }
+}
+
+/// A guest's `reboot` ends its VMM (a reset, like Firecracker's); the
+/// agent then brings the machine back, or leaves it Stopped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnReboot {
+    #[default]
+    Restart,
+    Stop,
 }
 
 /// A spec problem, reported as INVALID_ARGUMENT "<field>: <message>".

@@ -273,6 +273,9 @@ pub fn vmm_pids(dir: &Path) -> Vec<i32> {
 }
 
 /// A probe VM spec (the probe as kernel, `cmdline` for it).
+/// A probe VM. The probe ends every mode with a reset, which means "done"
+/// for a test, so its reboot leaves the VM Stopped instead of booting it
+/// again (`on_reboot = stop`).
 pub fn probe_spec(id: &str, vcpus: u32, cmdline: &str) -> pb::VmSpec {
     pb::VmSpec {
         id: id.into(),
@@ -282,6 +285,10 @@ pub fn probe_spec(id: &str, vcpus: u32, cmdline: &str) -> pb::VmSpec {
         kernel: protobuf::MessageField::some(pb::Kernel {
             path: probe_elf().display().to_string(),
             cmdline: cmdline.into(),
+            ..Default::default()
+        }),
+        restart: protobuf::MessageField::some(pb::RestartPolicy {
+            on_reboot: pb::restart_policy::OnReboot::ON_REBOOT_STOP.into(),
             ..Default::default()
         }),
         ..Default::default()

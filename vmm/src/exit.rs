@@ -40,6 +40,21 @@ impl ExitReason {
     }
 }
 
+impl ExitReason {
+    /// The cause a supervisor acts on (restart on a guest's reboot).
+    pub fn cause(&self) -> berth_proto::vmm_process::exit::ExitCause {
+        use berth_proto::vmm_process::exit::ExitCause;
+        match self {
+            ExitReason::GuestReset => ExitCause::GuestReset,
+            ExitReason::GuestShutdown | ExitReason::GuestPowerOff => ExitCause::GuestPowerOff,
+            ExitReason::Signal(_)
+            | ExitReason::Stopped
+            | ExitReason::Migrated(_)
+            | ExitReason::VcpuFault { .. } => ExitCause::Other,
+        }
+    }
+}
+
 impl fmt::Display for ExitReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

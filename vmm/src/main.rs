@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use berth_proto::vmm_process::exit::ExitRecord;
+use berth_proto::vmm_process::exit::{code as exit_code, ExitCause, ExitRecord};
 use berth_proto::vmm_process::launch::VmmArgs as Args;
 use berth_proto::vmm_process::run_lock::RunLock;
 use berth_vmm::builder;
@@ -163,11 +163,7 @@ fn parse_nic(spec: &str) -> Result<NicConfig, String> {
 }
 
 /// Records how the VMM ended for a supervisor that cannot wait for us.
-fn write_exit_file(path: &Path, code: i32, reason: &str) {
-    let record = ExitRecord {
-        code,
-        reason: reason.to_string(),
-    };
+fn write_exit_file(path: &Path, record: &ExitRecord) {
     if let Err(e) = record.write(path) {
         eprintln!("berth-vmm: cannot write exit file {}: {e}", path.display());
     }
@@ -206,7 +202,7 @@ fn main() -> ExitCode {
             let reason = "the agent that started this VMM went away before recording it";
             eprintln!("berth-vmm: error: {reason}");
             if let Some(path) = &args.exit_file {
-                write_exit_file(path, 1, reason);
+                write_exit_file(path, &not_started(reason.into()));
             }
             return ExitCode::from(1);
         }
@@ -217,7 +213,7 @@ fn main() -> ExitCode {
             let reason = format!("cannot join cgroup {}: {e}", dir.display());
             eprintln!("berth-vmm: error: {reason}");
             if let Some(path) = &args.exit_file {
-                write_exit_file(path, 1, &reason);
+                write_exit_file(path, &not_started(reason));
             }
             return ExitCode::from(1);
         }
@@ -225,15 +221,15 @@ fn main() -> ExitCode {
     if let Err(reason) = enter_jail(&args).and_then(|()| start_seccomp(&args)) {
         eprintln!("berth-vmm: error: {reason}");
         if let Some(path) = &args.exit_file {
-            write_exit_file(path, 1, &reason);
+            write_exit_file(path, &not_started(reason));
         }
         return ExitCode::from(1);
     }
-    let (code, reason) = run(&args);
+    let record = run(&args);
     if let Some(path) = &args.exit_file {
-        write_exit_file(path, code, &reason);
+        write_exit_file(path, &record);
     }
-    ExitCode::from(code as u8)
+    ExitCode::from(record.code as u8)
 }
 
 /// Confines this process before it reads anything a guest or a peer sent.
@@ -297,14 +293,22 @@ fn start_seccomp(args: &Args) -> Result<(), String> {
     seccomp::enable(filters).map_err(|e| e.to_string())
 }
 
-fn fail(message: String) -> (i32, String) {
+fn not_started(reason: String) -> ExitRecord {
+    ExitRecord {
+        code: exit_code::NOT_STARTED,
+        reason,
+        cause: ExitCause::Other,
+    }
+}
+
+fn fail(message: String) -> ExitRecord {
     eprintln!("berth-vmm: error: {message}");
-    (1, format!("error: {message}"))
+    not_started(format!("error: {message}"))
 }
 
 /// Receive mode: wait for the source, build the VM from what it sends,
 /// take the handover, then run.
-fn run_incoming(args: &Args, address: &str) -> (i32, String) {
+fn run_incoming(args: &Args, address: &str) -> ExitRecord {
     use berth_vmm::migration::destination::Incoming;
     let Some(token) = &args.migrate_token else {
         return fail("--migrate-listen needs --migrate-token".into());
@@ -372,7 +376,7 @@ fn run_incoming(args: &Args, address: &str) -> (i32, String) {
 }
 
 /// Runs the guest, serving the control API on `--api-socket` if given.
-fn run_vmm(vmm: builder::Vmm, args: &Args, paused: bool) -> (i32, String) {
+fn run_vmm(vmm: builder::Vmm, args: &Args, paused: bool) -> ExitRecord {
     let running = match vmm.start(paused) {
         Ok(running) => running,
         Err(e) => return fail(e.to_string()),
@@ -385,17 +389,21 @@ fn run_vmm(vmm: builder::Vmm, args: &Args, paused: bool) -> (i32, String) {
     }
 }
 
-fn finish(result: Result<berth_vmm::exit::ExitReason, builder::BuildError>) -> (i32, String) {
+fn finish(result: Result<berth_vmm::exit::ExitReason, builder::BuildError>) -> ExitRecord {
     match result {
         Ok(reason) => {
             eprintln!("berth-vmm: {reason}");
-            (reason.exit_code(), reason.to_string())
+            ExitRecord {
+                code: reason.exit_code(),
+                reason: reason.to_string(),
+                cause: reason.cause(),
+            }
         }
         Err(e) => fail(e.to_string()),
     }
 }
 
-fn run(args: &Args) -> (i32, String) {
+fn run(args: &Args) -> ExitRecord {
     if let Some(address) = &args.migrate_listen {
         return run_incoming(args, address);
     }
@@ -406,15 +414,13 @@ fn run(args: &Args) -> (i32, String) {
                 let mut config = snapshot.config.clone();
                 apply_console_flags(args, &mut config);
                 if let Err(e) = apply_tap_overrides(&args.tap_overrides, &mut config) {
-                    eprintln!("berth-vmm: error: {e}");
-                    return (1, format!("error: {e}"));
+                    return fail(e.to_string());
                 }
                 let built = builder::restore(dir, snapshot, &config, &args.kvm_device);
                 (config, built)
             }
             Err(e) => {
-                eprintln!("berth-vmm: error: {e}");
-                return (1, format!("error: {e}"));
+                return fail(e.to_string());
             }
         },
         None => match config_from(args) {
@@ -423,16 +429,14 @@ fn run(args: &Args) -> (i32, String) {
                 (c, built)
             }
             Err(e) => {
-                eprintln!("berth-vmm: error: {e}");
-                return (1, format!("error: {e}"));
+                return fail(e.to_string());
             }
         },
     };
     let vmm = match built {
         Ok(vmm) => vmm,
         Err(e) => {
-            eprintln!("berth-vmm: error: {e}");
-            return (1, format!("error: {e}"));
+            return fail(e.to_string());
         }
     };
     if let Some(dir) = &args.restore {

@@ -8,9 +8,18 @@ use std::time::Duration;
 use super::launch::attach_bridges;
 use super::registry::{lock, now_ms, VmEntry};
 use super::{Manager, KILL_WAIT, START_TIMEOUT};
-use crate::spec::RestartKind;
+use crate::spec::{OnReboot, RestartKind};
 use crate::store::VmState;
-use crate::vmm_proc::{RunState, VmmExit};
+use crate::vmm_proc::{ExitCause, RunState, VmmExit};
+
+/// What the supervisor does once a VMM has ended on its own.
+enum AfterExit {
+    Stay,
+    /// The guest rebooted: a new VMM, as a machine comes back from a reset.
+    Reboot,
+    /// The restart policy's restart, with its note.
+    Restart(String),
+}
 
 const SUPERVISE_EVERY: Duration = Duration::from_millis(100);
 
@@ -44,9 +53,10 @@ impl Manager {
         }
     }
 
-    /// A VMM ended on its own: record why, then apply the restart policy.
+    /// A VMM ended on its own: record why, then bring the machine back if
+    /// its guest rebooted, or apply the restart policy.
     pub(super) async fn on_exit(&self, entry: &Arc<VmEntry>, exit: VmmExit) {
-        let (restart, policy_note) = {
+        let next = {
             let mut inner = lock(&entry.inner);
             inner.process = None;
             inner.record.pid = 0;
@@ -59,22 +69,37 @@ impl Manager {
             let _ = self
                 .registry
                 .transition(entry, &mut inner, state, &exit.reason);
-            let policy = inner.spec.restart.clone();
+            let policy = &inner.spec.restart;
             let restarts = inner.record.restarts;
-            match policy.kind {
-                RestartKind::Always => (true, format!("restart {} (always)", restarts + 1)),
-                RestartKind::OnFailure if !exit.clean() && restarts < policy.max_retries => (
-                    true,
-                    format!("restart {} of {}", restarts + 1, policy.max_retries),
-                ),
-                _ => (false, String::new()),
+            if exit.cause == ExitCause::GuestReset && policy.on_reboot == OnReboot::Restart {
+                AfterExit::Reboot
+            } else {
+                match policy.kind {
+                    RestartKind::Always => {
+                        AfterExit::Restart(format!("restart {} (always)", restarts + 1))
+                    }
+                    RestartKind::OnFailure if !exit.clean() && restarts < policy.max_retries => {
+                        AfterExit::Restart(format!(
+                            "restart {} of {}",
+                            restarts + 1,
+                            policy.max_retries
+                        ))
+                    }
+                    _ => AfterExit::Stay,
+                }
             }
         };
-        if restart {
-            lock(&entry.inner).record.restarts += 1;
-            if let Err(e) = self.launch_from(entry, &policy_note, None).await {
-                tracing::error!("restart failed: {e}");
+        let why = match next {
+            AfterExit::Stay => return,
+            // Not a restart under the policy: the guest asked for it.
+            AfterExit::Reboot => "guest rebooted".to_string(),
+            AfterExit::Restart(note) => {
+                lock(&entry.inner).record.restarts += 1;
+                note
             }
+        };
+        if let Err(e) = self.launch_from(entry, &why, None).await {
+            tracing::error!("{why}: the new VMM did not start: {e}");
         }
     }
 

@@ -134,6 +134,10 @@ pub fn spec_from_pb(p: &pb::VmSpec) -> Result<VmSpec, ApiError> {
                 pb::restart_policy::Kind::ON_FAILURE => RestartKind::OnFailure,
                 pb::restart_policy::Kind::ALWAYS => RestartKind::Always,
             },
+            on_reboot: match restart.on_reboot.enum_value_or_default() {
+                pb::restart_policy::OnReboot::ON_REBOOT_RESTART => spec::OnReboot::Restart,
+                pb::restart_policy::OnReboot::ON_REBOOT_STOP => spec::OnReboot::Stop,
+            },
             max_retries: if restart.max_retries == 0 {
                 spec::DEFAULT_MAX_RETRIES
             } else {
@@ -237,6 +241,10 @@ pub fn spec_to_pb(s: &VmSpec) -> pb::VmSpec {
                 RestartKind::Always => pb::restart_policy::Kind::ALWAYS,
             }),
             max_retries: s.restart.max_retries,
+            on_reboot: EnumOrUnknown::new(match s.restart.on_reboot {
+                spec::OnReboot::Restart => pb::restart_policy::OnReboot::ON_REBOOT_RESTART,
+                spec::OnReboot::Stop => pb::restart_policy::OnReboot::ON_REBOOT_STOP,
+            }),
             ..Default::default()
         }),
         cloud_init: s.cloud_init.as_ref().map(cloud_init_to_pb).into(),

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use berth_proto::vmm_process::config::VmConfig;
+pub use berth_proto::vmm_process::exit::ExitCause;
 
 use crate::store::VmDir;
 
@@ -24,9 +25,20 @@ pub struct VmmExit {
     /// (killed, or crashed before it could write one).
     pub code: Option<i32>,
     pub reason: String,
+    /// What the guest asked for, if it ended the VM itself.
+    pub cause: ExitCause,
 }
 
 impl VmmExit {
+    /// An end with no guest request behind it (killed, stopped, failed).
+    pub fn other(code: Option<i32>, reason: impl Into<String>) -> VmmExit {
+        VmmExit {
+            code,
+            reason: reason.into(),
+            cause: ExitCause::Other,
+        }
+    }
+
     pub fn clean(&self) -> bool {
         self.code == Some(0)
     }

@@ -352,6 +352,7 @@ pub fn read_exit(dir: &VmDir, status: Option<std::process::ExitStatus>) -> VmmEx
         return VmmExit {
             code: Some(record.code),
             reason: record.reason,
+            cause: record.cause,
         };
     }
     use std::os::unix::process::ExitStatusExt;
@@ -368,7 +369,7 @@ pub fn read_exit(dir: &VmDir, status: Option<std::process::ExitStatus>) -> VmmEx
         ),
         None => "VMM died without an exit record".to_string(),
     };
-    VmmExit { code: None, reason }
+    VmmExit::other(None, reason)
 }
 
 #[cfg(test)]

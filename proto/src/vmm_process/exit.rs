@@ -23,10 +23,29 @@ pub mod code {
     pub const GUEST_FAILED: i32 = 2;
 }
 
+/// What ended the VM, in the terms a supervisor acts on: a guest's
+/// `reboot` asks for the machine back, its `poweroff` does not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitCause {
+    /// A stop, a signal, a fault, a migration, an error before the guest
+    /// ran (the code and reason say which); also a record from a VMM
+    /// older than this field.
+    #[default]
+    Other,
+    /// The guest reset the machine: `reboot` (the i8042 pulse or the
+    /// FADT's reset register).
+    GuestReset,
+    /// The guest turned the machine off (ACPI S5, or KVM_SYSTEM_EVENT_SHUTDOWN).
+    GuestPowerOff,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitRecord {
     pub code: i32,
     pub reason: String,
+    #[serde(default)]
+    pub cause: ExitCause,
 }
 
 impl ExitRecord {
@@ -54,9 +73,27 @@ mod tests {
         let record = ExitRecord {
             code: code::GUEST_FAILED,
             reason: "triple fault \"here\"".into(),
+            cause: ExitCause::Other,
         };
         record.write(&path).unwrap();
         assert_eq!(ExitRecord::read(&path), Some(record));
+        // A record written before `cause` existed reads as Other.
+        std::fs::write(
+            &path,
+            b"{\"code\": 0, \"reason\": \"guest requested reset\"}",
+        )
+        .unwrap();
+        assert_eq!(ExitRecord::read(&path).unwrap().cause, ExitCause::Other);
+        let reset = ExitRecord {
+            code: code::CLEAN,
+            reason: "guest requested reset".into(),
+            cause: ExitCause::GuestReset,
+        };
+        reset.write(&path).unwrap();
+        assert!(std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("\"cause\":\"guest_reset\""));
+        assert_eq!(ExitRecord::read(&path), Some(reset));
         std::fs::write(&path, b"{\"code\": 1, \"rea").unwrap();
         assert_eq!(ExitRecord::read(&path), None);
         assert_eq!(ExitRecord::read(&dir.join("missing")), None);

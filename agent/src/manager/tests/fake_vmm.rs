@@ -104,11 +104,24 @@ impl FakeVmms {
 
     /// The VMM of `vm` ends on its own.
     pub fn end(&self, vm: &str, code: Option<i32>, reason: &str) {
+        self.end_with(vm, VmmExit::other(code, reason));
+    }
+
+    /// The guest of `vm` reboots: its VMM ends cleanly, asking for the
+    /// machine back.
+    pub fn guest_reset(&self, vm: &str) {
+        self.end_with(
+            vm,
+            VmmExit {
+                code: Some(0),
+                reason: "guest requested reset".into(),
+                cause: crate::vmm_proc::ExitCause::GuestReset,
+            },
+        );
+    }
+
+    fn end_with(&self, vm: &str, exit: VmmExit) {
         let mut w = self.world();
-        let exit = VmmExit {
-            code,
-            reason: reason.into(),
-        };
         for p in w.procs.values_mut().filter(|p| p.vm == vm && p.alive) {
             p.alive = false;
             p.exit = Some(exit.clone());
@@ -168,10 +181,7 @@ impl VmmProcess for FakeProcess {
         p.gate_open = true;
         if let Some(reason) = faults.exit_at_gate {
             p.alive = false;
-            p.exit = Some(VmmExit {
-                code: Some(1),
-                reason,
-            });
+            p.exit = Some(VmmExit::other(Some(1), reason));
         }
         Ok(())
     }
@@ -180,10 +190,9 @@ impl VmmProcess for FakeProcess {
         let w = self.world.world();
         let p = &w.procs[&self.pid];
         (!p.alive).then(|| {
-            p.exit.clone().unwrap_or(VmmExit {
-                code: None,
-                reason: "VMM killed by signal 9".into(),
-            })
+            p.exit
+                .clone()
+                .unwrap_or(VmmExit::other(None, "VMM killed by signal 9"))
         })
     }
 
@@ -244,10 +253,7 @@ impl Vmms for FakeVmms {
             .exits
             .get(&vm_of(dir))
             .cloned()
-            .unwrap_or(VmmExit {
-                code: None,
-                reason: "VMM died without an exit record".into(),
-            })
+            .unwrap_or(VmmExit::other(None, "VMM died without an exit record"))
     }
 
     async fn connect(&self, dir: &VmDir) -> Result<Box<dyn VmmControl>, VmmUnreachable> {
@@ -307,16 +313,10 @@ impl FakeControl {
     fn end(&self, reason: &str) -> ttrpc::Result<()> {
         let vm = self.with(|p| {
             p.alive = false;
-            p.exit = Some(VmmExit {
-                code: Some(0),
-                reason: reason.into(),
-            });
+            p.exit = Some(VmmExit::other(Some(0), reason));
             p.vm.clone()
         })?;
-        let exit = VmmExit {
-            code: Some(0),
-            reason: reason.into(),
-        };
+        let exit = VmmExit::other(Some(0), reason);
         self.world.world().exits.insert(vm, exit);
         Ok(())
     }

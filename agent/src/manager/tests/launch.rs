@@ -150,6 +150,7 @@ async fn a_restart_whose_kernel_went_away_is_refused_at_confinement() {
     spec.restart = RestartPolicy {
         kind: RestartKind::Always,
         max_retries: 0,
+        ..Default::default()
     };
     node.manager.create(spec).await.unwrap();
     node.manager.start("a").await.unwrap();

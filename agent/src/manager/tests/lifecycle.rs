@@ -218,6 +218,7 @@ async fn the_supervisor_restarts_on_failure_up_to_its_limit() {
     spec.restart = RestartPolicy {
         kind: RestartKind::OnFailure,
         max_retries: 2,
+        ..Default::default()
     };
     m.create(spec).await.unwrap();
     m.start("a").await.unwrap();
@@ -242,6 +243,39 @@ async fn the_supervisor_restarts_on_failure_up_to_its_limit() {
     m.check_exits().await;
     assert_eq!(node.state("a"), VmState::Stopped);
     assert!(node.vmms.live("a").is_empty());
+}
+
+/// A guest's `reboot` brings the machine back with a new VMM, whatever the
+/// restart policy, and is not counted as a restart; a power-off does not;
+/// `on_reboot = stop` leaves a rebooted VM Stopped.
+#[tokio::test(start_paused = true)]
+async fn a_guest_reboot_comes_back_unless_the_spec_says_stop() {
+    let node = Node::new("reboot").await;
+    let m = &node.manager;
+    m.create(node.spec("a")).await.unwrap();
+    m.start("a").await.unwrap();
+    let pid = m.get("a").unwrap().record.pid;
+    node.vmms.guest_reset("a");
+    m.check_exits().await;
+    let view = m.get("a").unwrap();
+    assert_eq!(view.record.state, VmState::Running);
+    assert_ne!(view.record.pid, pid, "a new VMM");
+    assert_eq!(view.record.restarts, 0, "a reboot is not a restart");
+    assert_eq!(view.record.last_exit, "guest requested reset");
+    assert_eq!(node.vmms.live("a").len(), 1);
+    node.vmms.end("a", Some(0), "guest powered off");
+    m.check_exits().await;
+    assert_eq!(node.state("a"), VmState::Stopped);
+    assert!(node.vmms.live("a").is_empty());
+
+    let mut spec = node.spec("b");
+    spec.restart.on_reboot = crate::spec::OnReboot::Stop;
+    m.create(spec).await.unwrap();
+    m.start("b").await.unwrap();
+    node.vmms.guest_reset("b");
+    m.check_exits().await;
+    assert_eq!(node.state("b"), VmState::Stopped);
+    assert!(node.vmms.live("b").is_empty());
 }
 
 #[tokio::test(start_paused = true)]

@@ -14,6 +14,7 @@ pub fn vm_json(vm: &pb::Vm) -> Value {
     let status = vm.status.clone().unwrap_or_default();
     let kernel = spec.kernel.clone().unwrap_or_default();
     let cpu = spec.cpu.clone().unwrap_or_default();
+    let restart = spec.restart.clone().unwrap_or_default();
     json!({
         "id": spec.id,
         "name": spec.name,
@@ -26,6 +27,7 @@ pub fn vm_json(vm: &pb::Vm) -> Value {
         "disks": spec.disks.iter().map(|d| json!({"path": d.path, "read_only": d.read_only, "serial": d.serial})).collect::<Vec<_>>(),
         "nics": spec.nics.iter().map(|n| json!({"tap": n.tap, "bridge": n.bridge, "mac": n.mac})).collect::<Vec<_>>(),
         "cpu": {"weight": cpu.weight, "max": cpu.max, "cpuset": cpu.cpuset},
+        "restart": restart_json(&restart),
         "state": state_name(status.state.enum_value_or_default()),
         "pid": status.pid,
         "started_at_ms": status.started_at_ms,
@@ -43,6 +45,22 @@ fn discovery_name(d: Result<pb::Discovery, i32>) -> Value {
         Ok(pb::Discovery::DISCOVERY_LEGACY) => "legacy".into(),
         Err(n) => n.into(),
     }
+}
+
+fn restart_json(r: &pb::RestartPolicy) -> Value {
+    use pb::restart_policy::{Kind, OnReboot};
+    let kind: Value = match r.kind.enum_value() {
+        Ok(Kind::NEVER) => "never".into(),
+        Ok(Kind::ON_FAILURE) => "on-failure".into(),
+        Ok(Kind::ALWAYS) => "always".into(),
+        Err(n) => n.into(),
+    };
+    let on_reboot: Value = match r.on_reboot.enum_value() {
+        Ok(OnReboot::ON_REBOOT_RESTART) => "restart".into(),
+        Ok(OnReboot::ON_REBOOT_STOP) => "stop".into(),
+        Err(n) => n.into(),
+    };
+    json!({"kind": kind, "max_retries": r.max_retries, "on_reboot": on_reboot})
 }
 
 fn cloud_init_json(c: &pb::CloudInit) -> Value {
