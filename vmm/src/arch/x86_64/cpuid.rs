@@ -3,6 +3,11 @@
 //!
 //! Topology model: one socket, `vcpus` cores, one thread per core, APIC id =
 //! vCPU index (the MP table says the same).
+//!
+//! No nested virtualization: VMX and SVM are hidden, as most clouds do by
+//! default. A guest that sees them loads its own KVM, whose state (nested
+//! VMCBs, EFER.SVME) no snapshot or migration of ours carries; a Debian
+//! cloud image did exactly that, and hung in its reboot path.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
@@ -13,8 +18,14 @@ const LEAF_PERFMON: u32 = 0xa;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
 const LEAF_AMD_SIZE_IDS: u32 = 0x8000_0008;
+const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
+const LEAF_SVM: u32 = 0x8000_000a;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 1 ECX: Intel VT-x.
+const ECX_VMX: u32 = 1 << 5;
+/// Leaf 0x8000_0001 ECX: AMD-V.
+const ECX_SVM: u32 = 1 << 2;
 const EDX_HTT: u32 = 1 << 28;
 /// Leaf 6 EAX bits Linux would use to drive power management we do not emulate.
 const EAX_TURBO_AND_HWP: u32 = (1 << 1) | (1 << 7);
@@ -61,7 +72,7 @@ pub fn normalize(cpuid: &mut CpuId, index: u32, vcpus: u32) {
             LEAF_FEATURES => {
                 entry.ebx =
                     (apic_id << 24) | (vcpus.min(255) << 16) | (8 << 8) | (entry.ebx & 0xff);
-                entry.ecx |= ECX_HYPERVISOR;
+                entry.ecx = (entry.ecx | ECX_HYPERVISOR) & !ECX_VMX;
                 if vcpus > 1 {
                     entry.edx |= EDX_HTT;
                 } else {
@@ -83,6 +94,13 @@ pub fn normalize(cpuid: &mut CpuId, index: u32, vcpus: u32) {
             LEAF_EXT_TOPOLOGY | LEAF_V2_EXT_TOPOLOGY => topology_leaf(entry, apic_id, vcpus),
             LEAF_AMD_SIZE_IDS => {
                 entry.ecx = (entry.ecx & !0xf0ff) | (bits_for(vcpus) << 12) | (vcpus - 1).min(255);
+            }
+            LEAF_EXT_FEATURES => entry.ecx &= !ECX_SVM,
+            LEAF_SVM => {
+                entry.eax = 0;
+                entry.ebx = 0;
+                entry.ecx = 0;
+                entry.edx = 0;
             }
             _ => {}
         }
@@ -118,6 +136,22 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_sees_no_vmx_or_svm() {
+        let mut leaf1 = entry(1, 0);
+        leaf1.ecx = ECX_VMX | 1;
+        let mut ext = entry(LEAF_EXT_FEATURES, 0);
+        ext.ecx = ECX_SVM | 1;
+        let mut svm = entry(LEAF_SVM, 0);
+        (svm.eax, svm.ebx, svm.edx) = (1, 0x8000, 0x1ff);
+        let mut cpuid = CpuId::from_entries(&[leaf1, ext, svm]).unwrap();
+        normalize(&mut cpuid, 0, 1);
+        let e = cpuid.as_slice();
+        assert_eq!(e[0].ecx & (ECX_VMX | 1), 1, "VMX hidden, the rest kept");
+        assert_eq!(e[1].ecx, 1, "SVM hidden, the rest kept");
+        assert_eq!((e[2].eax, e[2].ebx, e[2].ecx, e[2].edx), (0, 0, 0, 0));
+    }
+
+    #[test]
     fn bits_for_rounds_up() {
         assert_eq!([1, 2, 3, 4, 5, 64].map(bits_for), [0, 1, 2, 2, 3, 6]);
     }
@@ -141,8 +175,8 @@ const FEATURE_REGISTERS: [(u32, u32, &str); 8] = [
     (0x7, 0, "ecx"),
     (0x7, 0, "edx"),
     (0xd, 1, "eax"),
-    (0x8000_0001, 0, "ecx"),
-    (0x8000_0001, 0, "edx"),
+    (LEAF_EXT_FEATURES, 0, "ecx"),
+    (LEAF_EXT_FEATURES, 0, "edx"),
 ];
 
 /// Bits `normalize` sets itself, so they say nothing about the host.
