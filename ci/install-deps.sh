@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
     build-essential bc bison flex libelf-dev libssl-dev cpio e2fsprogs lz4 kmod xz-utils
     binutils linux-source-6.1 busybox-static qemu-system-x86 qemu-utils iproute2 systemd python3
-    flake8 black strace acpica-tools mtools fdisk
+    flake8 black strace acpica-tools mtools fdisk mmdebstrap openssh-client
 )
 missing_packages() {
     for p in "${packages[@]}"; do
@@ -33,7 +33,7 @@ if ((${#missing[@]})); then
     echo "[install-deps] still not installed after two passes: ${missing[*]}" >&2
     exit 1
 fi
-for cmd in qemu-img qemu-system-x86_64 black flake8 strace iasl mdir mtype blkid sfdisk; do
+for cmd in qemu-img qemu-system-x86_64 black flake8 strace iasl mdir mtype blkid sfdisk mmdebstrap ssh ssh-keygen; do
     command -v "$cmd" >/dev/null || { echo "[install-deps] $cmd is missing although its package is installed" >&2; exit 1; }
 done
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the guest images, each cached outside the repo by its recipe's hash.
-#   images/build.sh [probe|linux|all]   build (default: all) and print the output dirs
+#   images/build.sh [probe|linux|amdhost|debian|all]   build (default: all) and print the output dirs
 #   images/build.sh path <name>         print where <name> is (or would be) cached
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -13,9 +13,9 @@ if [[ "${1:-}" == path ]]; then
 fi
 
 targets=("${@:-all}")
-[[ "${targets[0]}" == all ]] && targets=(probe linux amdhost)
+[[ "${targets[0]}" == all ]] && targets=(probe linux amdhost debian)
 for name in "${targets[@]}"; do
-    [[ -x "$here/$name/build.sh" ]] || { echo "unknown image '$name' (have: probe linux amdhost)" >&2; exit 2; }
+    [[ -x "$here/$name/build.sh" ]] || { echo "unknown image '$name' (have: probe linux amdhost debian)" >&2; exit 2; }
     out="$(image_dir "$name")"
     if [[ -f "$out/.complete" ]]; then
         echo "[images/$name] cached: $out" >&2
