@@ -3,7 +3,7 @@
 # stock cloud kernel and the modules that give it a real /dev/kvm on kvm_amd
 # under QEMU's software emulation of AMD-V, plus busybox for its /init.
 # Usage: images/amdhost/build.sh <out-dir>   (images/build.sh picks <out-dir>)
-# Output: vmlinuz, modules/{irqbypass,kvm,kvm-amd,tun}.ko, busybox, version
+# Output: vmlinuz, modules/*.ko (KVM, tun, virtio-pci disk, bridge), busybox, version
 set -euo pipefail
 recipe="$(cd "$(dirname "$0")" && pwd)"
 IMAGE_NAME=amdhost
@@ -31,7 +31,13 @@ dpkg-deb -x "$tmp/deb"/*.deb "$tmp/deb/x"
 kver="${pkg#linux-image-}"
 cp "$tmp/deb/x/boot/vmlinuz-$kver" "$tmp/vmlinuz"
 moddir="$tmp/deb/x/lib/modules/$kver/kernel"
-for m in virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd drivers/net/tun; do
+# KVM and taps; and for an inner host that runs cloud images: virtio-pci
+# disks (the image comes on a data disk, too big for an initramfs) and
+# bridges (VMs of two agents on one network).
+for m in virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd drivers/net/tun \
+    drivers/virtio/virtio drivers/virtio/virtio_ring drivers/virtio/virtio_pci_legacy_dev \
+    drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci drivers/block/virtio_blk \
+    net/llc/llc net/802/stp net/bridge/bridge; do
     cp "$moddir/$m.ko" "$tmp/modules/"
 done
 cp /bin/busybox "$tmp/busybox"

@@ -17,10 +17,51 @@ use crate::cpio::CpioWriter;
 use crate::{image_dir, vmm_binary, Finished};
 
 const INIT: &str = include_str!("../harness/init.sh");
+/// Modules /init loads (tests/harness/init.sh), all from the amdhost
+/// image: KVM and taps always; a virtio-pci disk and bridges only for an
+/// inner host with a data disk ([`InnerHost::data_disk`]).
 const MODULES: [&str; 4] = ["irqbypass", "kvm", "kvm-amd", "tun"];
-/// Memory and CPUs of the inner host.
-const OUTER_MEMORY_MIB: u32 = 2048;
+const CLOUD_HOST_MODULES: [&str; 9] = [
+    "virtio",
+    "virtio_ring",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "virtio_blk",
+    "llc",
+    "stp",
+    "bridge",
+];
 const OUTER_CPUS: u32 = 2;
+
+/// The inner host's machine and what it carries beyond the standard set.
+pub struct InnerHost {
+    /// QEMU's `-cpu` for the inner host (docs/testing.md says which and why).
+    pub cpu: &'static str,
+    pub memory_mib: u32,
+    /// A raw disk image (ext4) the inner host mounts at /data. QEMU keeps
+    /// the inner host's writes in a throwaway overlay, so it stays as built.
+    pub data_disk: Option<PathBuf>,
+    /// More files for the initramfs: (path inside, mode, file outside).
+    pub files: Vec<(String, u32, PathBuf)>,
+    /// More files given by content: (path inside, mode, bytes).
+    pub texts: Vec<(String, u32, Vec<u8>)>,
+    /// Binaries whose shared libraries come along too: (path inside, file outside).
+    pub programs: Vec<(String, PathBuf)>,
+}
+
+impl Default for InnerHost {
+    fn default() -> Self {
+        InnerHost {
+            cpu: "max",
+            memory_mib: 2048,
+            data_disk: None,
+            files: Vec::new(),
+            texts: Vec::new(),
+            programs: Vec::new(),
+        }
+    }
+}
 
 /// One scenario: a shell script run by the inner host's /init. Its output,
 /// exit status and time come back in a [`ScenarioResult`].
@@ -104,7 +145,7 @@ fn shared_libraries(binary: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-fn inputs(scenarios: &[Scenario]) -> Vec<Input> {
+fn inputs(scenarios: &[Scenario], host_options: &InnerHost) -> Vec<Input> {
     let host = image_dir("amdhost");
     let linux = image_dir("linux");
     let vmm = vmm_binary();
@@ -150,9 +191,39 @@ fn inputs(scenarios: &[Scenario]) -> Vec<Input> {
             host.join("modules").join(format!("{m}.ko")),
         ));
     }
-    for lib in shared_libraries(&vmm) {
+    if host_options.data_disk.is_some() {
+        for m in CLOUD_HOST_MODULES {
+            v.push(file(
+                &format!("lib/modules/{m}.ko"),
+                0o644,
+                host.join("modules").join(format!("{m}.ko")),
+            ));
+        }
+    }
+    let mut libraries = shared_libraries(&vmm);
+    for (dest, path) in &host_options.programs {
+        libraries.extend(shared_libraries(path));
+        v.push(Input {
+            dest: dest.trim_start_matches('/').to_string(),
+            perm: 0o755,
+            source: Source::Stripped(path.clone()),
+        });
+    }
+    libraries.sort();
+    libraries.dedup();
+    for lib in libraries {
         let dest = lib.to_string_lossy().trim_start_matches('/').to_string();
         v.push(file(&dest, 0o755, lib));
+    }
+    for (dest, perm, path) in &host_options.files {
+        v.push(file(dest.trim_start_matches('/'), *perm, path.clone()));
+    }
+    for (dest, perm, bytes) in &host_options.texts {
+        v.push(Input {
+            dest: dest.trim_start_matches('/').to_string(),
+            perm: *perm,
+            source: Source::Bytes(bytes.clone()),
+        });
     }
     for (i, s) in scenarios.iter().enumerate() {
         v.push(Input {
@@ -196,8 +267,8 @@ fn read(source: &Source) -> Vec<u8> {
 
 /// Builds the inner host's initramfs, or reuses the cached one when no input
 /// changed (the key hashes every input's path and bytes).
-fn outer_initramfs(scenarios: &[Scenario]) -> PathBuf {
-    let inputs = inputs(scenarios);
+fn outer_initramfs(scenarios: &[Scenario], host_options: &InnerHost) -> PathBuf {
+    let inputs = inputs(scenarios, host_options);
     let mut hasher = DefaultHasher::new();
     for input in &inputs {
         hasher.write(input.dest.as_bytes());
@@ -247,30 +318,69 @@ fn outer_initramfs(scenarios: &[Scenario]) -> PathBuf {
     path
 }
 
-/// Boots the inner host under QEMU's AMD-V emulation and runs `scenarios`.
+/// Boots the standard inner host under QEMU's AMD-V emulation and runs
+/// `scenarios`.
 pub fn run_scenarios(scenarios: &[Scenario], timeout: Duration) -> HarnessRun {
+    run_scenarios_on(&InnerHost::default(), scenarios, timeout)
+}
+
+/// The same on an inner host made to `host_options`.
+pub fn run_scenarios_on(
+    host_options: &InnerHost,
+    scenarios: &[Scenario],
+    timeout: Duration,
+) -> HarnessRun {
     let qemu = crate::which("qemu-system-x86_64").unwrap_or_else(|| {
         panic!(
             "qemu-system-x86_64 is missing, so the emulated-AMD-V harness cannot start: \
              apt-get install qemu-system-x86 (ci/install-deps.sh does)"
         )
     });
-    let initramfs = outer_initramfs(scenarios);
+    let initramfs = outer_initramfs(scenarios, host_options);
+    // For studies of which CPU features the emulation gets right
+    // (docs/testing.md): BERTH_HARNESS_CPU replaces the model.
+    let cpu = std::env::var("BERTH_HARNESS_CPU").unwrap_or_else(|_| host_options.cpu.to_string());
+    let live = std::env::temp_dir().join(format!("berth-harness-{}.console", std::process::id()));
+    eprintln!(
+        "[harness] follow the inner host's console: tail -f {}",
+        live.display()
+    );
     let mut cmd = Command::new(qemu);
-    cmd.args(["-accel", "tcg", "-M", "q35", "-cpu", "max"])
+    cmd.args(["-accel", "tcg", "-M", "q35", "-cpu", &cpu])
         .args([
             "-smp",
             &OUTER_CPUS.to_string(),
             "-m",
-            &OUTER_MEMORY_MIB.to_string(),
+            &host_options.memory_mib.to_string(),
         ])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-        .args(["-serial", "stdio"])
+        // The console comes back on stdout, and is also written as it
+        // happens to a file one can follow while a long run goes on.
+        .args([
+            "-chardev",
+            &format!("stdio,id=console,signal=off,logfile={}", live.display()),
+        ])
+        .args(["-serial", "chardev:console"])
         .arg("-kernel")
         .arg(image_dir("amdhost").join("vmlinuz"))
         .arg("-initrd")
         .arg(&initramfs)
         .args(["-append", "console=ttyS0 quiet panic=-1"]);
+    if let Some(disk) = &host_options.data_disk {
+        cmd.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,snapshot=on",
+            disk.display()
+        ));
+    }
+    eprintln!(
+        "[harness] inner host: -cpu {cpu} -m {} MiB{}",
+        host_options.memory_mib,
+        if host_options.data_disk.is_some() {
+            ", a data disk"
+        } else {
+            ""
+        }
+    );
     // A run that hangs is killed but not a panic here: the scenarios it did
     // finish still count, and each missing one fails its own test.
     let (finished, timed_out) = crate::Running::spawn(cmd).wait_or_kill(timeout);
