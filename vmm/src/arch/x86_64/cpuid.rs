@@ -84,8 +84,9 @@ pub fn normalize(cpuid: &mut CpuId, index: u32, vcpus: u32) {
                 entry.eax = (entry.eax & 0x3ff) | ((vcpus.min(64) - 1) << 26);
             }
             LEAF_THERMAL_POWER => entry.eax &= !EAX_TURBO_AND_HWP,
-            // No virtual PMU: a guest must not program counters we do not save.
-            LEAF_PERFMON => {
+            // No virtual PMU: a guest must not program counters we do not
+            // save; no nested virtualization (the module comment says why).
+            LEAF_PERFMON | LEAF_SVM => {
                 entry.eax = 0;
                 entry.ebx = 0;
                 entry.ecx = 0;
@@ -96,12 +97,6 @@ pub fn normalize(cpuid: &mut CpuId, index: u32, vcpus: u32) {
                 entry.ecx = (entry.ecx & !0xf0ff) | (bits_for(vcpus) << 12) | (vcpus - 1).min(255);
             }
             LEAF_EXT_FEATURES => entry.ecx &= !ECX_SVM,
-            LEAF_SVM => {
-                entry.eax = 0;
-                entry.ebx = 0;
-                entry.ecx = 0;
-                entry.edx = 0;
-            }
             _ => {}
         }
     }

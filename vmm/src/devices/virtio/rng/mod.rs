@@ -102,6 +102,22 @@ impl VirtioDevice for Rng {
     }
 }
 
+/// Fills `buf` from getrandom(2), the one system call the device thread's
+/// filter allows for it (no /dev/urandom fallback, which would need an
+/// open). A signal (the vCPU kicks) can cut a large read short: go on.
+fn host_random(buf: &mut [u8]) -> std::io::Result<()> {
+    use rustix::rand::{getrandom, GetRandomFlags};
+    let mut filled = 0;
+    while filled < buf.len() {
+        match getrandom(&mut buf[filled..], GetRandomFlags::empty()) {
+            Ok(n) => filled += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// Fills one chain's device-writable buffers; returns the bytes written. A
 /// descriptor the device may not write, or one outside guest memory, ends
 /// the fill there: the driver gets what was written.
@@ -113,7 +129,7 @@ fn fill(mem: &GuestMemory, buf: &mut Vec<u8>, descriptors: &[Descriptor]) -> u32
         }
         let n = (d.len() as usize).min(MAX_REQUEST_BYTES - written);
         buf.resize(n, 0);
-        if getrandom::fill(buf).is_err() || mem.write_slice(buf, d.addr()).is_err() {
+        if host_random(buf).is_err() || mem.write_slice(buf, d.addr()).is_err() {
             break;
         }
         written += n;
